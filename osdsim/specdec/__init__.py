@@ -1,0 +1,25 @@
+"""Speculative-decoding math shared by the simulator and the real side (α defined once)."""
+
+from osdsim.specdec.acceptance import (
+    EmpiricalLaw,
+    accepted_length_pmf,
+    alpha_from_accepted_lengths,
+    alpha_from_counts,
+    expected_accepted,
+    expected_tokens_per_step,
+    optimal_k,
+    sample_geometric,
+    speedup,
+)
+
+__all__ = [
+    "EmpiricalLaw",
+    "accepted_length_pmf",
+    "alpha_from_accepted_lengths",
+    "alpha_from_counts",
+    "expected_accepted",
+    "expected_tokens_per_step",
+    "optimal_k",
+    "sample_geometric",
+    "speedup",
+]

@@ -1,0 +1,187 @@
+"""The `osdsim` command line: typer parses, pydantic validates, one api call works, rich shows."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from osdsim.errors import InputError
+
+app = typer.Typer(
+    name="osdsim",
+    help="Simulate and validate Online Speculative Decoding (OSD) on a serving cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+profile_app = typer.Typer(help="Inspect hardware profiles.", no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """One line on stderr, then exit `code` (2 = bad input)."""
+    err_console.print(f"[bold red]error:[/bold red] {message}", markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _progress(quiet: bool, label: str) -> Progress | None:
+    if quiet or not sys.stderr.isatty():
+        return None
+    return Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} requests"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,
+    )
+
+
+def _parse_compare(values: list[str], scenario) -> dict | None:
+    """`--compare strategy=no-spec,osd`, `--compare spec=off,on` or `--compare FIELD.PATH=a,b`."""
+    from osdsim.scenario import apply_overrides, scenario_from_dict
+
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InputError("--compare: give one FIELD=v1,v2,... (compare one field at a time)")
+    text = values[0]
+    if "=" not in text:
+        raise InputError(f"--compare {text!r}: expected FIELD=v1,v2 (e.g. strategy=no-spec,static,osd or spec=off,on)")
+    field, raw = text.split("=", 1)
+    items = [v.strip() for v in raw.split(",") if v.strip()]
+    if len(items) < 1:
+        raise InputError(f"--compare {text!r}: no values")
+    field = field.strip()
+    if field == "spec":
+        on = scenario.strategy if scenario.strategy != "no-spec" else "static"
+        mapping = {"off": "no-spec", "on": on}
+        bad = [v for v in items if v not in mapping]
+        if bad:
+            raise InputError(f"--compare spec: values must be 'off' or 'on' (got {bad[0]!r})")
+        return {f"spec={v}": scenario.with_strategy(mapping[v]) for v in items}
+    if field == "strategy":
+        from osdsim.scenario import STRATEGIES
+
+        bad = [v for v in items if v not in STRATEGIES]
+        if bad:
+            raise InputError(f"--compare strategy: unknown strategy {bad[0]!r}; allowed: {', '.join(STRATEGIES)}")
+        return {v: scenario.with_strategy(v) for v in items}
+    base = scenario.model_dump(mode="json", exclude_none=True)
+    base["compare"] = None
+    out = {}
+    for v in items:
+        data = apply_overrides(base, [f"{field}={v}"])
+        out[f"{field}={v}"] = scenario_from_dict(data, scenario.base_dir, source=f"--compare {field}={v}")
+    return out
+
+
+@app.command()
+def run(
+    scenario: Path = typer.Argument(..., help="Scenario YAML (see scenarios/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set workload.rate_per_s=20 (repeatable)."),
+    compare: list[str] = typer.Option(
+        [], "--compare", help="Compare variants on the same arrivals: strategy=no-spec,static,osd | spec=off,on | FIELD=a,b."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Output directory (default: runs/<name>-<timestamp>)."),
+    fmt: str = typer.Option("parquet", "--format", help="Per-request tables: parquet or csv."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots and report.md."),
+    no_write: bool = typer.Option(False, "--no-write", help="Do not write an output directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
+) -> None:
+    """Simulate a scenario: print a summary table and write results to an output directory."""
+    from osdsim.api import compare as api_compare
+    from osdsim.report.tables import markdown_report, print_summary
+    from osdsim.report.writers import comparison_document, summary_json, write_output
+    from osdsim.scenario import load_scenario
+
+    if fmt not in ("parquet", "csv"):
+        raise fail(f"--format: must be 'parquet' or 'csv' (got {fmt!r})")
+    try:
+        sc = load_scenario(scenario, set_)
+        variants = _parse_compare(compare, sc)
+        prog = _progress(quiet or as_json, f"simulating {sc.name}")
+        if prog is not None:
+            with prog:
+                task = prog.add_task("sim", total=1)
+
+                def cb(done: int, total: int) -> None:
+                    prog.update(task, completed=done, total=total)
+
+                result = api_compare(sc, variants=variants, progress=cb)
+        else:
+            result = api_compare(sc, variants=variants)
+        written = None
+        if not no_write:
+            target = out or Path("runs") / f"{sc.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            written = write_output(result, target, fmt=fmt, plots=plots,
+                                   report_fn=markdown_report if plots else None)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; no results were written", code=130) from None
+    if as_json:
+        sys.stdout.write(summary_json(comparison_document(result)))
+        return
+    if not quiet:
+        console = Console()
+        print_summary(result, console)
+        if written is not None:
+            console.print(f"results: [bold]{written}[/bold]")
+
+
+@profile_app.command("show")
+def profile_show(path: str = typer.Argument(..., help="Profile name or YAML path.")) -> None:
+    """Print a hardware profile readably."""
+    from osdsim.cost.profile import load_profile, resolve_profile_path
+    from osdsim.report.profiles import profile_table
+
+    try:
+        prof = load_profile(resolve_profile_path(path))
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    Console().print(profile_table(prof))
+
+
+@profile_app.command("diff")
+def profile_diff(a: str = typer.Argument(...), b: str = typer.Argument(...)) -> None:
+    """Compare two hardware profiles field by field."""
+    from osdsim.cost.profile import load_profile, resolve_profile_path
+    from osdsim.report.profiles import diff_table
+
+    try:
+        pa = load_profile(resolve_profile_path(a))
+        pb = load_profile(resolve_profile_path(b))
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    Console().print(diff_table(pa, pb))
+
+
+def _register_optional() -> None:
+    """Commands whose code needs the `real` extra register lazily, so `run` never imports torch."""
+    try:
+        from osdsim.real import cli as real_cli  # noqa: F401  (imports no torch at module level)
+    except Exception:  # noqa: BLE001 - the real side may be absent or incomplete
+        return
+    fn = getattr(real_cli, "real", None)
+    if fn is not None:
+        app.command("real", help="Run real online speculative decoding (torch + transformers).")(fn)
+
+
+_register_optional()
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+
+__all__ = ["app", "json"]

@@ -1,0 +1,213 @@
+"""The cost model: prices a forward pass (or a training step) on one replica. It only prices.
+
+DESIGN.md §4.1. A pass over a batch with new tokens q_i and cached contexts c_i (T = Σ q_i):
+
+    FLOPs = 2·P_dense·T + 2·d·V·T_logits + 4·L·d_attn·Σ q_i·(c_i + q_i/2)
+            (matmuls: 2 FLOPs per multiply-add; attention: QKᵀ and AV over the causal span)
+    bytes = w·(P_dense + d·V)·b_w          weights, read once per pass (w distinct weight sets)
+          + 2·L·d_kv·(Σ c_i + T)·b_kv      KV read for cached tokens + KV written for new ones
+          + 2·L·T·(2·d + ffn)·b_a          activations in and out of each layer
+          + T_logits·V·b_a                 logits written
+    time  = max(FLOPs/(F_peak·η_f(T)), bytes/(BW·η_b)) + L·t_kernel + t_pass + t_allreduce
+
+with η_f(T) = η_max·T/(T + T½) (small passes cannot fill the tensor cores). With tensor
+parallelism t, FLOPs and bytes split t ways and each layer adds two ring all-reduces of the
+activations: 2·L·(2·(t−1)/t·T·d·b_a / B_link + t_lat).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from osdsim.cost.profile import HardwareProfile
+from osdsim.models import ModelSpec
+
+# AdamW state traffic per trainable parameter in a mixed-precision step (bytes):
+# read fp32 master weight, grad, m, v (16) and write weight, m, v (12).
+OPTIMIZER_BYTES_PER_PARAM = 28
+# Backward ≈ 2× forward FLOPs, so a training step ≈ 3× the forward (Kaplan et al. 2020).
+TRAIN_FLOPS_MULTIPLIER = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """Aggregates of a batch that the cost formulas need (all sums over sequences i)."""
+
+    tokens: int  # T = Σ q_i, new tokens in this pass
+    logit_tokens: int  # tokens whose logits are needed (decode/verify positions, last prefill)
+    context_tokens: float  # Σ c_i, cached tokens whose KV is read
+    attention_pairs: float  # Σ q_i·(c_i + q_i/2), query-key pairs over the causal span
+    weight_sets: int = 1  # distinct weight sets read (e.g. several per-domain drafts)
+
+
+@dataclass(frozen=True, slots=True)
+class PassCost:
+    """Named parts of a priced pass (seconds, FLOPs, bytes), per GPU."""
+
+    time_s: float
+    compute_s: float
+    memory_s: float
+    overhead_s: float
+    comm_s: float
+    flops: float
+    bytes: float
+
+    @property
+    def compute_utilisation(self) -> float:
+        """Fraction of the pass's duration the device's peak FLOPs were used (≤ 1)."""
+        return 0.0 if self.time_s <= 0 else self.flops_time_at_peak / self.time_s
+
+    flops_time_at_peak: float = 0.0
+
+
+class CostModel:
+    """Prices passes of one model on one replica (tensor-parallel degree `tp`)."""
+
+    def __init__(self, model: ModelSpec, profile: HardwareProfile, tp: int = 1):
+        self.model = model
+        self.profile = profile
+        self.tp = tp
+        eff = profile.efficiency
+        m = model
+        b_w = m.weight_bytes_per_param
+        b_a = m.weight_bytes_per_param
+        self.peak_flops = profile.peak_flops(m.dtype)  # per GPU
+        self.bandwidth = profile.memory_bandwidth_bytes_per_s
+        # Per-GPU coefficients (divide by tp once here).
+        self._flops_per_token = 2.0 * m.dense_params / tp
+        self._flops_per_logit = 2.0 * m.hidden * m.vocab / tp
+        self._flops_per_pair = 4.0 * m.n_layers * m.hidden / tp
+        self._weight_bytes = (m.dense_params + m.head_params) * b_w / tp
+        self._kv_bytes_per_token = m.kv_bytes_per_token / tp
+        self._act_bytes_per_token = 2.0 * m.n_layers * (2 * m.hidden + m.ffn) * b_a / tp
+        self._logit_bytes = m.vocab * b_a / tp
+        self._eta_max = eff.flops_max
+        self._t_half = eff.flops_half_tokens
+        self._eff_bw = self.bandwidth * eff.bandwidth
+        self._fixed_s = m.n_layers * eff.kernel_overhead_s_per_layer + eff.pass_overhead_s
+        if tp > 1:
+            link = profile.interconnect_bandwidth_bytes_per_s
+            self._comm_per_token = 2 * m.n_layers * 2.0 * (tp - 1) / tp * m.hidden * b_a / link
+            self._comm_fixed = 2 * m.n_layers * eff.allreduce_latency_s
+        else:
+            self._comm_per_token = 0.0
+            self._comm_fixed = 0.0
+
+    # --- the formulas ------------------------------------------------------------------------
+    def flops(self, s: BatchShape) -> float:
+        return (
+            self._flops_per_token * s.tokens
+            + self._flops_per_logit * s.logit_tokens
+            + self._flops_per_pair * s.attention_pairs
+        )
+
+    def bytes(self, s: BatchShape) -> float:
+        return (
+            s.weight_sets * self._weight_bytes
+            + self._kv_bytes_per_token * (s.context_tokens + s.tokens)
+            + self._act_bytes_per_token * s.tokens
+            + self._logit_bytes * s.logit_tokens
+        )
+
+    def eta_flops(self, tokens: float) -> float:
+        """η_f(T) = η_max·T/(T + T½)."""
+        return self._eta_max * tokens / (tokens + self._t_half) if tokens > 0 else self._eta_max
+
+    def price(self, s: BatchShape) -> PassCost:
+        """Full breakdown of one forward pass."""
+        if s.tokens <= 0:
+            return PassCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        flops = self.flops(s)
+        nbytes = self.bytes(s)
+        compute_s = flops / (self.peak_flops * self.eta_flops(s.tokens))
+        memory_s = nbytes / self._eff_bw
+        comm_s = self._comm_fixed + self._comm_per_token * s.tokens
+        time_s = max(compute_s, memory_s) + self._fixed_s + comm_s
+        return PassCost(
+            time_s=time_s,
+            compute_s=compute_s,
+            memory_s=memory_s,
+            overhead_s=self._fixed_s,
+            comm_s=comm_s,
+            flops=flops,
+            bytes=nbytes,
+            flops_time_at_peak=flops / self.peak_flops,
+        )
+
+    def pass_time(
+        self, tokens: float, logit_tokens: float, context_tokens: float, attention_pairs: float,
+        weight_sets: int = 1,
+    ) -> tuple[float, float, float, float]:
+        """Hot path for the simulator: (time_s, flops, bytes, compute_s) of one pass, as price()."""
+        if tokens <= 0:
+            return 0.0, 0.0, 0.0, 0.0
+        flops = (
+            self._flops_per_token * tokens
+            + self._flops_per_logit * logit_tokens
+            + self._flops_per_pair * attention_pairs
+        )
+        nbytes = (
+            weight_sets * self._weight_bytes
+            + self._kv_bytes_per_token * (context_tokens + tokens)
+            + self._act_bytes_per_token * tokens
+            + self._logit_bytes * logit_tokens
+        )
+        eta = self._eta_max * tokens / (tokens + self._t_half)
+        compute_s = flops / (self.peak_flops * eta)
+        memory_s = nbytes / self._eff_bw
+        time_s = max(compute_s, memory_s) + self._fixed_s + self._comm_fixed + self._comm_per_token * tokens
+        return time_s, flops, nbytes, compute_s
+
+    # --- convenience shapes --------------------------------------------------------------------
+    def decode_time(self, batch: int, context: float, tokens_per_seq: int = 1) -> float:
+        """A decode (tokens_per_seq=1) or verify (k+1) pass for `batch` sequences at `context`."""
+        q = tokens_per_seq
+        t, _, _, _ = self.pass_time(batch * q, batch * q, batch * context, batch * q * (context + q / 2))
+        return t
+
+    def training_step(self, seq_lengths_sum: float, seq_lengths_sq_sum: float, trainable_params: int) -> PassCost:
+        """A distillation step over buffered sequences (forward + backward + AdamW).
+
+        FLOPs = 3 × forward FLOPs over all buffered tokens (logits at every position, causal
+        attention Σ l_j²/2); bytes = 3 weight reads + activations + optimizer state traffic.
+        """
+        fwd = BatchShape(
+            tokens=int(seq_lengths_sum),
+            logit_tokens=int(seq_lengths_sum),
+            context_tokens=0.0,
+            attention_pairs=seq_lengths_sq_sum / 2.0,
+        )
+        if fwd.tokens <= 0:
+            return PassCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        flops = TRAIN_FLOPS_MULTIPLIER * self.flops(fwd)
+        nbytes = TRAIN_FLOPS_MULTIPLIER * self.bytes(fwd) + OPTIMIZER_BYTES_PER_PARAM * trainable_params / self.tp
+        compute_s = flops / (self.peak_flops * self.eta_flops(fwd.tokens))
+        memory_s = nbytes / self._eff_bw
+        overhead = TRAIN_FLOPS_MULTIPLIER * self._fixed_s
+        comm_s = TRAIN_FLOPS_MULTIPLIER * (self._comm_fixed + self._comm_per_token * fwd.tokens)
+        return PassCost(
+            time_s=max(compute_s, memory_s) + overhead + comm_s,
+            compute_s=compute_s,
+            memory_s=memory_s,
+            overhead_s=overhead,
+            comm_s=comm_s,
+            flops=flops,
+            bytes=nbytes,
+            flops_time_at_peak=flops / self.peak_flops,
+        )
+
+
+def memory_plan(
+    target: ModelSpec, drafts: list[ModelSpec], profile: HardwareProfile, tp: int, memory_utilization: float
+) -> tuple[float, float, int]:
+    """(bytes available per GPU, weight bytes per GPU, KV-cache capacity in tokens per replica).
+
+    KV capacity = (memory·utilization − weights/tp) / ((KV bytes per token of target + drafts)/tp).
+    Raises ValueError when the weights alone do not fit.
+    """
+    available = profile.memory_bytes * memory_utilization
+    weights = (target.weight_bytes + sum(d.weight_bytes for d in drafts)) / tp
+    kv_per_token = (target.kv_bytes_per_token + sum(d.kv_bytes_per_token for d in drafts)) / tp
+    free = available - weights
+    capacity = int(free // kv_per_token) if free > 0 else 0
+    return available, weights, capacity

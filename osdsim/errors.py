@@ -1,0 +1,57 @@
+"""User-facing errors: one line, naming the field or file and what is allowed (CLI exit code 2)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+class InputError(ValueError):
+    """Bad user input. The message is a single line shown as is; the CLI exits with code 2."""
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """The first pydantic error as `field.path: message` on one line."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+    # Discriminated unions add the tag name to the path; it only confuses users.
+    msg = err.get("msg", "invalid value").replace("Value error, ", "")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field (not allowed)"
+    elif err.get("type") == "missing":
+        msg = "required field is missing"
+    inp = err.get("input")
+    shown = ""
+    if err.get("type") not in ("missing", "extra_forbidden") and isinstance(inp, (int, float, str)):
+        text = repr(inp)
+        shown = f" (got {text[:60]})"
+    path = f"{prefix}{'.' if prefix and loc else ''}{loc}"
+    n_more = len(exc.errors()) - 1
+    more = f" [+{n_more} more]" if n_more > 0 else ""
+    return f"{path or 'scenario'}: {msg}{shown}{more}".replace("\n", " ")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

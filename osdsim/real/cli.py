@@ -1,0 +1,130 @@
+"""`osdsim real SCENARIO`: run real OSD (real models, real queries, real distillation).
+
+`real` is a plain function; the application registers it as a typer command. Bad input prints one
+line and exits with code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from osdsim.real._deps import MissingDependency
+
+
+def _fail(msg: str) -> typer.Exit:
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(2)
+
+
+def _validation_line(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first.get("loc", ())) or "(top level)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{path}: {loc}: {first.get('msg', 'invalid')}{more}"
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+    if isinstance(x, float):
+        return "-" if not math.isfinite(x) else f"{x:.{nd}f}"
+    return str(x)
+
+
+def real(
+    scenario: Annotated[Path, typer.Argument(help="Real-run scenario YAML (e.g. scenarios/real-smollm2-shift.yaml).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default runs/<name>).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+    json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads (overrides the scenario).")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Target: 'smollm2', a HF dir or a .gguf.")] = None,
+    draft: Annotated[str | None, typer.Option("--draft", help="Draft: 'layers:L' or a HF dir.")] = None,
+    requests_per_phase: Annotated[int | None, typer.Option("--requests-per-phase", help="Override the stream length.")] = None,
+) -> None:
+    """Serve a shifting query stream with real speculative decoding and online distillation."""
+    from osdsim.real.config import load_config
+
+    try:
+        cfg = load_config(scenario)
+    except FileNotFoundError:
+        raise _fail(f"{scenario}: no such file") from None
+    except ValidationError as e:
+        raise _fail(_validation_line(scenario, e)) from None
+    except (OSError, ValueError) as e:
+        raise _fail(f"{scenario}: {str(e).splitlines()[0]}") from None
+    updates: dict[str, Any] = {}
+    if threads is not None:
+        if threads < 1:
+            raise _fail("--threads must be >= 1")
+        updates["threads"] = threads
+    if target is not None or draft is not None:
+        updates["models"] = cfg.models.model_copy(
+            update={k: v for k, v in (("target", target), ("draft", draft)) if v is not None})
+    if requests_per_phase is not None:
+        if requests_per_phase < 1:
+            raise _fail("--requests-per-phase must be >= 1")
+        updates["stream"] = cfg.stream.model_copy(update={"requests_per_phase": requests_per_phase})
+    if updates:
+        cfg = cfg.model_copy(update=updates)
+    out_dir = out or Path("runs") / cfg.name
+    try:
+        from osdsim.real._deps import require_module
+
+        require_module("torch")
+        require_module("transformers")
+        from osdsim.real.run import run_real
+    except MissingDependency as e:
+        raise _fail(str(e)) from None
+
+    show = not quiet and not json
+    try:
+        if show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            with Progress(TextColumn("[bold]real OSD"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                          transient=False) as bar:
+                task = bar.add_task("run", total=None, info="loading models and held-out answers")
+
+                def progress(done: int, total: int, info: dict[str, Any]) -> None:
+                    bar.update(task, completed=done, total=total,
+                               info=f"{info['domain']} α={_fmt(info['alpha'], 2)} updates={info['updates']}")
+
+                result = run_real(cfg, out_dir, progress)
+        else:
+            result = run_real(cfg, out_dir, None)
+    except (MissingDependency, FileNotFoundError, ValueError) as e:
+        raise _fail(str(e).splitlines()[0]) from None
+    if json:
+        from osdsim.real.run import _json_safe
+
+        typer.echo(jsonlib.dumps(_json_safe(result.summary), indent=2))
+        return
+    if quiet:
+        return
+    _print_table(result.summary, out_dir)
+
+
+def _print_table(summary: dict[str, Any], out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"real OSD: {summary['name']} ({summary['requests']} requests, {summary['updates']} updates)")
+    for col in ("phase", "α stream", "tokens/step", "held-out α start→end", "speedup", "incl. training"):
+        t.add_column(col)
+    for ph in summary["phases"]:
+        held = ", ".join(
+            f"{d} {_fmt(ph['alpha_heldout_start'].get(d, float('nan')), 2)}→{_fmt(v, 2)}"
+            for d, v in ph["alpha_heldout_end"].items()
+        )
+        t.add_row(ph["name"], _fmt(ph["acceptance"]["alpha"]), _fmt(ph["acceptance"]["tokens_per_step"], 2),
+                  held, _fmt(ph["speedup_serving"], 2) + "×", _fmt(ph["speedup_incl_training"], 2) + "×")
+    console = Console(file=sys.stdout)
+    console.print(t)
+    console.print(f"c (draft pass / target decode step) = {_fmt(summary['c_measured'])}; "
+                  f"wrote {out_dir}")

@@ -1,0 +1,119 @@
+"""The real run's configuration (pydantic, extra="forbid"), loaded from a YAML scenario.
+
+Kept free of torch so that the CLI can validate a scenario before loading any model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelsCfg(_Strict):
+    target: str = Field("smollm2", description="'smollm2' (packaged GGUF), 'tiny', a HF dir or a .gguf file.")
+    draft: str = Field("layers:2", description="'layers:L' (target's first L layers) or a HF dir.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
+    tiny_seed: int = Field(0, description="Seed of the tiny random target (target: tiny).")
+
+
+class PhaseCfg(_Strict):
+    start: int = Field(..., ge=0)
+    end: int = Field(..., gt=0)
+    mix: dict[str, float]
+    mix_end: dict[str, float] | None = None
+    name: str | None = None
+
+
+class StreamCfg(_Strict):
+    domains: list[str] = Field(["code", "gsm8k"], min_length=1, description="Domains in phase order.")
+    shape: Literal["sharp", "smooth"] = "sharp"
+    requests_per_phase: int = Field(100, ge=1)
+    phases: list[PhaseCfg] | None = Field(None, description="Explicit phases (overrides domains/shape).")
+    heldout_per_domain: int = Field(24, ge=1, description="Held-out queries per domain (α evaluation).")
+    max_prompt_tokens: int = Field(384, ge=8, description="Queries with longer prompts are skipped.")
+
+
+class DecodeCfg(_Strict):
+    k: int = Field(4, ge=1, le=32)
+    greedy: bool = True
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class DistillCfg(_Strict):
+    enabled: bool = True
+    loss: Literal["fkl", "rkl", "jsd"] = "fkl"
+    beta: float = Field(0.5, gt=0, lt=1)
+    sample_source: Literal["teacher", "student", "mix_request", "mix_token"] = "teacher"
+    positions: Literal["target", "all"] = Field("all", description="Target-supplied tokens (OSD) or all.")
+    update_interval: int = Field(8, ge=1)
+    window_requests: int = Field(0, ge=0, description="Requests per update (0: since last update).")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs_per_update: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    teacher_topk: int = Field(64, ge=0, description="Top-K target log-probs kept per position (0: full).")
+    p_student: float = Field(0.5, ge=0, le=1)
+
+
+class OfflineCfg(_Strict):
+    enabled: bool = False
+    domains: list[str] | None = Field(None, description="Domains distilled offline (default: all).")
+    prompts_per_domain: int = Field(40, ge=1)
+    loss: Literal["fkl", "rkl", "jsd"] = "fkl"
+    lr: float = Field(2e-5, gt=0)
+    epochs: int = Field(2, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class BaselineCfg(_Strict):
+    requests_per_phase: int = Field(12, ge=0, description="Served requests per phase also decoded target-only.")
+
+
+class EvalCfg(_Strict):
+    every_updates: int = Field(2, ge=1, description="Held-out α every this many updates.")
+
+
+class RealConfig(_Strict):
+    name: str = "real"
+    seed: int = 0
+    threads: int = Field(1, ge=1, description="torch threads (1 measured best with the other core busy).")
+    models: ModelsCfg = ModelsCfg()
+    stream: StreamCfg = StreamCfg()
+    decode: DecodeCfg = DecodeCfg()
+    distill: DistillCfg = DistillCfg()
+    offline: OfflineCfg = OfflineCfg()
+    baseline: BaselineCfg = BaselineCfg()
+    eval: EvalCfg = EvalCfg()
+
+    @model_validator(mode="after")
+    def _check(self) -> RealConfig:
+        from osdsim.real.data import DOMAINS
+
+        named = set(self.stream.domains)
+        for ph in self.stream.phases or []:
+            named |= set(ph.mix) | set(ph.mix_end or {})
+        unknown = sorted(named - set(DOMAINS))
+        if unknown:
+            raise ValueError(f"unknown domain(s) {unknown}; known: {list(DOMAINS)}")
+        if self.stream.shape == "smooth" and self.stream.phases is None and len(self.stream.domains) < 2:
+            raise ValueError("a smooth stream needs at least two domains")
+        return self
+
+
+def load_config(path: Path) -> RealConfig:
+    """Read a YAML scenario into a RealConfig (raises ValueError/OSError with a clear message)."""
+    data = yaml.safe_load(path.read_text())
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return RealConfig.model_validate(data)

@@ -1,0 +1,342 @@
+"""A real OSD run: serve a shifting query stream with speculative decoding, distil the draft online,
+measure α, timings and the speedup over target-only decoding on the same prompts.
+
+Closed loop at batch 1 (as the OSD prototype): each request starts when the previous one (and any
+training update it triggered, `inline`) is done, so arrival = start. Training runs inline.
+Baseline: for `baseline.requests_per_phase` evenly spaced requests of each phase, the same prompt is
+also decoded target-only right after it is served (interleaved, so both see the same machine load);
+greedy fp32 speculative decoding emits the same tokens, so time per token compares like for like.
+
+Outputs (written atomically to out_dir): requests.csv, steps.csv, updates.csv, alpha.csv,
+summary.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from osdsim.real.config import RealConfig
+
+
+@dataclass
+class RealRunResult:
+    summary: dict[str, Any]
+    requests: list[dict[str, Any]]
+    steps: list[dict[str, Any]]
+    updates: list[dict[str, Any]]
+    alpha: list[dict[str, Any]]
+    files: list[Path] = field(default_factory=list)
+
+
+Progress = Callable[[int, int, dict[str, Any]], None]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_outputs(result: RealRunResult, out_dir: Path) -> list[Path]:
+    files = []
+    for name, rows in (("requests.csv", result.requests), ("steps.csv", result.steps),
+                       ("updates.csv", result.updates), ("alpha.csv", result.alpha)):
+        _atomic_write(out_dir / name, _csv_text(rows))
+        files.append(out_dir / name)
+    _atomic_write(out_dir / "summary.json", json.dumps(_json_safe(result.summary), indent=2) + "\n")
+    files.append(out_dir / "summary.json")
+    return files
+
+
+def _phases(cfg: RealConfig) -> list[Any]:
+    from osdsim.real.data import Phase, sharp_phases, smooth_phases
+
+    s = cfg.stream
+    if s.phases is not None:
+        return [Phase(p.start, p.end, dict(p.mix), dict(p.mix_end) if p.mix_end else None, p.name)
+                for p in s.phases]
+    if s.shape == "sharp":
+        return sharp_phases(s.domains, s.requests_per_phase)
+    return smooth_phases(s.domains, s.requests_per_phase)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | None = None) -> RealRunResult:
+    """Run the configured OSD stream for real; write outputs to out_dir (if given)."""
+    import torch
+
+    from osdsim.real import data as D
+    from osdsim.real import distill as Dl
+    from osdsim.real.models import cache_root, load_pair, model_spec
+    from osdsim.real.specdec import DecodeParams, speculative_generate, target_generate
+    from osdsim.real.stats import summarize
+
+    t_run = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    pair = load_pair(cfg.models.target, cfg.models.draft, cfg.models.dtype, cfg.models.tiny_seed)
+    load_s = time.perf_counter() - t0
+    codec, target, draft = pair.codec, pair.target, pair.draft
+
+    # --- data: splits per domain, filtered on prompt length ------------------------------------
+    phases = _phases(cfg)
+    domains = sorted({d for ph in phases for d in (set(ph.mix) | set(ph.mix_end or {}))})
+    prompt_ids: dict[str, list[int]] = {}
+
+    def ids_of(q: Any) -> list[int]:
+        if q.uid not in prompt_ids:
+            prompt_ids[q.uid] = codec.chat_prompt(q.text, q.system)
+        return prompt_ids[q.uid]
+
+    def short(q: Any) -> bool:
+        return len(q.text) <= 8 * cfg.stream.max_prompt_tokens and len(ids_of(q)) <= cfg.stream.max_prompt_tokens
+
+    splits = {d: D.split_domain(D.load_domain(d), cfg.stream.heldout_per_domain, cfg.seed, short)
+              for d in domains}
+    stream = D.ShiftStream(phases, splits, cfg.seed)
+
+    # --- held-out answers (cached per model, domain, prompt set) --------------------------------
+    dc = cfg.decode
+    answers_root = cache_root() / "answers"
+    cache = Dl.AnswerCache(answers_root)
+
+    def answers_for(domain: str, queries: list[Any]) -> list[tuple[list[int], list[int]]]:
+        prompts = [ids_of(q) for q in queries]
+        key = Dl.answers_key(pair.target_id, codec.fingerprint(), domain, prompts, dc.max_new_tokens)
+        meta = {"model": pair.target_id, "domain": domain, "n": len(prompts), "max_new": dc.max_new_tokens}
+        ans = cache.get_or_make(
+            key,
+            lambda: Dl.greedy_answers_batched(target, prompts, dc.max_new_tokens, codec.eos_ids, codec.pad_id),
+            meta,
+        )
+        return list(zip(prompts, ans, strict=True))
+
+    t0 = time.perf_counter()
+    heldout = {d: answers_for(d, splits[d].heldout) for d in domains}
+    heldout_s = time.perf_counter() - t0
+
+    alpha_rows: list[dict[str, Any]] = []
+
+    def eval_heldout(label: str, request_index: int, update: int, model: Any) -> dict[str, float]:
+        vals = {d: Dl.teacher_forced_alpha(model, heldout[d], codec.pad_id) for d in domains}
+        for d, a in vals.items():
+            alpha_rows.append({"label": label, "request_index": request_index, "update": update,
+                               "domain": d, "alpha_heldout": round(a, 5)})
+        return vals
+
+    initial = eval_heldout("initial", 0, 0, draft)
+
+    # --- optional offline-distilled baseline draft (measured on held-out α) ---------------------
+    offline_summary: dict[str, Any] | None = None
+    if cfg.offline.enabled:
+        oc = cfg.offline
+        t0 = time.perf_counter()
+        off_domains = oc.domains or domains
+        samples = []
+        for d in off_domains:
+            if d not in splits:
+                splits[d] = D.split_domain(D.load_domain(d), cfg.stream.heldout_per_domain, cfg.seed, short)
+            # the last train queries: the stream takes train queries from the front
+            qs = splits[d].train[-oc.prompts_per_domain:]
+            for p, a in answers_for(d, qs):
+                if a:
+                    samples.append(Dl.label_with_target(target, p, a, cfg.distill.teacher_topk, d))
+        off_draft = copy.deepcopy(draft)
+        first, last = Dl.offline_distill(
+            off_draft, samples,
+            Dl.OfflineConfig(loss=oc.loss, lr=oc.lr, epochs=oc.epochs, warmup_ratio=oc.warmup_ratio,
+                             batch_size=oc.batch_size),
+            codec.pad_id, gen,
+        )
+        off_alpha = eval_heldout("offline", 0, 0, off_draft)
+        offline_summary = {"samples": len(samples), "loss_first_epoch": first, "loss_last_epoch": last,
+                           "alpha_heldout": off_alpha, "seconds": time.perf_counter() - t0}
+        del off_draft
+
+    # --- the OSD stream ---------------------------------------------------------------------------
+    params = DecodeParams(
+        k=dc.k, greedy=dc.greedy, temperature=dc.temperature, max_new_tokens=dc.max_new_tokens,
+        positions=(cfg.distill.positions if cfg.distill.enabled and cfg.distill.sample_source in
+                   ("teacher", "mix_request") else "none"),
+        teacher_topk=cfg.distill.teacher_topk,
+    )
+    distiller = None
+    if cfg.distill.enabled:
+        dcfg = cfg.distill
+        distiller = Dl.OnlineDistiller(
+            draft=draft, target=target, pad_id=codec.pad_id, generator=gen, eos_ids=codec.eos_ids,
+            cfg=Dl.DistillConfig(
+                loss=dcfg.loss, beta=dcfg.beta, sample_source=dcfg.sample_source,
+                update_interval=dcfg.update_interval, window_requests=dcfg.window_requests,
+                lr=dcfg.lr, weight_decay=dcfg.weight_decay, epochs_per_update=dcfg.epochs_per_update,
+                batch_size=dcfg.batch_size, teacher_topk=dcfg.teacher_topk, p_student=dcfg.p_student,
+            ),
+        )
+
+    baseline_idx: set[int] = set()
+    nb = cfg.baseline.requests_per_phase
+    for ph in phases:
+        span = ph.end - ph.start
+        if nb > 0:
+            baseline_idx |= {ph.start + (j * span) // min(nb, span) for j in range(min(nb, span))}
+
+    req_rows: list[dict[str, Any]] = []
+    step_rows: list[dict[str, Any]] = []
+    upd_rows: list[dict[str, Any]] = []
+    steps_by_phase: dict[int, list[Any]] = {}
+    clock0 = time.perf_counter()
+    total = len(stream.requests)
+    n_updates = 0
+    for r in stream.requests:
+        q = r.query
+        prompt = ids_of(q)
+        start = time.perf_counter() - clock0
+        g = speculative_generate(target, draft, prompt, params, codec.eos_ids, gen)
+        finish = time.perf_counter() - clock0
+        s = summarize(g.steps, dc.k)
+        steps_by_phase.setdefault(r.phase, []).extend(g.steps)
+        for j, st in enumerate(g.steps):
+            step_rows.append({"request_index": r.index, "step": j, "proposed": st.proposed,
+                              "accepted": st.accepted, "emitted": st.emitted,
+                              "draft_s": round(st.draft_s, 6), "verify_s": round(st.verify_s, 6)})
+        row: dict[str, Any] = {
+            "request_index": r.index, "phase": r.phase, "phase_name": phases[r.phase].label,
+            "domain": q.domain, "uid": q.uid,
+            "arrival_s": round(start, 6), "start_s": round(start, 6),
+            "first_token_s": round(start + g.first_token_s, 6), "finish_s": round(finish, 6),
+            "prompt_tokens": len(prompt), "output_tokens": len(g.tokens), "hit_eos": g.hit_eos,
+            "steps": len(g.steps), "proposed": s.proposed, "accepted": s.accepted,
+            "rejections": s.rejections, "alpha": round(s.alpha, 5) if s.steps else "",
+            "accepted_lengths": " ".join(str(st.accepted) for st in g.steps),
+            "prefill_s": round(g.prefill_s, 6),
+            "draft_s": round(sum(st.draft_s for st in g.steps), 6),
+            "verify_s": round(sum(st.verify_s for st in g.steps), 6),
+            "decode_s": round(g.total_s - g.prefill_s, 6),
+            "baseline_decode_s": "", "baseline_prefill_s": "", "baseline_tokens": "",
+            "baseline_same_tokens": "", "label_s": 0.0, "train_s": 0.0, "update": "",
+        }
+        if r.index in baseline_idx:
+            b = target_generate(target, prompt, dc.max_new_tokens, dc.greedy, dc.temperature,
+                                codec.eos_ids, gen)
+            row.update(baseline_decode_s=round(b.total_s - b.prefill_s, 6),
+                       baseline_prefill_s=round(b.prefill_s, 6), baseline_tokens=len(b.tokens),
+                       baseline_same_tokens=b.tokens == g.tokens)
+        if distiller is not None:
+            l0 = distiller.label_s
+            sample = distiller.make_sample(prompt, g, q.domain, dc.max_new_tokens)
+            row["label_s"] = round(distiller.label_s - l0, 6)
+            upd = distiller.request_done(sample)
+            if upd is not None:
+                n_updates = upd.update
+                row["train_s"] = round(upd.train_s, 6)
+                row["update"] = upd.update
+                upd_rows.append({**upd.__dict__, "phase": r.phase,
+                                 "time_s": round(time.perf_counter() - clock0, 6)})
+                if upd.update % cfg.eval.every_updates == 0:
+                    eval_heldout("online", r.index + 1, upd.update, draft)
+        req_rows.append(row)
+        # phase boundary: evaluate held-out α at the end of each phase
+        if r.index + 1 == phases[r.phase].end:
+            eval_heldout(f"end_phase_{r.phase}", r.index + 1, n_updates, draft)
+        if progress is not None:
+            progress(r.index + 1, total, {"domain": q.domain, "alpha": s.alpha, "updates": n_updates})
+
+    stream_s = time.perf_counter() - clock0
+
+    # --- summary -----------------------------------------------------------------------------------
+    per_phase = []
+    for p_idx, ph in enumerate(phases):
+        rows = [x for x in req_rows if x["phase"] == p_idx]
+        acc = summarize(steps_by_phase.get(p_idx, []), dc.k)
+        base = [x for x in rows if x["baseline_decode_s"] != ""]
+        spec_tok_s = sum(x["output_tokens"] for x in base) / max(sum(x["decode_s"] for x in base), 1e-9)
+        spec_incl = sum(x["output_tokens"] for x in rows) / max(
+            sum(x["decode_s"] + x["train_s"] + x["label_s"] for x in rows), 1e-9)
+        base_tok_s = sum(x["baseline_tokens"] for x in base) / max(sum(x["baseline_decode_s"] for x in base), 1e-9)
+        all_tok_s = sum(x["output_tokens"] for x in rows) / max(sum(x["decode_s"] for x in rows), 1e-9)
+        start_alpha = {a["domain"]: a["alpha_heldout"] for a in alpha_rows
+                       if a["label"] == (f"end_phase_{p_idx - 1}" if p_idx else "initial")}
+        end_alpha = {a["domain"]: a["alpha_heldout"] for a in alpha_rows if a["label"] == f"end_phase_{p_idx}"}
+        draft_pass = [st.draft_s / st.proposed for st in steps_by_phase.get(p_idx, []) if st.proposed]
+        verify_pass = [st.verify_s for st in steps_by_phase.get(p_idx, []) if st.proposed == dc.k]
+        per_phase.append({
+            "phase": p_idx, "name": ph.label, "requests": len(rows),
+            "acceptance": acc.as_dict(),
+            "alpha_heldout_start": start_alpha, "alpha_heldout_end": end_alpha,
+            "spec_tokens_per_s_on_baseline_requests": spec_tok_s,
+            "baseline_tokens_per_s": base_tok_s if base else float("nan"),
+            "speedup_serving": spec_tok_s / base_tok_s if base else float("nan"),
+            "spec_tokens_per_s_all": all_tok_s,
+            "spec_tokens_per_s_incl_training": spec_incl,
+            "speedup_incl_training": spec_incl / base_tok_s if base else float("nan"),
+            "baseline_requests": len(base),
+            "baseline_identical_outputs": sum(1 for x in base if x["baseline_same_tokens"] is True),
+            "draft_pass_s_mean": _mean(draft_pass),
+            "verify_pass_s_mean": _mean(verify_pass),
+            "train_s": sum(x["train_s"] for x in rows),
+            "label_s": sum(x["label_s"] for x in rows),
+        })
+    base_step = [
+        x["baseline_decode_s"] / x["baseline_tokens"] for x in req_rows
+        if x["baseline_decode_s"] != "" and x["baseline_tokens"]
+    ]
+    all_draft = [st.draft_s / st.proposed for v in steps_by_phase.values() for st in v if st.proposed]
+    summary = {
+        "name": cfg.name,
+        "config": cfg.model_dump(),
+        "target": {"id": pair.target_id, **model_spec(target)},
+        "draft": {"desc": pair.draft_desc, **model_spec(draft)},
+        "threads": cfg.threads,
+        "torch": torch.__version__,
+        "requests": len(req_rows),
+        "updates": len(upd_rows),
+        "alpha_heldout_initial": initial,
+        "offline": offline_summary,
+        "phases": per_phase,
+        "overall_acceptance": summarize([st for v in steps_by_phase.values() for st in v], dc.k).as_dict(),
+        "target_decode_s_per_token": _mean(base_step),
+        "draft_pass_s_mean": _mean(all_draft),
+        "c_measured": _mean(all_draft) / _mean(base_step) if base_step else float("nan"),
+        "timing_s": {"load": load_s, "heldout_answers": heldout_s, "stream": stream_s,
+                     "total": time.perf_counter() - t_run},
+    }
+    result = RealRunResult(summary, req_rows, step_rows, upd_rows, alpha_rows)
+    if out_dir is not None:
+        result.files = write_outputs(result, out_dir)
+    return result

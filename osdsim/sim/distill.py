@@ -1,0 +1,166 @@
+"""Draft state (α dynamics) and the online distiller's buffer (DESIGN.md §4.3–4.4).
+
+α per (draft, domain) moves with the distilled tokens n of that domain:
+    α(n) = α_∞ − (α_∞ − α_0)·exp(−n/τ)
+Training on another domain e moves n_d by transfer·n_e (negative transfer = forgetting).
+The distiller collects finished requests and makes a training step due every
+`update_interval_requests`; the placement (inline / harvest / dedicated) decides where it runs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from osdsim.cost.model import CostModel, PassCost
+
+
+class DraftState:
+    """One draft model's acceptance per domain; `alpha` is updated in place after training."""
+
+    def __init__(
+        self,
+        draft_id: int,
+        alpha_0: np.ndarray,
+        alpha_inf: np.ndarray,
+        tau_tokens: np.ndarray,
+        transfer: float,
+        trainable: bool,
+    ):
+        self.draft_id = draft_id
+        self.alpha_0 = np.asarray(alpha_0, dtype=float)
+        self.alpha_inf = np.asarray(alpha_inf, dtype=float)
+        self.tau = np.asarray(tau_tokens, dtype=float)
+        self.transfer = transfer
+        self.trainable = trainable
+        self.n_eff = np.zeros_like(self.alpha_0)  # effective distilled tokens per domain
+        self.alpha = self.alpha_0.copy()
+        self.tokens_trained = np.zeros_like(self.alpha_0)
+        self.listeners: list[Callable[[], None]] = []
+
+    def train(self, tokens_by_domain: np.ndarray) -> None:
+        """Apply a finished training step: own tokens count fully, others by `transfer`."""
+        if not self.trainable:
+            return
+        own = np.asarray(tokens_by_domain, dtype=float)
+        self.tokens_trained += own
+        self.n_eff += own + self.transfer * (own.sum() - own)
+        # Bound the exponent: strong forgetting drives n_eff negative and α towards 0.
+        decay = np.exp(np.minimum(-self.n_eff / self.tau, 50.0))
+        self.alpha[:] = np.clip(self.alpha_inf - (self.alpha_inf - self.alpha_0) * decay, 0.0, 1.0)
+        for fn in self.listeners:
+            fn()
+
+
+def alpha_curve(n: np.ndarray, alpha_0: float, alpha_inf: float, tau: float) -> np.ndarray:
+    """α(n) = α_∞ − (α_∞ − α_0)·exp(−n/τ) (the closed form the simulator follows)."""
+    return alpha_inf - (alpha_inf - alpha_0) * np.exp(-np.asarray(n, dtype=float) / tau)
+
+
+@dataclass
+class TrainingStep:
+    """A due distillation step over a snapshot of the buffer."""
+
+    draft_id: int
+    due_s: float
+    requests: int
+    tokens_by_domain: np.ndarray  # loss-bearing tokens per domain
+    seq_tokens: float  # Σ l_j over buffered sequences (prompt + output)
+    cost: PassCost  # priced on one device at full speed
+    work_flops: float  # FLOP-equivalent work: cost.time_s · F_peak · η_f (harvest progress unit)
+    progress_flops: float = 0.0
+    started_s: float | None = None
+
+
+@dataclass
+class DistillStats:
+    steps_due: int = 0
+    steps_done: int = 0
+    steps_skipped: int = 0
+    tokens_trained: float = 0.0
+    tokens_skipped: float = 0.0
+    train_flops: float = 0.0  # FLOPs of finished steps (3× forward)
+    work_flops_used: float = 0.0  # FLOP-equivalent work consumed by training (harvest: ≤ spare)
+    spare_flops_available: float = 0.0  # harvest: spare FLOPs offered by the replica
+    latency_cost_s: float = 0.0  # serving time lost to training (inline blocking, interference)
+    busy_s: float = 0.0  # device time spent training (inline/dedicated)
+    events: list[tuple] = field(default_factory=list)  # (time_s, draft_id, kind, tokens, flops, duration_s)
+
+
+class Distiller:
+    """Buffer of finished requests for one draft; decides when a training step is due."""
+
+    def __init__(
+        self,
+        draft: DraftState,
+        cost: CostModel,
+        update_interval: int,
+        tokens_mode: str,
+        max_pending: int,
+        trainable_params: int,
+        num_domains: int,
+        stats: DistillStats,
+    ):
+        self.draft = draft
+        self.cost = cost
+        self.interval = update_interval
+        self.tokens_mode = tokens_mode
+        self.max_pending = max_pending
+        self.trainable_params = trainable_params
+        self.stats = stats
+        self.pending: deque[TrainingStep] = deque()
+        self.on_due: Callable[[], None] | None = None
+        self._buf_tokens = np.zeros(num_domains)
+        self._buf_requests = 0
+        self._buf_len = 0.0
+        self._buf_len_sq = 0.0
+        # η_f at a typical training size converts step time to FLOP-equivalent work.
+        self._peak = cost.peak_flops
+
+    def add_request(self, domain: int, prompt: int, output: int, target_supplied: int, now: float) -> None:
+        loss_tokens = target_supplied if self.tokens_mode == "target" else output
+        self._buf_tokens[domain] += loss_tokens
+        seq = float(prompt + output)
+        self._buf_len += seq
+        self._buf_len_sq += seq * seq
+        self._buf_requests += 1
+        if self._buf_requests >= self.interval:
+            self._make_step(now)
+
+    def _make_step(self, now: float) -> None:
+        cost = self.cost.training_step(self._buf_len, self._buf_len_sq, self.trainable_params)
+        eta = self.cost.eta_flops(self._buf_len)
+        step = TrainingStep(
+            draft_id=self.draft.draft_id,
+            due_s=now,
+            requests=self._buf_requests,
+            tokens_by_domain=self._buf_tokens.copy(),
+            seq_tokens=self._buf_len,
+            cost=cost,
+            work_flops=cost.time_s * self._peak * eta,
+        )
+        self._buf_tokens[:] = 0
+        self._buf_requests = 0
+        self._buf_len = self._buf_len_sq = 0.0
+        self.stats.steps_due += 1
+        self.pending.append(step)
+        while len(self.pending) > self.max_pending:
+            dropped = self.pending.popleft()
+            self.stats.steps_skipped += 1
+            self.stats.tokens_skipped += float(dropped.tokens_by_domain.sum())
+            self.stats.events.append((now, dropped.draft_id, "skipped", float(dropped.tokens_by_domain.sum()), 0.0, 0.0))
+        if self.on_due is not None:
+            self.on_due()
+
+    def complete(self, step: TrainingStep, now: float, duration_s: float) -> None:
+        """Record a finished step and move the draft's α (callers apply sync delays first)."""
+        self.stats.steps_done += 1
+        self.stats.tokens_trained += float(step.tokens_by_domain.sum())
+        self.stats.train_flops += step.cost.flops
+        self.draft.train(step.tokens_by_domain)
+        self.stats.events.append(
+            (now, step.draft_id, "done", float(step.tokens_by_domain.sum()), step.cost.flops, duration_s)
+        )

@@ -1,0 +1,332 @@
+"""Builds the SimPy model of a scenario (arrivals → router → replicas, distillers) and runs it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import simpy
+
+from osdsim.cost.model import CostModel, memory_plan
+from osdsim.cost.profile import HardwareProfile, load_profile, resolve_profile_path
+from osdsim.errors import InputError
+from osdsim.scenario import Acceptance, DomainAcceptance, Scenario, read_yaml
+from osdsim.sim.distill import Distiller, DistillStats, DraftState
+from osdsim.sim.replica import Replica, ReplicaConfig, RequestTable
+from osdsim.sim.workload import Requests, generate_requests
+from osdsim.specdec import EmpiricalLaw, sample_geometric
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class RawRun:
+    """Everything a finished simulation produced, before summarising."""
+
+    scenario: Scenario
+    strategy: str
+    requests: Requests
+    table: RequestTable
+    iterations: pd.DataFrame
+    alpha_events: pd.DataFrame  # time_s, replica, draft_id, alpha_<domain>...
+    training_events: pd.DataFrame
+    stats: DistillStats
+    sim_time_s: float
+    busy_s: list[float]
+    acceptance_law: str
+    kv_capacity_tokens: int
+    k_setting: str
+    extra: dict = field(default_factory=dict)
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+def load_scenario_profile(scenario: Scenario) -> HardwareProfile:
+    path = resolve_profile_path(scenario.hardware.profile, scenario.base_dir)
+    return load_profile(path)
+
+
+def acceptance_params(scenario: Scenario) -> tuple[Acceptance, dict[str, DomainAcceptance]]:
+    """Inline acceptance parameters, over those of `acceptance.file` when one is given."""
+    acc = scenario.acceptance
+    domains: dict[str, DomainAcceptance] = {}
+    transfer = acc.transfer
+    if acc.file:
+        path = scenario.resolve_path(acc.file)
+        data = read_yaml(path, "acceptance")
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: acceptance file must be a mapping with 'domains'")
+        try:
+            file_acc = Acceptance(**{k: v for k, v in data.items() if k in ("domains", "transfer", "law", "distillation_helps")})
+        except Exception as exc:  # pydantic ValidationError
+            from pydantic import ValidationError
+
+            from osdsim.errors import format_validation_error
+
+            if isinstance(exc, ValidationError):
+                raise InputError(f"{path}: {format_validation_error(exc)}") from None
+            raise
+        domains.update(file_acc.domains)
+        if "transfer" in data and "transfer" not in acc.model_fields_set:
+            transfer = file_acc.transfer
+    domains.update(acc.domains)
+    missing = sorted(set(scenario.workload.domains) - set(domains))
+    if missing:
+        raise InputError(f"acceptance.domains: no acceptance parameters for domain {missing[0]!r}")
+    return acc.model_copy(update={"transfer": transfer}), domains
+
+
+def load_empirical_law(path: Path) -> EmpiricalLaw:
+    data = read_yaml(path, "empirical accepted-length") if path.suffix in (".yaml", ".yml") else None
+    if data is None and path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read empirical law ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list) or not data["entries"]:
+        raise InputError(f"{path}: empirical law needs 'entries: [{{alpha, histogram}}, ...]'")
+    try:
+        alphas = np.array([float(e["alpha"]) for e in data["entries"]])
+        hists = [np.asarray(e["histogram"], dtype=float) for e in data["entries"]]
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{path}: each entry needs a numeric 'alpha' and a 'histogram' list") from None
+    if len({h.size for h in hists}) != 1 or hists[0].size < 2:
+        raise InputError(f"{path}: all histograms need the same length k+1 >= 2")
+    if np.any((alphas < 0) | (alphas > 1)):
+        raise InputError(f"{path}: entries.alpha must be in [0, 1]")
+    try:
+        return EmpiricalLaw(alphas, np.stack(hists))
+    except ValueError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+# --- building ------------------------------------------------------------------------------------
+def _uses_drafts(strategy: str) -> bool:
+    return strategy != "no-spec"
+
+
+def build_and_run(scenario: Scenario, requests: Requests | None = None, progress: ProgressFn | None = None) -> RawRun:
+    strategy = scenario.strategy
+    profile = load_scenario_profile(scenario)
+    tp = scenario.hardware.tensor_parallel
+    target = scenario.target
+    draft = scenario.draft if _uses_drafts(strategy) else None
+    req = requests if requests is not None else generate_requests(scenario)
+    names = req.domain_names
+    n_dom = len(names)
+
+    # Memory: weights must fit; KV capacity from what is left (or the scenario's number).
+    n_drafts = 0 if draft is None else (n_dom if strategy == "osd-per-domain" else 1)
+    available, weights, kv_cap = memory_plan(
+        target, [draft] * n_drafts if draft else [], profile, tp, scenario.hardware.gpu_memory_utilization
+    )
+    if weights > available:
+        raise InputError(
+            f"models.target: {target.name} (+{n_drafts} draft) needs {weights / 1e9:.1f} GB per GPU but "
+            f"{profile.name} offers {available / 1e9:.1f} GB at gpu_memory_utilization "
+            f"{scenario.hardware.gpu_memory_utilization}; raise hardware.tensor_parallel"
+        )
+    if scenario.batching.kv_cache_tokens is not None:
+        kv_cap = scenario.batching.kv_cache_tokens
+    if kv_cap < 1:
+        raise InputError(f"batching.kv_cache_tokens: no GPU memory left for the KV cache on {profile.name}")
+
+    target_cost = CostModel(target, profile, tp)
+    draft_cost = CostModel(draft, profile, tp) if draft is not None else None
+
+    # Acceptance law.
+    law_name = "none"
+    sampler = sample_geometric
+    if draft is not None:
+        acc, dom_acc = acceptance_params(scenario)
+        law_name = "geometric"
+        if acc.law == "empirical":
+            law = load_empirical_law(scenario.resolve_path(acc.empirical_file))  # type: ignore[arg-type]
+            k_req = scenario.speculation.k if scenario.speculation.k != "auto" else scenario.speculation.k_max
+            if k_req > law.k_file:
+                raise InputError(
+                    f"speculation.k: {k_req} exceeds the k={law.k_file} the empirical law was measured with"
+                )
+            sampler = law.sample
+            lo, hi = law.alpha_range
+            law_name = f"empirical (alpha {lo:.2f}..{hi:.2f}, clamped outside)"
+        a0 = np.array([dom_acc[d].alpha_0 for d in names])
+        ainf = np.array([dom_acc[d].plateau for d in names])
+        aoff = np.array([dom_acc[d].offline for d in names])
+        tau = np.array([dom_acc[d].tau_tokens for d in names])
+        transfer = acc.transfer
+
+    env = simpy.Environment()
+    table = RequestTable(req.arrival_s, req.domain, req.prompt_tokens, req.output_tokens)
+    stats = DistillStats()
+    alpha_rows: list[tuple] = []
+    seeds = np.random.SeedSequence([scenario.seed, 0xACC]).spawn(scenario.hardware.replicas + 1)
+    d = scenario.distill
+    placement = d.placement if strategy in ("osd", "osd-per-domain") else "none"
+    trainable_params = 0
+    if draft is not None:
+        trainable_params = draft.total_params if d.trainable == "all" else draft.dense_params
+
+    def make_drafts(replica_idx: int) -> tuple[list[Distiller | None], list[DraftState | None]]:
+        if draft is None:
+            return [None] * n_dom, [None] * n_dom
+        if strategy in ("static", "offline"):
+            start = a0 if strategy == "static" else aoff
+            st = DraftState(0, start, start, tau, 0.0, trainable=False)
+            return [None] * n_dom, [st] * n_dom
+        per_domain = strategy == "osd-per-domain"
+        states = [
+            DraftState(i, a0, ainf, tau, 0.0 if per_domain else transfer, trainable=True)
+            for i in range(n_dom if per_domain else 1)
+        ]
+        dists = [
+            Distiller(s, draft_cost, d.update_interval_requests, d.tokens, d.max_pending_steps,
+                      trainable_params, n_dom, stats)
+            for s in states
+        ]
+        for s in states:
+            s.listeners.append(
+                lambda s=s, r=replica_idx: alpha_rows.append((env.now, r, s.draft_id, *s.alpha.tolist()))
+            )
+        if per_domain:
+            return list(dists), list(states)
+        return [dists[0]] * n_dom, [states[0]] * n_dom
+
+    cfg = ReplicaConfig(
+        target_cost=target_cost,
+        draft_cost=draft_cost,
+        max_batch=scenario.batching.max_batch_size,
+        chunk_tokens=float(scenario.batching.chunked_prefill_tokens or np.inf),
+        kv_capacity=kv_cap,
+        k=None if scenario.speculation.k == "auto" else int(scenario.speculation.k),
+        k_max=scenario.speculation.k_max,
+        placement=placement,
+        harvest_fraction=d.harvest_fraction,
+        interference=d.interference,
+    )
+    replicas: list[Replica] = []
+    shared = make_drafts(-1) if placement == "dedicated" else None
+    for r in range(scenario.hardware.replicas):
+        dists, states = shared if shared is not None else make_drafts(r)
+        rep = Replica(env, r, cfg, table, np.random.default_rng(seeds[r]), dists, states, sampler, stats)
+        for s in dict.fromkeys(x for x in states if x is not None):
+            s.listeners.append(rep.refresh_alpha)
+        replicas.append(rep)
+        env.process(rep.run())
+
+    if shared is not None:
+        _start_dedicated_trainers(env, shared[0], d, stats)
+
+    # Initial α snapshot of every draft (time 0).
+    if draft is not None:
+        seen = set()
+        for r, rep in enumerate(replicas):
+            for s in rep.alpha_source:
+                if s is not None and id(s) not in seen:
+                    seen.add(id(s))
+                    alpha_rows.append((0.0, -1 if shared is not None else r, s.draft_id, *s.alpha.tolist()))
+
+    # Arrivals and routing.
+    n_req = len(req)
+    all_done = env.event()
+    total = n_req
+    step = max(1, total // 200)
+
+    def on_done() -> None:
+        if progress is not None and (table.done % step == 0 or table.done == total):
+            progress(table.done, total)
+        if table.done >= total and not all_done.triggered:
+            all_done.succeed()
+
+    table.on_done = on_done
+    route_rng = np.random.default_rng(seeds[-1])
+    env.process(_arrivals(env, req.arrival_s, replicas, scenario.router, route_rng))
+    if n_req == 0:
+        all_done.succeed()
+    until = all_done
+    if scenario.limits.max_sim_time_s is not None:
+        until = all_done | env.timeout(scenario.limits.max_sim_time_s)
+    env.run(until=until)
+
+    iters = []
+    for rep in replicas:
+        df = pd.DataFrame(rep.log.cols)
+        df.insert(0, "replica", rep.index)
+        iters.append(df)
+    iterations = pd.concat(iters, ignore_index=True) if iters else pd.DataFrame()
+    alpha_cols = ["time_s", "replica", "draft_id", *[f"alpha_{n}" for n in names]]
+    alpha_events = pd.DataFrame(alpha_rows, columns=alpha_cols)
+    training = pd.DataFrame(stats.events, columns=["time_s", "draft_id", "kind", "tokens", "flops", "duration_s"])
+    k_setting = "off" if draft is None else str(scenario.speculation.k)
+    return RawRun(
+        scenario=scenario,
+        strategy=strategy,
+        requests=req,
+        table=table,
+        iterations=iterations,
+        alpha_events=alpha_events,
+        training_events=training,
+        stats=stats,
+        sim_time_s=float(env.now),
+        busy_s=[rep.busy_s for rep in replicas],
+        acceptance_law=law_name,
+        kv_capacity_tokens=int(kv_cap),
+        k_setting=k_setting,
+        extra={"peak_flops": target_cost.peak_flops, "bandwidth": target_cost.bandwidth,
+               "pending_steps": sum(len(x.pending) for rep in replicas for x in rep.distillers)
+               if shared is None else sum(len(x.pending) for x in dict.fromkeys(v for v in shared[0] if v))},
+    )
+
+
+def _arrivals(env: simpy.Environment, times: np.ndarray, replicas: list[Replica], router: str, rng):
+    n_rep = len(replicas)
+    now = 0.0
+    for rid, at in enumerate(times.tolist()):
+        if at > now:
+            yield env.timeout(at - now)
+            now = at
+        if router == "round-robin" or n_rep == 1:
+            target = rid % n_rep
+        elif router == "random":
+            target = int(rng.integers(n_rep))
+        else:  # least-outstanding: fewest requests queued or running; ties → lowest index
+            target = min(range(n_rep), key=lambda i: replicas[i].outstanding)
+        replicas[target].submit(rid)
+
+
+def _start_dedicated_trainers(env: simpy.Environment, distillers: list, d, stats: DistillStats) -> None:
+    """Dedicated trainer GPUs: each draft's steps run there; weights reach replicas after a delay."""
+    for dist in dict.fromkeys(x for x in distillers if x is not None):
+        wake = {"event": env.event()}
+
+        def on_due(w=wake) -> None:
+            if not w["event"].triggered:
+                w["event"].succeed()
+
+        dist.on_due = on_due
+
+        def trainer(dist=dist, w=wake):
+            while True:
+                if not dist.pending:
+                    w["event"] = env.event()
+                    yield w["event"]
+                    continue
+                step = dist.pending.popleft()
+                step.started_s = env.now
+                # Data-parallel over trainer GPUs (ideal scaling).
+                dur = step.cost.time_s / d.trainer_gpus
+                yield env.timeout(dur)
+                stats.busy_s += dur
+                stats.work_flops_used += step.work_flops
+                env.process(_publish(env, dist, step, d.sync_delay_s, dur))
+
+        env.process(trainer())
+
+
+def _publish(env: simpy.Environment, dist: Distiller, step, delay: float, dur: float):
+    if delay > 0:
+        yield env.timeout(delay)
+    dist.complete(step, env.now, dur)

@@ -1,0 +1,406 @@
+"""A serving replica as a SimPy process: continuous batching with (optional) speculative decoding.
+
+One iteration (DESIGN.md §4.2), for B decoding sequences and some prefill chunks:
+    draft:  k sequential passes over B tokens (+ the draft's own prefill of this iteration's chunks)
+    target: one pass over B·(k+1) verify tokens + the prefill chunks (chunked prefill, Sarathi)
+Each decoding sequence then emits a + 1 tokens, a drawn from the acceptance law at its α.
+Without speculation the target pass carries B decode tokens and each sequence emits one.
+
+Admission is FCFS, limited by `max_batch_size` and KV capacity; a request reserves KV for its
+prompt + output (+ k look-ahead slots) on admission, so there is no preemption.
+The running batch is kept as arrays (struct of arrays) so an iteration costs O(1) numpy calls.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from osdsim.cost.model import CostModel
+from osdsim.sim.distill import Distiller, DistillStats
+from osdsim.specdec import optimal_k
+
+
+@dataclass
+class ReplicaConfig:
+    target_cost: CostModel
+    draft_cost: CostModel | None  # None: no speculation
+    max_batch: int
+    chunk_tokens: float  # per-iteration token budget (inf = unlimited)
+    kv_capacity: int
+    k: int | None  # None = auto
+    k_max: int
+    placement: str  # inline | harvest | dedicated | none
+    harvest_fraction: float
+    interference: float
+
+
+class RequestTable:
+    """Per-request inputs and outcomes, shared by all replicas (arrays of length N)."""
+
+    def __init__(self, arrival: np.ndarray, domain: np.ndarray, prompt: np.ndarray, output: np.ndarray):
+        n = arrival.size
+        self.arrival = arrival
+        self.domain = domain
+        self.prompt = prompt
+        self.output = output
+        self.replica = np.full(n, -1, dtype=np.int64)
+        self.admitted = np.full(n, np.nan)
+        self.first_token = np.full(n, np.nan)
+        self.finish = np.full(n, np.nan)
+        self.steps = np.zeros(n, dtype=np.int64)  # decode iterations (spec steps)
+        self.accepted = np.zeros(n, dtype=np.int64)  # accepted draft tokens
+        self.proposed = np.zeros(n, dtype=np.int64)  # drafted tokens
+        self.rejections = np.zeros(n, dtype=np.int64)  # steps ending in a rejection (a < k)
+        self.alpha_model = np.full(n, np.nan)  # the draft's α for this request at its first step
+        self.rejected = np.zeros(n, dtype=bool)  # can never fit in KV capacity
+        self.done = 0
+        self.on_done: Callable[[], None] | None = None
+
+    def mark_done(self, count: int = 1) -> None:
+        self.done += count
+        if self.on_done is not None:
+            self.on_done()
+
+
+class IterationLog:
+    """Per-iteration records of one replica (column lists, turned into a DataFrame at the end)."""
+
+    FIELDS = (
+        "t_s", "duration_s", "decode_seqs", "prefill_tokens", "emitted_tokens", "k",
+        "alpha_mean", "flops", "bytes", "compute_busy_s", "spare_flops", "train_work_flops", "kind",
+    )
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list] = {f: [] for f in self.FIELDS}
+
+    def add(self, *values) -> None:
+        for f, v in zip(self.FIELDS, values, strict=True):
+            self.cols[f].append(v)
+
+
+class Replica:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        index: int,
+        cfg: ReplicaConfig,
+        table: RequestTable,
+        rng: np.random.Generator,
+        draft_for_domain: list[Distiller | None],
+        alpha_source: list,  # per domain: the DraftState serving it (None without speculation)
+        sample_accepted: Callable[[np.random.Generator, np.ndarray, int], np.ndarray],
+        stats: DistillStats,
+    ):
+        self.env = env
+        self.index = index
+        self.cfg = cfg
+        self.table = table
+        self.rng = rng
+        self.inbox: simpy.Store = simpy.Store(env)
+        self.waiting: deque[int] = deque()
+        self.distillers = [d for d in dict.fromkeys(draft_for_domain) if d is not None]
+        self.distiller_for_domain = draft_for_domain
+        self.alpha_source = alpha_source
+        self.alpha_by_domain = np.zeros(len(alpha_source))
+        self.refresh_alpha()
+        self.sample_accepted = sample_accepted
+        self.stats = stats
+        self.log = IterationLog()
+        self.kv_free = cfg.kv_capacity
+        self.busy_s = 0.0
+        self.outstanding = 0
+        self._k_cache: dict[tuple[int, int, int], int] = {}
+        cap = cfg.max_batch
+        self.n = 0
+        self.rid = np.zeros(cap, dtype=np.int64)
+        self.ctx = np.zeros(cap, dtype=np.int64)  # tokens with KV (prefilled prompt + generated)
+        self.pf_left = np.zeros(cap, dtype=np.int64)  # prompt tokens not yet prefilled
+        self.out_left = np.zeros(cap, dtype=np.int64)  # output tokens still to emit
+        self.dom = np.zeros(cap, dtype=np.int64)
+        self.kv_res = np.zeros(cap, dtype=np.int64)
+        self.spec = cfg.draft_cost is not None
+        self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
+        self._harvest_rate = 0.0
+        if cfg.draft_cost is not None:
+            self._harvest_rate = cfg.draft_cost.peak_flops * cfg.draft_cost._eta_max * cfg.harvest_fraction
+
+    # --- α view ------------------------------------------------------------------------------------
+    def refresh_alpha(self) -> None:
+        for d, src in enumerate(self.alpha_source):
+            self.alpha_by_domain[d] = 0.0 if src is None else src.alpha[d]
+
+    # --- arrivals ------------------------------------------------------------------------------------
+    def submit(self, rid: int) -> None:
+        self.outstanding += 1
+        self.table.replica[rid] = self.index
+        self.inbox.put(rid)
+
+    def _drain_inbox(self) -> None:
+        if self.inbox.items:
+            self.waiting.extend(self.inbox.items)
+            self.inbox.items.clear()
+
+    def _admit(self) -> None:
+        t = self.table
+        cap = self.cfg.max_batch
+        while self.waiting and self.n < cap:
+            rid = self.waiting[0]
+            need = int(t.prompt[rid] + t.output[rid]) + self.lookahead
+            if need > self.cfg.kv_capacity:  # can never fit: report it, do not block the queue
+                self.waiting.popleft()
+                t.rejected[rid] = True
+                self.outstanding -= 1
+                t.mark_done()
+                continue
+            if need > self.kv_free:
+                break
+            self.waiting.popleft()
+            i = self.n
+            self.rid[i] = rid
+            self.ctx[i] = 0
+            self.pf_left[i] = t.prompt[rid]
+            self.out_left[i] = t.output[rid]
+            self.dom[i] = t.domain[rid]
+            self.kv_res[i] = need
+            self.kv_free -= need
+            t.admitted[rid] = self.env.now
+            self.n += 1
+
+    # --- training ------------------------------------------------------------------------------------
+    def _pending_steps(self):
+        for d in self.distillers:
+            if d.pending:
+                yield d
+
+    def _train_inline(self):
+        for dist in list(self._pending_steps()):
+            while dist.pending:
+                step = dist.pending.popleft()
+                dur = step.cost.time_s
+                step.started_s = self.env.now
+                yield self.env.timeout(dur)
+                self.busy_s += dur
+                self.stats.busy_s += dur
+                self.stats.latency_cost_s += dur
+                self.stats.work_flops_used += step.work_flops
+                self.log.add(self.env.now - dur, dur, 0, 0, 0, 0, np.nan, step.cost.flops, step.cost.bytes,
+                             step.cost.compute_s, 0.0, step.work_flops, "train")
+                dist.complete(step, self.env.now, dur)
+
+    def _harvest(self, spare_flops: float) -> float:
+        """Give spare FLOPs to pending steps in FIFO order; returns the FLOPs used."""
+        used = 0.0
+        for dist in self.distillers:
+            while dist.pending and spare_flops > 0:
+                step = dist.pending[0]
+                if step.started_s is None:
+                    step.started_s = self.env.now
+                take = min(spare_flops, step.work_flops - step.progress_flops)
+                step.progress_flops += take
+                spare_flops -= take
+                used += take
+                if step.progress_flops >= step.work_flops * (1 - 1e-12):
+                    dist.pending.popleft()
+                    dist.complete(step, self.env.now, self.env.now - step.started_s)
+        self.stats.work_flops_used += used
+        return used
+
+    def _harvest_pending(self) -> bool:
+        return self.cfg.placement == "harvest" and any(d.pending for d in self.distillers)
+
+    def _idle(self):
+        """Nothing to serve: wait for an arrival; harvest training uses the idle device meanwhile."""
+        get = self.inbox.get()
+        if not self._harvest_pending():
+            rid = yield get
+            self.waiting.append(rid)
+            return
+        rate = self._harvest_rate  # FLOP/s of the idle device that training may use (θ·η·F)
+        remaining = sum(s.work_flops - s.progress_flops for d in self.distillers for s in d.pending)
+        t0 = self.env.now
+        result = yield get | self.env.timeout(remaining / rate)
+        spare = (self.env.now - t0) * rate
+        self.stats.spare_flops_available += spare
+        self._harvest(spare)
+        if get in result:
+            self.waiting.append(result[get])
+        else:
+            get.cancel()
+
+    # --- serving -------------------------------------------------------------------------------------
+    def run(self):
+        while True:
+            self._drain_inbox()
+            self._admit()
+            if self.cfg.placement == "inline" and any(d.pending for d in self.distillers):
+                yield from self._train_inline()
+                continue
+            if self.n == 0:
+                yield from self._idle()
+                continue
+            yield from self._iteration()
+
+    def _choose_k(self, batch: int, alpha: float, ctx_mean: float) -> int:
+        key = (batch, int(alpha * 100 + 0.5), int(ctx_mean) >> 8)
+        k = self._k_cache.get(key)
+        if k is None:
+            c = self.cfg.draft_cost.decode_time(batch, ctx_mean) / self.cfg.target_cost.decode_time(batch, ctx_mean)
+            k = optimal_k(alpha, c, self.cfg.k_max)
+            self._k_cache[key] = k
+        return k
+
+    def _iteration(self):
+        cfg = self.cfg
+        env = self.env
+        t = self.table
+        n = self.n
+        pf_left = self.pf_left[:n]
+        ctx = self.ctx[:n]
+        dec_mask = pf_left == 0
+        dec_idx = np.flatnonzero(dec_mask)
+        b = int(dec_idx.size)
+        spec = self.spec and b > 0
+        ctx_dec = ctx[dec_idx]
+        c_sum = float(ctx_dec.sum())
+        k = 0
+        alpha = None
+        if spec:
+            dom_dec = self.dom[dec_idx]
+            alpha = self.alpha_by_domain[dom_dec]
+            k = cfg.k if cfg.k is not None else self._choose_k(b, float(alpha.mean()), c_sum / b)
+        q = k + 1
+
+        # Prefill chunks: decode/verify tokens take the budget first, then FIFO prefill chunks.
+        pf_tokens = 0
+        pf_ctx = 0.0
+        pf_pairs = 0.0
+        n_complete = 0
+        pf_idx = alloc = None
+        if b < n:
+            budget = cfg.chunk_tokens - b * q
+            if budget > 0:
+                pf_idx = np.flatnonzero(~dec_mask)
+                left = pf_left[pf_idx]
+                before = np.cumsum(left) - left
+                alloc = np.clip(budget - before, 0, left).astype(np.int64)
+                pf_tokens = int(alloc.sum())
+                if pf_tokens:
+                    c_pf = ctx[pf_idx]
+                    pf_ctx = float(c_pf[alloc > 0].sum())
+                    pf_pairs = float((alloc * (c_pf + alloc / 2.0)).sum())
+                    n_complete = int(np.count_nonzero(alloc == left))
+
+        # Price the passes (cost model: only prices).
+        duration = 0.0
+        flops = 0.0
+        nbytes = 0.0
+        compute_s = 0.0
+        if spec:
+            dc = cfg.draft_cost
+            weight_sets = 1 if len(self.distillers) <= 1 else int(np.unique(dom_dec).size)
+            mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
+            td, fd, bd, cd = dc.pass_time(b, b, c_sum + mean_extra, c_sum + mean_extra + b / 2.0, weight_sets)
+            duration += k * td
+            flops += k * fd
+            nbytes += k * bd
+            compute_s += k * cd
+            if pf_tokens:  # the draft prefills the same chunks to build its own KV cache
+                td, fd, bd, cd = dc.pass_time(pf_tokens, 0, pf_ctx, pf_pairs)
+                duration += td
+                flops += fd
+                nbytes += bd
+                compute_s += cd
+        tokens = b * q + pf_tokens
+        tt, ft, bt, ct = cfg.target_cost.pass_time(
+            tokens, b * q + n_complete, c_sum + pf_ctx, q * c_sum + b * q * q / 2.0 + pf_pairs
+        )
+        duration += tt
+        flops += ft
+        nbytes += bt
+        compute_s += ct
+
+        harvesting = self._harvest_pending()
+        if harvesting and cfg.interference > 0:
+            extra = duration * cfg.interference
+            duration += extra
+            self.stats.latency_cost_s += extra
+
+        t0 = env.now
+        yield env.timeout(duration)
+        self.busy_s += duration
+
+        # Spare compute of this iteration (harvest): (1 − u)·duration·F·η·θ with u = compute_s/duration.
+        spare = 0.0
+        used = 0.0
+        if cfg.placement == "harvest" and self.spec:
+            spare = max(duration - compute_s, 0.0) * self._harvest_rate
+            self.stats.spare_flops_available += spare
+            if harvesting:
+                used = self._harvest(spare)
+
+        # Outcomes: prefill progress and first tokens.
+        emitted_total = 0
+        if pf_tokens:
+            pf_left[pf_idx] -= alloc
+            ctx[pf_idx] += alloc
+            done_pf = pf_idx[(pf_left[pf_idx] == 0) & (alloc > 0)]
+            if done_pf.size:
+                t.first_token[self.rid[done_pf]] = env.now
+                self.out_left[done_pf] -= 1
+                ctx[done_pf] += 1
+                emitted_total += int(done_pf.size)
+
+        # Decode/verify outcomes.
+        alpha_mean = np.nan
+        if b:
+            rids = self.rid[dec_idx]
+            out_left = self.out_left[dec_idx]
+            if spec:
+                a = self.sample_accepted(self.rng, alpha, k)
+                emit = np.minimum(a + 1, out_left)
+                first = t.steps[rids] == 0
+                if first.any():
+                    t.alpha_model[rids[first]] = alpha[first]
+                t.accepted[rids] += a
+                t.proposed[rids] += k
+                t.rejections[rids] += a < k
+                alpha_mean = float(alpha.mean())
+            else:
+                emit = np.ones(b, dtype=np.int64)
+            t.steps[rids] += 1
+            self.out_left[dec_idx] = out_left - emit
+            ctx[dec_idx] += emit
+            emitted_total += int(emit.sum())
+
+        self.log.add(t0, duration, b, pf_tokens, emitted_total, k, alpha_mean, flops, nbytes,
+                     compute_s, spare, used, "serve")
+
+        finished = np.flatnonzero(self.out_left[:n] <= 0)
+        if finished.size:
+            self._finish(finished)
+
+    def _finish(self, finished: np.ndarray) -> None:
+        t = self.table
+        now = self.env.now
+        n = self.n
+        rids = self.rid[finished]
+        t.finish[rids] = now
+        self.kv_free += int(self.kv_res[finished].sum())
+        for rid in rids.tolist():
+            dom = int(t.domain[rid])
+            dist = self.distiller_for_domain[dom]
+            if dist is not None:
+                dist.add_request(dom, int(t.prompt[rid]), int(t.output[rid]), int(t.rejections[rid]), now)
+        keep = np.ones(n, dtype=bool)
+        keep[finished] = False
+        m = n - int(finished.size)
+        for arr in (self.rid, self.ctx, self.pf_left, self.out_left, self.dom, self.kv_res):
+            arr[:m] = arr[:n][keep]
+        self.n = m
+        self.outstanding -= int(finished.size)
+        t.mark_done(int(finished.size))
