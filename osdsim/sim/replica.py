@@ -56,6 +56,7 @@ class RequestTable:
         self.accepted = np.zeros(n, dtype=np.int64)  # accepted draft tokens
         self.proposed = np.zeros(n, dtype=np.int64)  # drafted tokens
         self.rejections = np.zeros(n, dtype=np.int64)  # steps ending in a rejection (a < k)
+        self.emitted = np.zeros(n, dtype=np.int64)  # output tokens emitted so far
         self.alpha_model = np.full(n, np.nan)  # the draft's α for this request at its first step
         self.rejected = np.zeros(n, dtype=bool)  # can never fit in KV capacity
         self.done = 0
@@ -351,6 +352,7 @@ class Replica:
             done_pf = pf_idx[(pf_left[pf_idx] == 0) & (alloc > 0)]
             if done_pf.size:
                 t.first_token[self.rid[done_pf]] = env.now
+                t.emitted[self.rid[done_pf]] += 1
                 self.out_left[done_pf] -= 1
                 ctx[done_pf] += 1
                 emitted_total += int(done_pf.size)
@@ -373,6 +375,7 @@ class Replica:
             else:
                 emit = np.ones(b, dtype=np.int64)
             t.steps[rids] += 1
+            t.emitted[rids] += emit
             self.out_left[dec_idx] = out_left - emit
             ctx[dec_idx] += emit
             emitted_total += int(emit.sum())

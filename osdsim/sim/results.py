@@ -78,6 +78,7 @@ def request_frame(run: RawRun) -> pd.DataFrame:
             "finish_s": t.finish,
             "prompt_tokens": t.prompt,
             "output_tokens": t.output,
+            "emitted_tokens": t.emitted,
             "queue_s": t.admitted - t.arrival,
             "ttft_s": ttft,
             "tpot_s": tpot,

@@ -1,0 +1,96 @@
+"""Invariants that every simulation must keep, and determinism."""
+
+import json
+
+import numpy as np
+import pytest
+
+from osdsim.api import compare, simulate
+
+
+def check_invariants(res, arrived: int) -> None:
+    req = res.requests
+    assert len(req) == arrived
+    # Every request finishes or is reported unfinished/rejected, never lost.
+    assert (req["finished"] | req["rejected"] | req["finish_s"].isna()).all()
+    fin = req[req["finished"]]
+    # Emitted tokens equal requested output tokens.
+    assert (fin["emitted_tokens"] == fin["output_tokens"]).all()
+    # Accepted never exceeds proposed; causality of timestamps.
+    assert (req["accepted_tokens"] <= req["proposed_tokens"]).all()
+    assert (fin["admitted_s"] >= fin["arrival_s"]).all()
+    assert (fin["first_token_s"] > fin["admitted_s"]).all()
+    assert (fin["finish_s"] >= fin["first_token_s"]).all()
+    a = req["alpha_measured"].dropna()
+    assert ((a >= 0) & (a <= 1)).all()
+    # Utilisation ≤ 1, time never goes backwards within a replica.
+    ts = res.timeseries
+    for col in ("compute_utilisation", "bandwidth_utilisation", "busy_fraction"):
+        assert (ts[col] <= 1 + 1e-9).all()
+    for _, it in res.iterations.groupby("replica"):
+        t = it["t_s"].to_numpy()
+        end = t + it["duration_s"].to_numpy()
+        assert np.all(np.diff(t) >= 0)
+        assert np.all(t[1:] >= end[:-1] - 1e-12)
+        assert (it["duration_s"] > 0).all()
+    u = res.summary["utilisation"]
+    for key in ("busy_fraction", "compute", "bandwidth"):
+        assert u[key] is None or 0 <= u[key] <= 1
+
+
+@pytest.mark.parametrize("strategy", ["no-spec", "static"])
+@pytest.mark.parametrize("router,replicas", [("round-robin", 1), ("least-outstanding", 3), ("random", 2)])
+def test_invariants_hold(make_scenario, strategy, router, replicas):
+    sc = make_scenario({"strategy": strategy, "router": router, "hardware": {"replicas": replicas},
+                        "workload": {"rate_per_s": 20.0}})
+    res = simulate(sc)
+    check_invariants(res, 200)
+    assert res.summary["requests"]["finished"] == 200
+    if replicas > 1:
+        assert res.requests["replica"].nunique() == replicas
+
+
+def test_requests_too_long_for_kv_are_reported_not_lost(make_scenario):
+    sc = make_scenario({"batching": {"kv_cache_tokens": 300}})
+    res = simulate(sc)
+    check_invariants(res, 200)
+    s = res.summary["requests"]
+    assert s["rejected_too_long"] > 0
+    assert s["finished"] + s["rejected_too_long"] == 200
+
+
+def test_same_seed_same_summary_different_seed_differs(make_scenario):
+    def summary(seed):
+        cmp = compare(make_scenario({"seed": seed}), strategies=["no-spec", "static"])
+        return json.dumps({k: r.summary for k, r in cmp.results.items()})
+
+    assert summary(3) == summary(3)
+    assert summary(3) != summary(4)
+
+
+def test_common_random_numbers_across_strategies(make_scenario):
+    cmp = compare(make_scenario(), strategies=["no-spec", "static"])
+    a, b = cmp.results["no-spec"].requests, cmp.results["static"].requests
+    assert (a["arrival_s"] == b["arrival_s"]).all()
+    assert (a["output_tokens"] == b["output_tokens"]).all()
+    assert (a["domain"] == b["domain"]).all()
+
+
+def test_gamma_arrivals_have_the_requested_cv(make_scenario):
+    from osdsim.sim.workload import generate_requests
+
+    sc = make_scenario({"workload": {"arrival": "gamma", "cv": 3.0, "num_requests": 40_000, "rate_per_s": 10.0}})
+    gaps = np.diff(generate_requests(sc).arrival_s)
+    assert gaps.mean() == pytest.approx(0.1, rel=0.05)
+    assert gaps.std() / gaps.mean() == pytest.approx(3.0, rel=0.08)
+
+
+def test_trace_arrivals(tmp_path, make_scenario):
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,domain,prompt_tokens,output_tokens\n0.5,a,10,5\n0.1,b,20,7\n2.0,a,30,9\n")
+    sc = make_scenario({"workload": {"arrival": "trace", "trace_file": str(trace)}})
+    res = simulate(sc)
+    req = res.requests
+    assert list(req["arrival_s"]) == [0.1, 0.5, 2.0]
+    assert list(req["output_tokens"]) == [7, 5, 9]
+    check_invariants(res, 3)
