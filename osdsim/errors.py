@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,11 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
     # Discriminated unions add the tag name to the path; it only confuses users.
     msg = err.get("msg", "invalid value").replace("Value error, ", "")
+    # Validators name a sub-field as "sub.path: message"; fold it into the field path.
+    m = re.match(r"^([A-Za-z_][\w]*(?:\.[\w]+)*): (.*)$", msg, re.S)
+    if m and err.get("type") == "value_error":
+        loc = f"{loc}.{m.group(1)}" if loc else m.group(1)
+        msg = m.group(2)
     if err.get("type") == "extra_forbidden":
         msg = "unknown field (not allowed)"
     elif err.get("type") == "missing":

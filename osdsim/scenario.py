@@ -49,7 +49,7 @@ class UniformLength(_Strict):
     @model_validator(mode="after")
     def _order(self) -> UniformLength:
         if self.high_tokens < self.low_tokens:
-            raise ValueError("high_tokens must be >= low_tokens")
+            raise ValueError("high_tokens: must be >= low_tokens")
         return self
 
 
@@ -89,7 +89,7 @@ class Phase(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Phase:
         if self.end <= self.start:
-            raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
+            raise ValueError(f"end: must be greater than start ({self.end:g} <= {self.start:g})")
         for label, m in (("mix", self.mix), ("mix_end", self.mix_end)):
             if m is None:
                 continue
@@ -99,12 +99,12 @@ class Phase(_Strict):
 
 def _check_mix(m: dict[str, float], label: str) -> None:
     if not m:
-        raise ValueError(f"{label} must name at least one domain")
+        raise ValueError(f"{label}: must name at least one domain")
     if any((not math.isfinite(w)) or w < 0 for w in m.values()):
-        raise ValueError(f"{label} weights must be finite and >= 0")
+        raise ValueError(f"{label}: weights must be finite and >= 0")
     total = sum(m.values())
     if abs(total - 1.0) > MIX_TOLERANCE:
-        raise ValueError(f"{label} weights must sum to 1 (got {total:g})")
+        raise ValueError(f"{label}: weights must sum to 1 (got {total:g})")
 
 
 class ShiftSchedule(_Strict):
@@ -114,13 +114,13 @@ class ShiftSchedule(_Strict):
     @model_validator(mode="after")
     def _contiguous(self) -> ShiftSchedule:
         if self.phases[0].start != 0:
-            raise ValueError("phases.0.start must be 0")
+            raise ValueError("phases.0.start: must be 0")
         for i in range(1, len(self.phases)):
             prev, cur = self.phases[i - 1], self.phases[i]
             if cur.start < prev.end:
-                raise ValueError(f"phases.{i} overlaps phases.{i - 1} (starts at {cur.start:g}, previous ends at {prev.end:g})")
+                raise ValueError(f"phases.{i}: overlaps phases.{i - 1} (starts at {cur.start:g}, previous ends at {prev.end:g})")
             if cur.start > prev.end:
-                raise ValueError(f"phases.{i} leaves a gap after phases.{i - 1} (starts at {cur.start:g}, previous ends at {prev.end:g})")
+                raise ValueError(f"phases.{i}: leaves a gap after phases.{i - 1} (starts at {cur.start:g}, previous ends at {prev.end:g})")
         return self
 
 
@@ -145,21 +145,21 @@ class Workload(_Strict):
     def _check(self) -> Workload:
         if self.arrival == "trace":
             if not self.trace_file:
-                raise ValueError("trace_file is required when arrival is 'trace'")
+                raise ValueError("trace_file: required when arrival is 'trace'")
         else:
             if self.rate_per_s is None:
-                raise ValueError(f"rate_per_s is required for arrival '{self.arrival}' (a positive number)")
+                raise ValueError(f"rate_per_s: required for arrival '{self.arrival}' (a positive number)")
             last_end = None
             if self.shift is not None and self.shift.unit == "requests":
                 last_end = self.shift.phases[-1].end
             if self.num_requests is None and self.duration_s is None and last_end is None:
-                raise ValueError("give num_requests or duration_s")
+                raise ValueError("num_requests: give num_requests or duration_s")
             for name, d in self.domains.items():
                 if d.prompt_tokens is None or d.output_tokens is None:
                     which = "prompt_tokens" if d.prompt_tokens is None else "output_tokens"
-                    raise ValueError(f"domains.{name}.{which} is required unless arrival is 'trace'")
+                    raise ValueError(f"domains.{name}.{which}: required unless arrival is 'trace'")
         if self.rate_ramp_to_per_s is not None and self.duration_s is None:
-            raise ValueError("rate_ramp_to_per_s needs duration_s (the ramp's length)")
+            raise ValueError("rate_ramp_to_per_s: needs duration_s (the ramp's length)")
         if self.mix is not None:
             _check_mix(self.mix, "mix")
             self._known(self.mix, "mix")
@@ -210,12 +210,12 @@ class Acceptance(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Acceptance:
         if self.law == "empirical" and not self.empirical_file:
-            raise ValueError("empirical_file is required when law is 'empirical'")
+            raise ValueError("empirical_file: required when law is 'empirical'")
         if self.distillation_helps:
             for name, d in self.domains.items():
                 if d.alpha_inf is not None and d.alpha_inf < d.alpha_0:
                     raise ValueError(
-                        f"domains.{name}.alpha_inf ({d.alpha_inf}) < alpha_0 ({d.alpha_0}) although distillation_helps is true"
+                        f"domains.{name}.alpha_inf: {d.alpha_inf} < alpha_0 {d.alpha_0} although distillation_helps is true"
                     )
         return self
 
@@ -256,7 +256,7 @@ class Speculation(_Strict):
     @classmethod
     def _k(cls, v: Any) -> Any:
         if isinstance(v, int) and v < 1:
-            raise ValueError("k must be >= 1 or 'auto'")
+            raise ValueError("must be >= 1 or 'auto'")
         return v
 
 
@@ -319,7 +319,7 @@ class Scenario(_Strict):
     def _check(self) -> Scenario:
         strategies = self.compare or [self.strategy]
         if any(s != "no-spec" for s in strategies) and self.models.draft is None:
-            raise ValueError("models.draft is required for speculative strategies (or use strategy: no-spec)")
+            raise ValueError("models.draft: required for speculative strategies (or use strategy: no-spec)")
         if any(s != "no-spec" for s in strategies) and not self.acceptance.file:
             missing = sorted(set(self.workload.domains) - set(self.acceptance.domains))
             if missing:

@@ -109,6 +109,10 @@ class CostModel:
             + self._logit_bytes * s.logit_tokens
         )
 
+    @property
+    def eta_max(self) -> float:
+        return self._eta_max
+
     def eta_flops(self, tokens: float) -> float:
         """η_f(T) = η_max·T/(T + T½)."""
         return self._eta_max * tokens / (tokens + self._t_half) if tokens > 0 else self._eta_max

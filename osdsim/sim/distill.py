@@ -2,7 +2,8 @@
 
 α per (draft, domain) moves with the distilled tokens n of that domain:
     α(n) = α_∞ − (α_∞ − α_0)·exp(−n/τ)
-Training on another domain e moves n_d by transfer·n_e (negative transfer = forgetting).
+Training on another domain e moves n_d by transfer·n_e (negative transfer = forgetting, which
+undoes distilled progress down to the untrained draft: n_d ≥ 0).
 The distiller collects finished requests and makes a training step due every
 `update_interval_requests`; the placement (inline / harvest / dedicated) decides where it runs.
 """
@@ -47,9 +48,10 @@ class DraftState:
             return
         own = np.asarray(tokens_by_domain, dtype=float)
         self.tokens_trained += own
-        self.n_eff += own + self.transfer * (own.sum() - own)
-        # Bound the exponent: strong forgetting drives n_eff negative and α towards 0.
-        decay = np.exp(np.minimum(-self.n_eff / self.tau, 50.0))
+        # Forgetting (negative transfer) undoes distilled progress but never goes below the
+        # untrained draft: n_eff ≥ 0, so α stays between α_0 and α_∞.
+        self.n_eff = np.maximum(self.n_eff + own + self.transfer * (own.sum() - own), 0.0)
+        decay = np.exp(-self.n_eff / self.tau)
         self.alpha[:] = np.clip(self.alpha_inf - (self.alpha_inf - self.alpha_0) * decay, 0.0, 1.0)
         for fn in self.listeners:
             fn()
@@ -70,7 +72,7 @@ class TrainingStep:
     tokens_by_domain: np.ndarray  # loss-bearing tokens per domain
     seq_tokens: float  # Σ l_j over buffered sequences (prompt + output)
     cost: PassCost  # priced on one device at full speed
-    work_flops: float  # FLOP-equivalent work: cost.time_s · F_peak · η_f (harvest progress unit)
+    work_flops: float  # FLOP-equivalent work: cost.time_s · F_peak · η_max (device-seconds × rate)
     progress_flops: float = 0.0
     started_s: float | None = None
 
@@ -112,12 +114,12 @@ class Distiller:
         self.trainable_params = trainable_params
         self.stats = stats
         self.pending: deque[TrainingStep] = deque()
+        self.in_flight = 0  # steps taken off the queue and not yet applied to the draft
         self.on_due: Callable[[], None] | None = None
         self._buf_tokens = np.zeros(num_domains)
         self._buf_requests = 0
         self._buf_len = 0.0
         self._buf_len_sq = 0.0
-        # η_f at a typical training size converts step time to FLOP-equivalent work.
         self._peak = cost.peak_flops
 
     def add_request(self, domain: int, prompt: int, output: int, target_supplied: int, now: float) -> None:
@@ -132,7 +134,6 @@ class Distiller:
 
     def _make_step(self, now: float) -> None:
         cost = self.cost.training_step(self._buf_len, self._buf_len_sq, self.trainable_params)
-        eta = self.cost.eta_flops(self._buf_len)
         step = TrainingStep(
             draft_id=self.draft.draft_id,
             due_s=now,
@@ -140,7 +141,7 @@ class Distiller:
             tokens_by_domain=self._buf_tokens.copy(),
             seq_tokens=self._buf_len,
             cost=cost,
-            work_flops=cost.time_s * self._peak * eta,
+            work_flops=cost.time_s * self._peak * self.cost.eta_max,
         )
         self._buf_tokens[:] = 0
         self._buf_requests = 0
@@ -157,6 +158,7 @@ class Distiller:
 
     def complete(self, step: TrainingStep, now: float, duration_s: float) -> None:
         """Record a finished step and move the draft's α (callers apply sync delays first)."""
+        self.in_flight = max(self.in_flight - 1, 0)
         self.stats.steps_done += 1
         self.stats.tokens_trained += float(step.tokens_by_domain.sum())
         self.stats.train_flops += step.cost.flops

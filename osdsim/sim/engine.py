@@ -251,6 +251,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         until = all_done | env.timeout(scenario.limits.max_sim_time_s)
     env.run(until=until)
 
+    all_distillers = list(dict.fromkeys(x for rep in replicas for x in rep.distillers))
     iters = []
     for rep in replicas:
         df = pd.DataFrame(rep.log.cols)
@@ -276,8 +277,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         kv_capacity_tokens=int(kv_cap),
         k_setting=k_setting,
         extra={"peak_flops": target_cost.peak_flops, "bandwidth": target_cost.bandwidth,
-               "pending_steps": sum(len(x.pending) for rep in replicas for x in rep.distillers)
-               if shared is None else sum(len(x.pending) for x in dict.fromkeys(v for v in shared[0] if v))},
+               "pending_steps": sum(len(x.pending) + x.in_flight for x in all_distillers)},
     )
 
 
@@ -315,6 +315,7 @@ def _start_dedicated_trainers(env: simpy.Environment, distillers: list, d, stats
                     yield w["event"]
                     continue
                 step = dist.pending.popleft()
+                dist.in_flight += 1
                 step.started_s = env.now
                 # Data-parallel over trainer GPUs (ideal scaling).
                 dur = step.cost.time_s / d.trainer_gpus

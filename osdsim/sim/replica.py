@@ -124,11 +124,20 @@ class Replica:
         self.out_left = np.zeros(cap, dtype=np.int64)  # output tokens still to emit
         self.dom = np.zeros(cap, dtype=np.int64)
         self.kv_res = np.zeros(cap, dtype=np.int64)
+        # Per-slot outcome counters, copied to the request table when the request finishes.
+        self.s_steps = np.zeros(cap, dtype=np.int64)
+        self.s_accepted = np.zeros(cap, dtype=np.int64)
+        self.s_proposed = np.zeros(cap, dtype=np.int64)
+        self.s_rejections = np.zeros(cap, dtype=np.int64)
+        self.s_emitted = np.zeros(cap, dtype=np.int64)
+        self._slot_arrays = (self.rid, self.ctx, self.pf_left, self.out_left, self.dom, self.kv_res,
+                             self.s_steps, self.s_accepted, self.s_proposed, self.s_rejections, self.s_emitted)
+        self.n_prefill = 0  # running sequences still prefilling
         self.spec = cfg.draft_cost is not None
         self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
         self._harvest_rate = 0.0
         if cfg.draft_cost is not None:
-            self._harvest_rate = cfg.draft_cost.peak_flops * cfg.draft_cost._eta_max * cfg.harvest_fraction
+            self._harvest_rate = cfg.draft_cost.peak_flops * cfg.draft_cost.eta_max * cfg.harvest_fraction
 
     # --- α view ------------------------------------------------------------------------------------
     def refresh_alpha(self) -> None:
@@ -168,9 +177,15 @@ class Replica:
             self.out_left[i] = t.output[rid]
             self.dom[i] = t.domain[rid]
             self.kv_res[i] = need
+            self.s_steps[i] = self.s_accepted[i] = self.s_proposed[i] = 0
+            self.s_rejections[i] = self.s_emitted[i] = 0
             self.kv_free -= need
             t.admitted[rid] = self.env.now
+            # The draft's α for this request as it enters the batch (the served α it will see).
+            if self.spec:
+                t.alpha_model[rid] = self.alpha_by_domain[t.domain[rid]]
             self.n += 1
+            self.n_prefill += 1
 
     # --- training ------------------------------------------------------------------------------------
     def _pending_steps(self):
@@ -182,6 +197,7 @@ class Replica:
         for dist in list(self._pending_steps()):
             while dist.pending:
                 step = dist.pending.popleft()
+                dist.in_flight += 1
                 dur = step.cost.time_s
                 step.started_s = self.env.now
                 yield self.env.timeout(dur)
@@ -193,20 +209,21 @@ class Replica:
                              step.cost.compute_s, 0.0, step.work_flops, "train")
                 dist.complete(step, self.env.now, dur)
 
-    def _harvest(self, spare_flops: float) -> float:
-        """Give spare FLOPs to pending steps in FIFO order; returns the FLOPs used."""
+    def _harvest(self, spare_flops: float, since_s: float) -> float:
+        """Give spare FLOPs (accrued since `since_s`) to pending steps in FIFO order; returns FLOPs used."""
         used = 0.0
         for dist in self.distillers:
             while dist.pending and spare_flops > 0:
                 step = dist.pending[0]
                 if step.started_s is None:
-                    step.started_s = self.env.now
+                    step.started_s = max(since_s, step.due_s)
                 take = min(spare_flops, step.work_flops - step.progress_flops)
                 step.progress_flops += take
                 spare_flops -= take
                 used += take
                 if step.progress_flops >= step.work_flops * (1 - 1e-12):
                     dist.pending.popleft()
+                    dist.in_flight += 1
                     dist.complete(step, self.env.now, self.env.now - step.started_s)
         self.stats.work_flops_used += used
         return used
@@ -225,13 +242,15 @@ class Replica:
         remaining = sum(s.work_flops - s.progress_flops for d in self.distillers for s in d.pending)
         t0 = self.env.now
         result = yield get | self.env.timeout(remaining / rate)
-        spare = (self.env.now - t0) * rate
-        self.stats.spare_flops_available += spare
-        self._harvest(spare)
         if get in result:
+            spare = (self.env.now - t0) * rate
             self.waiting.append(result[get])
         else:
+            # The pending work finished; grant it exactly (elapsed time can round to 0 at large t).
+            spare = remaining
             get.cancel()
+        self.stats.spare_flops_available += spare
+        self._harvest(spare, t0)
 
     # --- serving -------------------------------------------------------------------------------------
     def run(self):
@@ -258,22 +277,25 @@ class Replica:
     def _iteration(self):
         cfg = self.cfg
         env = self.env
-        t = self.table
         n = self.n
-        pf_left = self.pf_left[:n]
         ctx = self.ctx[:n]
-        dec_mask = pf_left == 0
-        dec_idx = np.flatnonzero(dec_mask)
-        b = int(dec_idx.size)
+        n_pf = self.n_prefill
+        if n_pf == 0:  # fast path: everyone decodes; slices are views, no fancy indexing
+            dec = slice(0, n)
+            b = n
+        else:
+            dec = np.flatnonzero(self.pf_left[:n] == 0)
+            b = int(dec.size)
         spec = self.spec and b > 0
-        ctx_dec = ctx[dec_idx]
-        c_sum = float(ctx_dec.sum())
+        ctx_dec = ctx[dec]
+        c_sum = float(np.add.reduce(ctx_dec)) if b else 0.0
         k = 0
         alpha = None
+        dom_dec = None
         if spec:
-            dom_dec = self.dom[dec_idx]
+            dom_dec = self.dom[:n][dec]
             alpha = self.alpha_by_domain[dom_dec]
-            k = cfg.k if cfg.k is not None else self._choose_k(b, float(alpha.mean()), c_sum / b)
+            k = cfg.k if cfg.k is not None else self._choose_k(b, float(np.add.reduce(alpha)) / b, c_sum / b)
         q = k + 1
 
         # Prefill chunks: decode/verify tokens take the budget first, then FIFO prefill chunks.
@@ -282,10 +304,11 @@ class Replica:
         pf_pairs = 0.0
         n_complete = 0
         pf_idx = alloc = None
-        if b < n:
+        if n_pf:
             budget = cfg.chunk_tokens - b * q
             if budget > 0:
-                pf_idx = np.flatnonzero(~dec_mask)
+                pf_left = self.pf_left[:n]
+                pf_idx = np.flatnonzero(pf_left)
                 left = pf_left[pf_idx]
                 before = np.cumsum(left) - left
                 alloc = np.clip(budget - before, 0, left).astype(np.int64)
@@ -296,11 +319,8 @@ class Replica:
                     pf_pairs = float((alloc * (c_pf + alloc / 2.0)).sum())
                     n_complete = int(np.count_nonzero(alloc == left))
 
-        # Price the passes (cost model: only prices).
-        duration = 0.0
-        flops = 0.0
-        nbytes = 0.0
-        compute_s = 0.0
+        # Price the passes (the cost model only prices).
+        duration = flops = nbytes = compute_s = 0.0
         if spec:
             dc = cfg.draft_cost
             weight_sets = 1 if len(self.distillers) <= 1 else int(np.unique(dom_dec).size)
@@ -316,9 +336,8 @@ class Replica:
                 flops += fd
                 nbytes += bd
                 compute_s += cd
-        tokens = b * q + pf_tokens
         tt, ft, bt, ct = cfg.target_cost.pass_time(
-            tokens, b * q + n_complete, c_sum + pf_ctx, q * c_sum + b * q * q / 2.0 + pf_pairs
+            b * q + pf_tokens, b * q + n_complete, c_sum + pf_ctx, q * c_sum + b * q * q / 2.0 + pf_pairs
         )
         duration += tt
         flops += ft
@@ -335,55 +354,55 @@ class Replica:
         yield env.timeout(duration)
         self.busy_s += duration
 
-        # Spare compute of this iteration (harvest): (1 − u)·duration·F·η·θ with u = compute_s/duration.
-        spare = 0.0
-        used = 0.0
-        if cfg.placement == "harvest" and self.spec:
+        # Spare compute of this iteration (harvest): (1 − u)·duration·F·η·θ, u = compute_s/duration.
+        spare = used = 0.0
+        if self._harvest_rate and cfg.placement == "harvest":
             spare = max(duration - compute_s, 0.0) * self._harvest_rate
             self.stats.spare_flops_available += spare
             if harvesting:
-                used = self._harvest(spare)
+                used = self._harvest(spare, t0)
 
         # Outcomes: prefill progress and first tokens.
         emitted_total = 0
+        out_left = self.out_left
         if pf_tokens:
+            pf_left = self.pf_left
             pf_left[pf_idx] -= alloc
             ctx[pf_idx] += alloc
             done_pf = pf_idx[(pf_left[pf_idx] == 0) & (alloc > 0)]
             if done_pf.size:
-                t.first_token[self.rid[done_pf]] = env.now
-                t.emitted[self.rid[done_pf]] += 1
-                self.out_left[done_pf] -= 1
+                self.table.first_token[self.rid[done_pf]] = env.now
+                out_left[done_pf] -= 1
                 ctx[done_pf] += 1
+                self.s_emitted[done_pf] += 1
                 emitted_total += int(done_pf.size)
+                self.n_prefill -= int(done_pf.size)
 
-        # Decode/verify outcomes.
+        # Decode/verify outcomes (slot counters; copied to the request table on finish).
         alpha_mean = np.nan
         if b:
-            rids = self.rid[dec_idx]
-            out_left = self.out_left[dec_idx]
             if spec:
                 a = self.sample_accepted(self.rng, alpha, k)
-                emit = np.minimum(a + 1, out_left)
-                first = t.steps[rids] == 0
-                if first.any():
-                    t.alpha_model[rids[first]] = alpha[first]
-                t.accepted[rids] += a
-                t.proposed[rids] += k
-                t.rejections[rids] += a < k
-                alpha_mean = float(alpha.mean())
+                emit = np.minimum(a + 1, out_left[:n][dec])
+                self.s_accepted[:n][dec] += a
+                self.s_proposed[:n][dec] += k
+                self.s_rejections[:n][dec] += a < k
+                alpha_mean = float(np.add.reduce(alpha)) / b
+                out_left[:n][dec] -= emit
+                ctx[dec] += emit
+                self.s_emitted[:n][dec] += emit
+                emitted_total += int(np.add.reduce(emit))
             else:
-                emit = np.ones(b, dtype=np.int64)
-            t.steps[rids] += 1
-            t.emitted[rids] += emit
-            self.out_left[dec_idx] = out_left - emit
-            ctx[dec_idx] += emit
-            emitted_total += int(emit.sum())
+                out_left[:n][dec] -= 1
+                ctx[dec] += 1
+                self.s_emitted[:n][dec] += 1
+                emitted_total += b
+            self.s_steps[:n][dec] += 1
 
         self.log.add(t0, duration, b, pf_tokens, emitted_total, k, alpha_mean, flops, nbytes,
                      compute_s, spare, used, "serve")
 
-        finished = np.flatnonzero(self.out_left[:n] <= 0)
+        finished = np.flatnonzero(out_left[:n] <= 0)
         if finished.size:
             self._finish(finished)
 
@@ -393,6 +412,11 @@ class Replica:
         n = self.n
         rids = self.rid[finished]
         t.finish[rids] = now
+        t.steps[rids] = self.s_steps[finished]
+        t.accepted[rids] = self.s_accepted[finished]
+        t.proposed[rids] = self.s_proposed[finished]
+        t.rejections[rids] = self.s_rejections[finished]
+        t.emitted[rids] = self.s_emitted[finished]
         self.kv_free += int(self.kv_res[finished].sum())
         for rid in rids.tolist():
             dom = int(t.domain[rid])
@@ -402,7 +426,7 @@ class Replica:
         keep = np.ones(n, dtype=bool)
         keep[finished] = False
         m = n - int(finished.size)
-        for arr in (self.rid, self.ctx, self.pf_left, self.out_left, self.dom, self.kv_res):
+        for arr in self._slot_arrays:
             arr[:m] = arr[:n][keep]
         self.n = m
         self.outstanding -= int(finished.size)

@@ -75,13 +75,12 @@ def sample_geometric(rng: np.random.Generator, alpha: np.ndarray, k: int) -> np.
     """Accepted lengths a_i ~ truncated geometric(α_i) on [0, k], vectorised over sequences.
 
     a = min(⌊ln U / ln α⌋, k) with U ~ Uniform(0, 1]: P(a ≥ j) = P(U ≤ α^j) = α^j.
+    α is clipped to [1e-12, 1 − 1e-12] so the logarithms stay finite; that changes P(a ≥ 1) by at
+    most 1e-12 at the edges α = 0 and α = 1.
     """
-    alpha = np.asarray(alpha, dtype=float)
-    u = 1.0 - rng.random(alpha.shape)  # (0, 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        draws = np.floor(np.log(u) / np.log(alpha))
-    draws = np.where(alpha >= 1.0, k, np.where(alpha <= 0.0, 0, draws))
-    return np.minimum(np.nan_to_num(draws, nan=0.0, posinf=k), k).astype(np.int64)
+    u = 1.0 - rng.random(np.shape(alpha))  # (0, 1]
+    log_alpha = np.log(np.clip(alpha, 1e-12, 1.0 - 1e-12))
+    return np.minimum(np.floor(np.log(u) / log_alpha), k).astype(np.int64)
 
 
 class EmpiricalLaw:

@@ -23,7 +23,7 @@ def write(tmp_path: Path, data, name="s.yaml") -> Path:
     return p
 
 
-SHIPPED = sorted((REPO / "scenarios").glob("*.yaml"))
+SHIPPED = sorted(p for p in (REPO / "scenarios").glob("*.yaml") if not p.name.startswith("real-"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -135,3 +135,27 @@ def test_future_schema_version_is_refused(tmp_path):
     pp = write(tmp_path, prof, "future.yaml")
     r = invoke("run", write(tmp_path, bad({"hardware": {"profile": str(pp)}})), "--no-write")
     assert r.exit_code == 2 and "newer osdsim" in r.output
+
+
+SHIFT_BAD = [
+    ({"workload": {"mix": {"a": 0.7, "b": 0.7}}}, "workload.mix", "sum to 1"),
+    ({"workload": {"shift": {"phases": [{"start": 0, "end": 100, "mix": {"a": 1.0}},
+                                        {"start": 50, "end": 200, "mix": {"b": 1.0}}]}}},
+     "workload.shift", "overlaps"),
+    ({"workload": {"shift": {"phases": [{"start": 0, "end": 100, "mix": {"a": 0.5}}]}}},
+     "workload.shift.phases.0", "sum to 1"),
+    ({"acceptance": {"domains": {"a": {"alpha_0": 1.3}}}}, "acceptance.domains.a.alpha_0", "less than or equal to 1"),
+    ({"acceptance": {"domains": {"a": {"alpha_0": 0.6, "alpha_inf": 0.4}}}}, "acceptance", "alpha_inf"),
+    ({"distill": {"update_interval_requests": 0}}, "distill.update_interval_requests", "greater than or equal to 1"),
+    ({"workload": {"shift": {"phases": [{"start": 0, "end": 100, "mix": {"zzz": 1.0}}]}}}, "workload", "unknown domain"),
+]
+
+
+@pytest.mark.parametrize("update,field,message", SHIFT_BAD, ids=[f"{c[1]}-{i}" for i, c in enumerate(SHIFT_BAD)])
+def test_bad_shift_and_distill_input(tmp_path, update, field, message):
+    p = write(tmp_path, bad(update))
+    r = invoke("run", p, "--no-write", "--quiet")
+    assert r.exit_code == 2, r.output
+    out = r.output.strip()
+    assert len(out.splitlines()) == 1 and "Traceback" not in out
+    assert field in out and message in out, out

@@ -1,0 +1,169 @@
+"""Online distillation in the simulator: α dynamics, placements, spare compute, shift recovery."""
+
+import math
+
+import numpy as np
+import pytest
+
+from osdsim.api import compare, simulate
+from osdsim.cost.model import CostModel
+from osdsim.cost.profile import load_profile, resolve_profile_path
+from osdsim.models import PRESETS
+from osdsim.sim.distill import DraftState, alpha_curve
+
+FIXED = {"prompt_tokens": {"kind": "fixed", "value_tokens": 50}, "output_tokens": {"kind": "fixed", "value_tokens": 50}}
+
+
+def sharp(update: dict, n1=300, n2=600, rate=0.2, a_acc=None, b_acc=None, **distill):
+    return {
+        "strategy": "osd",
+        "speculation": {"k": 4},
+        "acceptance": {"__replace__": True, "transfer": 0.0, "domains": {
+            "a": a_acc or {"alpha_0": 0.9, "alpha_inf": 0.9},
+            "b": b_acc or {"alpha_0": 0.3, "alpha_inf": 0.8, "tau_tokens": 5000},
+        }},
+        "distill": {"placement": "inline", "update_interval_requests": 1, "tokens": "all", **distill},
+        "workload": {"__replace__": True, "arrival": "poisson", "rate_per_s": rate,
+                     "domains": {"a": FIXED, "b": FIXED},
+                     "shift": {"unit": "requests", "phases": [
+                         {"start": 0, "end": n1, "mix": {"a": 1.0}},
+                         {"start": n1, "end": n2, "mix": {"b": 1.0}}]}},
+        "report": {"alpha_window_requests": 1},
+        **update,
+    }
+
+
+def test_draft_state_follows_closed_form_and_transfer():
+    st = DraftState(0, np.array([0.3, 0.5]), np.array([0.8, 0.7]), np.array([1000.0, 1000.0]), -0.5, True)
+    st.train(np.array([500.0, 0.0]))
+    assert st.alpha[0] == pytest.approx(alpha_curve(500, 0.3, 0.8, 1000))
+    assert st.alpha[1] == pytest.approx(0.5)  # forgetting never takes α below the untrained draft
+    st.train(np.array([0.0, 2000.0]))
+    # Domain 0 forgot half of 2000 tokens: n_eff = max(500 − 1000, 0) = 0.
+    assert st.alpha[0] == pytest.approx(0.3)
+    assert st.alpha[1] == pytest.approx(alpha_curve(2000, 0.5, 0.7, 1000))
+
+
+def test_osd_with_flat_curve_equals_static_exactly(make_scenario):
+    # α_0 = α_∞ and harvest without interference: training cannot change serving.
+    sc = make_scenario(sharp({}, a_acc={"alpha_0": 0.6, "alpha_inf": 0.6}, b_acc={"alpha_0": 0.4, "alpha_inf": 0.4},
+                             placement="harvest", interference=0.0, update_interval_requests=4, rate=5.0))
+    cmp = compare(sc, strategies=["static", "osd"])
+    cols = ["arrival_s", "first_token_s", "finish_s", "steps", "accepted_tokens", "alpha_model"]
+    a = cmp.results["static"].requests[cols]
+    b = cmp.results["osd"].requests[cols]
+    assert a.equals(b)
+    assert cmp.results["osd"].summary["training"]["steps_done"] > 0
+    assert cmp.results["static"].summary["latency_s"] == cmp.results["osd"].summary["latency_s"]
+
+
+def test_inline_training_adds_exactly_its_cost_to_busy_time(make_scenario):
+    flat = {"a_acc": {"alpha_0": 0.6, "alpha_inf": 0.6}, "b_acc": {"alpha_0": 0.4, "alpha_inf": 0.4}}
+    sc = make_scenario(sharp({}, n1=40, n2=80, rate=0.05, update_interval_requests=4, **flat))
+    cmp = compare(sc, strategies=["static", "osd"])
+    osd, static = cmp.results["osd"], cmp.results["static"]
+    steps = osd.summary["training"]["steps_done"]
+    # The last step falls due as the last request finishes, when the simulation ends.
+    assert osd.summary["training"]["steps_due"] == 80 // 4
+    assert steps + osd.summary["training"]["steps_pending_at_end"] == 80 // 4
+    # Each step trains 4 requests of 100 tokens each; price it independently.
+    prof = load_profile(resolve_profile_path("a100-80g"))
+    draft = PRESETS["llama-160m"]
+    cost = CostModel(draft, prof).training_step(400.0, 4 * 100.0**2, draft.total_params)
+    busy_osd = osd.iterations["duration_s"].sum()
+    busy_static = static.iterations["duration_s"].sum()
+    assert busy_osd - busy_static == pytest.approx(steps * cost.time_s, rel=1e-9)
+    assert osd.summary["training"]["latency_cost_s"] == pytest.approx(steps * cost.time_s, rel=1e-5)
+
+
+def test_harvest_at_near_zero_load_trains_at_the_spare_rate(make_scenario):
+    sc = make_scenario(sharp({}, n1=10, n2=20, rate=0.01, placement="harvest", update_interval_requests=2,
+                             harvest_fraction=0.25))
+    res = simulate(sc)
+    ev = res.training[res.training["kind"] == "done"]
+    assert len(ev) == 9  # the 10th falls due as the last request finishes, when the run ends
+    prof = load_profile(resolve_profile_path("a100-80g"))
+    draft = PRESETS["llama-160m"]
+    cost = CostModel(draft, prof).training_step(200.0, 2 * 100.0**2, draft.total_params)
+    # Idle device: spare = F·η·θ per second, so a step takes its full-speed time / θ.
+    assert ev["duration_s"].to_numpy() == pytest.approx(np.full(9, cost.time_s / 0.25), rel=1e-6)
+    t = res.summary["training"]
+    assert t["train_work_flops_used"] <= t["spare_flops_available"] * (1 + 1e-9)
+
+
+def test_harvest_at_saturation_trains_almost_nothing(make_scenario):
+    # Long prompts with large prefill chunks and k = 8 verify passes keep the GPU compute-bound.
+    heavy = {"prompt_tokens": {"kind": "fixed", "value_tokens": 3000},
+             "output_tokens": {"kind": "fixed", "value_tokens": 20}}
+    upd = {"batching": {"max_batch_size": 256, "chunked_prefill_tokens": 8192}, "speculation": {"k": 8}}
+
+    def run(rate):
+        spec = sharp(upd, n1=200, n2=1200, rate=rate, placement="harvest", update_interval_requests=8,
+                     interference=0.0, harvest_fraction=0.5)
+        spec["workload"]["domains"] = {"a": heavy, "b": heavy}
+        spec["acceptance"]["domains"]["b"] = {"alpha_0": 0.3, "alpha_inf": 0.8, "tau_tokens": 2000}
+        return simulate(make_scenario(spec))
+
+    idle, saturated = run(0.5), run(200.0)
+    a_idle = idle.requests[idle.requests["domain"] == "b"]["alpha_model"].iloc[-50:].mean()
+    a_sat = saturated.requests[saturated.requests["domain"] == "b"]["alpha_model"].iloc[-50:].mean()
+    assert a_idle > 0.75
+    assert a_sat - 0.3 < 0.1 * (a_idle - 0.3)
+    t = saturated.summary["training"]
+    assert t["steps_skipped"] > 0 and t["cost_neutral"] is False
+    assert t["train_work_flops_used"] <= t["spare_flops_available"] * (1 + 1e-9)
+
+
+def test_sharp_shift_drop_and_recovery_matches_closed_form(make_scenario):
+    tau, a0, ainf, tol = 5000.0, 0.3, 0.8, 0.02
+    sc = make_scenario(sharp({}, n1=300, n2=900))
+    res = simulate(sc)
+    req = res.requests
+    first_b = req[req["domain"] == "b"].iloc[0]
+    assert first_b["alpha_model"] == pytest.approx(a0)  # drops at once to the new domain's value
+    rec = res.summary["recovery"][0]
+    assert rec["alpha_after_shift"] == pytest.approx(a0)
+    # n* = τ·ln((α_∞ − α_0)/tol) tokens; every request distils its 50 output tokens.
+    n_star = tau * math.log((ainf - a0) / tol)
+    assert rec["recovered_after_requests"] == pytest.approx(n_star / 50, rel=0.10)
+    # The trajectory follows α(n) with n = 50 tokens per earlier b-request (low load, inline).
+    b = req[req["domain"] == "b"]["alpha_model"].to_numpy()[:200]
+    expected = alpha_curve(50 * np.arange(200), a0, ainf, tau)
+    assert b == pytest.approx(expected, abs=0.02)
+
+
+def test_dedicated_trainer_publishes_after_sync_delay(make_scenario):
+    sc = make_scenario(sharp({}, n1=20, n2=60, rate=1.0, placement="dedicated", sync_delay_s=5.0,
+                             update_interval_requests=4))
+    res = simulate(sc)
+    t = res.summary["training"]
+    assert t["steps_due"] == 60 // 4 and t["steps_done"] > 10
+    assert t["latency_cost_s"] == 0
+    al = res.alpha[res.alpha["time_s"] > 0]
+    ev = res.training[res.training["kind"] == "done"]
+    # α changes only when a step is published: sync delay after it finished training.
+    assert np.all(al["time_s"].to_numpy() == pytest.approx(ev["time_s"].to_numpy()))
+
+
+def test_per_domain_drafts_do_not_forget(make_scenario):
+    spec = sharp({}, n1=200, n2=400, rate=0.2)
+    spec["acceptance"]["transfer"] = -1.0
+    spec["acceptance"]["domains"]["a"] = {"alpha_0": 0.3, "alpha_inf": 0.8, "tau_tokens": 2000}
+    spec["workload"]["shift"]["phases"].append({"name": "a-again", "start": 400, "end": 450, "mix": {"a": 1.0}})
+    cmp = compare(make_scenario(spec), strategies=["osd", "osd-per-domain"])
+    back = lambda r: r.requests[r.requests["phase"] == "a-again"]["alpha_model"].iloc[0]  # noqa: E731
+    assert back(cmp.results["osd-per-domain"]) > 0.75
+    assert back(cmp.results["osd"]) < 0.4  # the shared draft forgot domain a while learning b
+
+
+def test_rising_load_reports_where_harvest_stalls(make_scenario):
+    heavy = {"prompt_tokens": {"kind": "fixed", "value_tokens": 3000},
+             "output_tokens": {"kind": "fixed", "value_tokens": 20}}
+    spec = sharp({"batching": {"max_batch_size": 256, "chunked_prefill_tokens": 8192}, "speculation": {"k": 8}},
+                 placement="harvest", update_interval_requests=8, interference=0.0)
+    spec["workload"] = {"__replace__": True, "arrival": "poisson", "rate_per_s": 1.0, "rate_ramp_to_per_s": 60.0,
+                        "duration_s": 60.0, "domains": {"a": heavy}}
+    spec["acceptance"]["domains"] = {"a": {"alpha_0": 0.3, "alpha_inf": 0.8, "tau_tokens": 2000}}
+    res = simulate(make_scenario(spec))
+    stall = res.summary["training"]["stalled_at_rate_per_s"]
+    assert stall is not None and 1.0 < stall < 60.0
