@@ -163,14 +163,21 @@ def profile_diff(a: str = typer.Argument(...), b: str = typer.Argument(...)) -> 
 
 
 def _register_optional() -> None:
-    """Commands whose code needs the `real` extra register lazily, so `run` never imports torch."""
-    try:
-        from osdsim.real import cli as real_cli  # noqa: F401  (imports no torch at module level)
-    except Exception:  # noqa: BLE001 - the real side may be absent or incomplete
-        return
-    fn = getattr(real_cli, "real", None)
-    if fn is not None:
-        app.command("real", help="Run real online speculative decoding (torch + transformers).")(fn)
+    """Commands whose code needs torch register lazily: their modules import no torch at load time,
+    so `osdsim run` works (and starts fast) without the `real` extra."""
+    import importlib
+
+    for module, name, help_text in (
+        ("osdsim.real.cli", "real", "Run real online speculative decoding (torch + transformers)."),
+        ("osdsim.calibrate.cli", "calibrate", "Measure this device and fit the cost model into a profile."),
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - that side may be absent or incomplete
+            continue
+        fn = getattr(mod, name, None)
+        if fn is not None:
+            app.command(name, help=help_text)(fn)
 
 
 _register_optional()

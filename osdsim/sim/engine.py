@@ -254,7 +254,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
     all_distillers = list(dict.fromkeys(x for rep in replicas for x in rep.distillers))
     iters = []
     for rep in replicas:
-        df = pd.DataFrame(rep.log.cols)
+        df = rep.log.frame()
         df.insert(0, "replica", rep.index)
         iters.append(df)
     iterations = pd.concat(iters, ignore_index=True) if iters else pd.DataFrame()

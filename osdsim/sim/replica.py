@@ -22,7 +22,7 @@ import simpy
 
 from osdsim.cost.model import CostModel
 from osdsim.sim.distill import Distiller, DistillStats
-from osdsim.specdec import optimal_k
+from osdsim.specdec import optimal_k, sample_geometric
 
 
 @dataclass
@@ -77,11 +77,16 @@ class IterationLog:
     )
 
     def __init__(self) -> None:
-        self.cols: dict[str, list] = {f: [] for f in self.FIELDS}
+        self.rows: list[tuple] = []
+        self.add = self._add  # bound once: one list append per iteration
 
-    def add(self, *values) -> None:
-        for f, v in zip(self.FIELDS, values, strict=True):
-            self.cols[f].append(v)
+    def _add(self, *values) -> None:
+        self.rows.append(values)
+
+    def frame(self):
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.rows, columns=list(self.FIELDS))
 
 
 class Replica:
@@ -110,6 +115,7 @@ class Replica:
         self.alpha_by_domain = np.zeros(len(alpha_source))
         self.refresh_alpha()
         self.sample_accepted = sample_accepted
+        self._geometric = sample_accepted is sample_geometric
         self.stats = stats
         self.log = IterationLog()
         self.kv_free = cfg.kv_capacity
@@ -143,6 +149,9 @@ class Replica:
     def refresh_alpha(self) -> None:
         for d, src in enumerate(self.alpha_source):
             self.alpha_by_domain[d] = 0.0 if src is None else src.alpha[d]
+        # Geometric law fast path: a = ⌊E / (−ln α)⌋ with E ~ Exp(1), since P(E ≥ j·(−ln α)) = α^j.
+        clipped = np.clip(self.alpha_by_domain, 1e-12, 1.0 - 1e-12)
+        self._inv_neg_log_alpha = -1.0 / np.log(clipped)
 
     # --- arrivals ------------------------------------------------------------------------------------
     def submit(self, rid: int) -> None:
@@ -382,7 +391,11 @@ class Replica:
         alpha_mean = np.nan
         if b:
             if spec:
-                a = self.sample_accepted(self.rng, alpha, k)
+                if self._geometric:
+                    e = self.rng.standard_exponential(b)
+                    a = np.minimum(e * self._inv_neg_log_alpha[dom_dec], k).astype(np.int64)
+                else:
+                    a = self.sample_accepted(self.rng, alpha, k)
                 emit = np.minimum(a + 1, out_left[:n][dec])
                 self.s_accepted[:n][dec] += a
                 self.s_proposed[:n][dec] += k

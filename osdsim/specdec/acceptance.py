@@ -74,13 +74,13 @@ def accepted_length_pmf(alpha: float, k: int) -> np.ndarray:
 def sample_geometric(rng: np.random.Generator, alpha: np.ndarray, k: int) -> np.ndarray:
     """Accepted lengths a_i ~ truncated geometric(α_i) on [0, k], vectorised over sequences.
 
-    a = min(⌊ln U / ln α⌋, k) with U ~ Uniform(0, 1]: P(a ≥ j) = P(U ≤ α^j) = α^j.
-    α is clipped to [1e-12, 1 − 1e-12] so the logarithms stay finite; that changes P(a ≥ 1) by at
+    a = min(⌊E / (−ln α)⌋, k) with E ~ Exp(1): P(a ≥ j) = P(E ≥ j·(−ln α)) = α^j.
+    α is clipped to [1e-12, 1 − 1e-12] so the logarithm stays finite; that changes P(a ≥ 1) by at
     most 1e-12 at the edges α = 0 and α = 1.
     """
-    u = 1.0 - rng.random(np.shape(alpha))  # (0, 1]
-    log_alpha = np.log(np.clip(alpha, 1e-12, 1.0 - 1e-12))
-    return np.minimum(np.floor(np.log(u) / log_alpha), k).astype(np.int64)
+    e = rng.standard_exponential(np.shape(alpha))
+    inv_neg_log_alpha = -1.0 / np.log(np.clip(alpha, 1e-12, 1.0 - 1e-12))
+    return np.minimum(e * inv_neg_log_alpha, k).astype(np.int64)
 
 
 class EmpiricalLaw:
