@@ -129,7 +129,7 @@ def run(
         sys.stdout.write(summary_json(comparison_document(result)))
         return
     if not quiet:
-        console = Console()
+        console = Console() if sys.stdout.isatty() else Console(width=160)
         print_summary(result, console)
         if written is not None:
             console.print(f"results: [bold]{written}[/bold]")

@@ -124,10 +124,9 @@ def write_plots(cmp: Comparison, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(11, 3.4))
         for name, res in harvest:
             ts = res.timeseries
-            ax.plot(ts["t_s"], ts["spare_flops_per_s"], label=f"{name} spare")
-            ax.plot(ts["t_s"], ts["train_flops_per_s"], linestyle="--", label=f"{name} used by training")
-        ax.set_ylabel("FLOP/s")
-        ax.set_yscale("symlog")
+            ax.plot(ts["t_s"], ts["spare_flops_per_s"] / 1e12, label=f"{name} spare (serving iterations)")
+            ax.plot(ts["t_s"], ts["train_flops_per_s"] / 1e12, linestyle="--", label=f"{name} used by training")
+        ax.set_ylabel("TFLOP/s (FLOP-equivalent)")
         ax.set_xlabel("time (s)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

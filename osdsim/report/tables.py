@@ -67,7 +67,7 @@ def summary_tables(cmp: Comparison) -> list[Table]:
     if train_rows:
         tr = Table(title="online distillation", title_justify="left")
         for col in ("variant", "placement", "steps due/done/skipped", "train FLOPs", "spare FLOPs",
-                    "latency cost s", "cost-neutral"):
+                    "latency cost s", "cost-neutral", "stalled at req/s"):
             tr.add_column(col, justify="left" if col in ("variant", "placement") else "right")
         for name, s in train_rows:
             tr.add_row(
@@ -75,6 +75,7 @@ def summary_tables(cmp: Comparison) -> list[Table]:
                 _f(s["train_work_flops_used"], "{:.3g}"), _f(s["spare_flops_available"], "{:.3g}"),
                 _f(s["latency_cost_s"], "{:.3g}"),
                 {True: "yes", False: "no", None: "—"}[s.get("cost_neutral")],
+                _f(s.get("stalled_at_rate_per_s"), "{:.2f}"),
             )
         tables.append(tr)
     return tables

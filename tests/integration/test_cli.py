@@ -34,6 +34,10 @@ def test_shipped_scenarios_run(tmp_path, path):
     over = []
     if w.get("shift") is None and w.get("num_requests", 0) > 300:
         over = ["--set", "workload.num_requests=300"]
+    if w.get("duration_s"):
+        over = ["--set", "workload.duration_s=60"]
+    if w.get("shift") is not None:  # the full shift.yaml run is covered by the golden test
+        over = ["--set", "compare=[osd]"]
     r = invoke("run", path, "--out", tmp_path / "out", "--no-plots", "--quiet", *over)
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "out" / "summary.json").read_text())
