@@ -135,6 +135,72 @@ def run(
             console.print(f"results: [bold]{written}[/bold]")
 
 
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="Sweep YAML: base scenario + axes (see scenarios/sweeps/)."),
+    out: Path | None = typer.Option(None, "--out", help="Output directory (default: runs/sweep-<name>-<timestamp>)."),
+    workers: int = typer.Option(0, "--workers", help="Parallel workers (default: all cores)."),
+    backend: str = typer.Option("pool", "--backend", help="pool (local processes) or ray."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep in --out, skipping finished points."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result rows as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Run a sweep of scenarios (grid or random) on a process pool or a Ray cluster."""
+    import os
+
+    from osdsim.sweep.runner import run_sweep
+    from osdsim.sweep.spec import load_sweep, points
+
+    if backend not in ("pool", "ray"):
+        raise fail(f"--backend: must be 'pool' or 'ray' (got {backend!r})")
+    if workers < 0:
+        raise fail("--workers: must be >= 1 (0 = all cores)")
+    n_workers = workers or os.cpu_count() or 1
+    try:
+        spec, base, base_dir = load_sweep(sweep_file)
+        pts = points(spec)
+        target = out or Path("runs") / f"sweep-{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        prog = _progress(quiet or as_json, f"sweep {spec.name}")
+        label = "points"
+        if prog is not None:
+            prog.columns = (TextColumn(f"[bold]sweep {spec.name}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total} " + label), TimeElapsedColumn(), TimeRemainingColumn())
+            with prog:
+                task = prog.add_task("sweep", total=len(pts))
+                table, ran, skipped = run_sweep(spec, base, base_dir, pts, target, n_workers, backend, address, resume,
+                                                progress=lambda d, t: prog.update(task, completed=d, total=t))
+        else:
+            table, ran, skipped = run_sweep(spec, base, base_dir, pts, target, n_workers, backend, address, resume)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail(f"interrupted; finished points are kept in {target} (continue with --resume)", code=130) from None
+    failed = int((table["status"] != "ok").sum()) if not table.empty else 0
+    if as_json:
+        sys.stdout.write(table.to_json(orient="records") + "\n")
+        return
+    if not quiet:
+        Console().print(
+            f"{len(pts)} points: {ran} run now, {skipped} already done, {failed} failed; results: [bold]{target}[/bold]"
+        )
+        for _, row in table[table["status"] != "ok"].head(5).iterrows():
+            Console().print(f"  [red]failed[/red] point {row['point']} (seed {row['seed']}): {row['error']}")
+
+
+@app.command()
+def plot(sweep_dir: Path = typer.Argument(..., help="Output directory of `osdsim sweep`.")) -> None:
+    """Draw a sweep's standard pictures (speedup vs load, k* vs load, harvest stall, recovery)."""
+    from osdsim.sweep.plots import plot_sweep
+
+    try:
+        written = plot_sweep(sweep_dir)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    for p in written:
+        Console().print(str(p))
+
+
 @profile_app.command("show")
 def profile_show(path: str = typer.Argument(..., help="Profile name or YAML path.")) -> None:
     """Print a hardware profile readably."""

@@ -13,5 +13,5 @@ if [[ "$what" == "dev" || "$what" == "real" ]]; then
   pip install -q -e ".[real]"
 fi
 if [[ "$what" == "dev" ]]; then
-  pip install -q -e ".[dev]"
+  pip install -q -e ".[dev,ray]"
 fi
