@@ -289,6 +289,9 @@ class Report(_Strict):
         50, ge=1, description="Requests per window of the α trajectory used for recovery times."
     )
     recovery_tolerance: float = Field(0.02, gt=0, lt=1, description="α within this of its target counts as recovered.")
+    iteration_log: Literal["auto", "full", "binned"] = Field(
+        "auto", description="Keep every iteration (full) or sums per time bin (binned, bounded memory); auto = full up to 200,000 requests."
+    )
 
 
 class Limits(_Strict):

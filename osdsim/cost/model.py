@@ -67,7 +67,7 @@ class CostModel:
         self.model = model
         self.profile = profile
         self.tp = tp
-        eff = profile.efficiency
+        eff = profile.efficiency_for(model.dtype)
         m = model
         b_w = m.weight_bytes_per_param
         b_a = m.weight_bytes_per_param

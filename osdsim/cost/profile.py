@@ -69,10 +69,19 @@ class HardwareProfile(BaseModel):
         ..., gt=0, description="Per-direction device-to-device bandwidth used by all-reduce."
     )
     efficiency: Efficiency
+    efficiency_by_dtype: dict[str, Efficiency] = Field(
+        default_factory=dict,
+        description="Per-dtype efficiencies where they differ (e.g. fp32 vs bf16 kernels on a CPU); "
+        "a dtype not listed uses `efficiency`.",
+    )
     provenance: Provenance
     fit_errors: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="Held-out errors of the fit, per pass type."
     )
+
+    def efficiency_for(self, dtype: str) -> Efficiency:
+        """The fitted efficiencies for passes in `dtype` (falls back to `efficiency`)."""
+        return self.efficiency_by_dtype.get(dtype, self.efficiency)
 
     def peak_flops(self, dtype: str) -> float:
         try:

@@ -208,10 +208,14 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         interference=d.interference,
     )
     replicas: list[Replica] = []
+    log_mode = scenario.report.iteration_log
+    if log_mode == "auto":
+        log_mode = "full" if len(req) <= 200_000 else "binned"
+    log_bin_s = None if log_mode == "full" else (scenario.report.time_bin_s or 1.0)
     shared = make_drafts(-1) if placement == "dedicated" else None
     for r in range(scenario.hardware.replicas):
         dists, states = shared if shared is not None else make_drafts(r)
-        rep = Replica(env, r, cfg, table, np.random.default_rng(seeds[r]), dists, states, sampler, stats)
+        rep = Replica(env, r, cfg, table, np.random.default_rng(seeds[r]), dists, states, sampler, stats, log_bin_s)
         for s in dict.fromkeys(x for x in states if x is not None):
             s.listeners.append(rep.refresh_alpha)
         replicas.append(rep)

@@ -68,8 +68,12 @@ class RequestTable:
             self.on_done()
 
 
+AGG_COLUMNS = ("duration_s", "flops", "bytes", "emitted_tokens", "spare_flops", "train_work_flops",
+               "batch_x_s", "alpha_x_n", "alpha_n", "k_x_n", "serve_s")
+
+
 class IterationLog:
-    """Per-iteration records of one replica (column lists, turned into a DataFrame at the end)."""
+    """Per-iteration records of one replica (one tuple per iteration; a DataFrame at the end)."""
 
     FIELDS = (
         "t_s", "duration_s", "decode_seqs", "prefill_tokens", "emitted_tokens", "k",
@@ -78,15 +82,60 @@ class IterationLog:
 
     def __init__(self) -> None:
         self.rows: list[tuple] = []
-        self.add = self._add  # bound once: one list append per iteration
-
-    def _add(self, *values) -> None:
-        self.rows.append(values)
+        self.add = self.rows.append  # one list append per iteration (hot path)
 
     def frame(self):
         import pandas as pd
 
-        return pd.DataFrame.from_records(self.rows, columns=list(self.FIELDS))
+        df = pd.DataFrame.from_records(self.rows, columns=list(self.FIELDS))
+        serve = (df["kind"] == "serve").to_numpy()
+        n = df["decode_seqs"].to_numpy(dtype=float)
+        alpha = df["alpha_mean"].to_numpy(dtype=float)
+        has_alpha = np.isfinite(alpha) & serve
+        df["batch_x_s"] = n * df["duration_s"].to_numpy() * serve
+        df["alpha_x_n"] = np.where(has_alpha, alpha * n, 0.0)
+        df["alpha_n"] = np.where(has_alpha, n, 0.0)
+        df["k_x_n"] = df["k"].to_numpy(dtype=float) * np.where(has_alpha, n, 0.0)
+        df["serve_s"] = df["duration_s"].to_numpy() * serve
+        return df
+
+
+class BinnedIterationLog:
+    """Iteration records summed into time bins (bounded memory for very long runs)."""
+
+    def __init__(self, width_s: float) -> None:
+        self.width = width_s
+        self.bins: dict[int, list[float]] = {}
+
+    def add(self, rec: tuple) -> None:
+        t, dur, n, _pf, emitted, k, alpha, flops, nbytes, _busy, spare, used, kind = rec
+        b = int(t / self.width)
+        acc = self.bins.get(b)
+        if acc is None:
+            acc = self.bins[b] = [0.0] * len(AGG_COLUMNS)
+        serve = kind == "serve"
+        acc[0] += dur
+        acc[1] += flops
+        acc[2] += nbytes
+        acc[3] += emitted
+        acc[4] += spare
+        acc[5] += used
+        if serve:
+            acc[6] += n * dur
+            acc[10] += dur
+            if alpha == alpha:  # not NaN
+                acc[7] += alpha * n
+                acc[8] += n
+                acc[9] += k * n
+
+    def frame(self):
+        import pandas as pd
+
+        keys = sorted(self.bins)
+        df = pd.DataFrame([self.bins[b] for b in keys], columns=list(AGG_COLUMNS))
+        df.insert(0, "t_s", np.asarray(keys, dtype=float) * self.width)
+        df["kind"] = "bin"
+        return df
 
 
 class Replica:
@@ -101,6 +150,7 @@ class Replica:
         alpha_source: list,  # per domain: the DraftState serving it (None without speculation)
         sample_accepted: Callable[[np.random.Generator, np.ndarray, int], np.ndarray],
         stats: DistillStats,
+        log_bin_s: float | None = None,
     ):
         self.env = env
         self.index = index
@@ -117,7 +167,7 @@ class Replica:
         self.sample_accepted = sample_accepted
         self._geometric = sample_accepted is sample_geometric
         self.stats = stats
-        self.log = IterationLog()
+        self.log = IterationLog() if log_bin_s is None else BinnedIterationLog(log_bin_s)
         self.kv_free = cfg.kv_capacity
         self.busy_s = 0.0
         self.outstanding = 0
@@ -214,8 +264,8 @@ class Replica:
                 self.stats.busy_s += dur
                 self.stats.latency_cost_s += dur
                 self.stats.work_flops_used += step.work_flops
-                self.log.add(self.env.now - dur, dur, 0, 0, 0, 0, np.nan, step.cost.flops, step.cost.bytes,
-                             step.cost.compute_s, 0.0, step.work_flops, "train")
+                self.log.add((self.env.now - dur, dur, 0, 0, 0, 0, np.nan, step.cost.flops, step.cost.bytes,
+                              step.cost.compute_s, 0.0, step.work_flops, "train"))
                 dist.complete(step, self.env.now, dur)
 
     def _harvest(self, spare_flops: float, since_s: float) -> float:
@@ -412,8 +462,8 @@ class Replica:
                 emitted_total += b
             self.s_steps[:n][dec] += 1
 
-        self.log.add(t0, duration, b, pf_tokens, emitted_total, k, alpha_mean, flops, nbytes,
-                     compute_s, spare, used, "serve")
+        self.log.add((t0, duration, b, pf_tokens, emitted_total, k, alpha_mean, flops, nbytes,
+                      compute_s, spare, used, "serve"))
 
         finished = np.flatnonzero(out_left[:n] <= 0)
         if finished.size:

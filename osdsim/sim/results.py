@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from osdsim.sim.engine import RawRun
+from osdsim.sim.replica import AGG_COLUMNS
 
 PCTS = (50, 90, 99)
 
@@ -105,32 +106,16 @@ def timeseries_frame(run: RawRun, bin_s: float | None) -> pd.DataFrame:
     n_rep = max(1, run.scenario.hardware.replicas)
     peak = run.extra["peak_flops"]
     bw = run.extra["bandwidth"]
-    b = np.floor(it["t_s"].to_numpy() / width).astype(np.int64)
-    dur = it["duration_s"].to_numpy()
-    serve = (it["kind"] == "serve").to_numpy()
-    df = pd.DataFrame(
-        {
-            "bin": b,
-            "duration_s": dur,
-            "flops": it["flops"].to_numpy(),
-            "bytes": it["bytes"].to_numpy(),
-            "emitted_tokens": it["emitted_tokens"].to_numpy(),
-            "decode_seqs_x_s": it["decode_seqs"].to_numpy() * dur,
-            "alpha_x_n": np.nan_to_num(it["alpha_mean"].to_numpy()) * it["decode_seqs"].to_numpy() * serve,
-            "alpha_n": np.where(np.isfinite(it["alpha_mean"].to_numpy()), it["decode_seqs"].to_numpy(), 0),
-            "spare_flops": it["spare_flops"].to_numpy(),
-            "train_work_flops": it["train_work_flops"].to_numpy(),
-            "serve_s": dur * serve,
-            "k_x_n": it["k"].to_numpy() * it["decode_seqs"].to_numpy(),
-        }
-    )
+    df = it[["t_s", *AGG_COLUMNS]].copy()
+    df["bin"] = np.floor(it["t_s"].to_numpy() / width).astype(np.int64)
+    df = df.drop(columns="t_s")
     g = df.groupby("bin", sort=True).sum()
     capacity_s = width * n_rep
     out = pd.DataFrame(
         {
             "t_s": g.index.to_numpy() * width,
             "throughput_tokens_per_s": g["emitted_tokens"].to_numpy() / width,
-            "mean_batch": g["decode_seqs_x_s"].to_numpy() / np.maximum(g["serve_s"].to_numpy(), 1e-12),
+            "mean_batch": g["batch_x_s"].to_numpy() / np.maximum(g["serve_s"].to_numpy(), 1e-12),
             "busy_fraction": np.minimum(g["duration_s"].to_numpy() / capacity_s, 1.0),
             "compute_utilisation": np.minimum(g["flops"].to_numpy() / (peak * capacity_s), 1.0),
             "bandwidth_utilisation": np.minimum(g["bytes"].to_numpy() / (bw * capacity_s), 1.0),
@@ -255,7 +240,6 @@ def summarise(run: RawRun, baseline: pd.DataFrame | None = None) -> Result:
     good = fin[(fin["ttft_s"] <= slo.ttft_s) & ((fin["tpot_s"] <= slo.tpot_s) | fin["tpot_s"].isna())]
     steps = fin["steps"].sum()
     it = run.iterations
-    serve = it[it["kind"] == "serve"] if not it.empty else it
     busy = float(np.sum(run.busy_s))
     cap = span * max(1, sc.hardware.replicas)
     st = run.stats
@@ -305,14 +289,14 @@ def summarise(run: RawRun, baseline: pd.DataFrame | None = None) -> Result:
             "alpha_measured": _r(_alpha(fin)),
             "mean_tokens_per_step": _r((fin["output_tokens"] - 1).clip(lower=0).sum() / steps) if steps else None,
             "mean_accepted_per_step": _r(fin["accepted_tokens"].sum() / steps) if steps else None,
-            "mean_k": _r(float((serve["k"] * serve["decode_seqs"]).sum() / max(serve["decode_seqs"].sum(), 1)))
-            if run.k_setting != "off" and not serve.empty else None,
+            "mean_k": _r(float(it["k_x_n"].sum() / it["alpha_n"].sum()))
+            if run.k_setting != "off" and not it.empty and it["alpha_n"].sum() > 0 else None,
         },
         "utilisation": {
             "busy_fraction": _r(min(busy / cap, 1.0)) if cap > 0 else None,
             "compute": _r(min(float(it["flops"].sum()) / (run.extra["peak_flops"] * cap), 1.0)) if cap > 0 and not it.empty else None,
             "bandwidth": _r(min(float(it["bytes"].sum()) / (run.extra["bandwidth"] * cap), 1.0)) if cap > 0 and not it.empty else None,
-            "mean_batch": _r(float((serve["decode_seqs"] * serve["duration_s"]).sum() / max(serve["duration_s"].sum(), 1e-12))) if not serve.empty else None,
+            "mean_batch": _r(float(it["batch_x_s"].sum() / max(it["serve_s"].sum(), 1e-12))) if not it.empty else None,
             "kv_capacity_tokens": run.kv_capacity_tokens,
         },
         "training": training,

@@ -94,3 +94,14 @@ def test_trace_arrivals(tmp_path, make_scenario):
     assert list(req["arrival_s"]) == [0.1, 0.5, 2.0]
     assert list(req["output_tokens"]) == [7, 5, 9]
     check_invariants(res, 3)
+
+
+def test_binned_iteration_log_gives_the_same_summary(make_scenario):
+    full = simulate(make_scenario({"report": {"iteration_log": "full"}, "workload": {"rate_per_s": 20.0}}))
+    binned = simulate(make_scenario({"report": {"iteration_log": "binned", "time_bin_s": 0.5},
+                                     "workload": {"rate_per_s": 20.0}}))
+    assert binned.iterations["kind"].eq("bin").all()
+    assert full.summary["latency_s"] == binned.summary["latency_s"]
+    for key in ("busy_fraction", "compute", "bandwidth", "mean_batch"):
+        assert binned.summary["utilisation"][key] == pytest.approx(full.summary["utilisation"][key], rel=1e-5)
+    assert binned.summary["speculation"]["mean_k"] == pytest.approx(full.summary["speculation"]["mean_k"])
