@@ -201,6 +201,33 @@ def plot(sweep_dir: Path = typer.Argument(..., help="Output directory of `osdsim
         Console().print(str(p))
 
 
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
+    """Check the installation and say what each command can do on this machine."""
+    from rich.table import Table
+
+    from osdsim.doctor import capabilities, checks
+
+    cs = checks()
+    caps = capabilities(cs)
+    if as_json:
+        sys.stdout.write(json.dumps({"checks": [c.__dict__ for c in cs], "capabilities": caps}, indent=2) + "\n")
+        return
+    console = Console()
+    t = Table(title="installation", title_justify="left")
+    for col in ("component", "status", "detail", "install"):
+        t.add_column(col, overflow="fold")
+    for c in cs:
+        t.add_row(c.name, "[green]ok[/green]" if c.ok else "[yellow]missing[/yellow]", c.detail, c.fix or "")
+    console.print(t)
+    t2 = Table(title="what works here", title_justify="left")
+    t2.add_column("command")
+    t2.add_column("status")
+    for k, v in caps.items():
+        t2.add_row(k, v)
+    console.print(t2)
+
+
 @profile_app.command("show")
 def profile_show(path: str = typer.Argument(..., help="Profile name or YAML path.")) -> None:
     """Print a hardware profile readably."""
@@ -249,8 +276,30 @@ def _register_optional() -> None:
 _register_optional()
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:
+    """Console entry point: no tracebacks for users (OSDSIM_DEBUG=1 shows them)."""
+    import os
+
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("[bold red]error:[/bold red] interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except MemoryError:
+        err_console.print("[bold red]error:[/bold red] out of memory; shorten the run or use report.iteration_log: binned")
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - last line of defence
+        if os.environ.get("OSDSIM_DEBUG"):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        err_console.print(
+            f"[bold red]internal error:[/bold red] {type(exc).__name__}: {msg} "
+            "(a bug in osdsim; rerun with OSDSIM_DEBUG=1 for the traceback and report it)",
+            soft_wrap=True,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -296,6 +296,10 @@ class Report(_Strict):
 
 class Limits(_Strict):
     max_sim_time_s: float | None = Field(None, gt=0, description="Stop the simulation at this simulated time.")
+    max_events: float = Field(
+        1e8, gt=0, description="Refuse up front when the run needs at least this many simulation events (≈ 30 min)."
+    )
+    max_memory_gb: float = Field(8.0, gt=0, description="Refuse up front when results would need at least this much memory.")
 
 
 class Scenario(_Strict):

@@ -104,6 +104,60 @@ def load_empirical_law(path: Path) -> EmpiricalLaw:
 
 
 # --- building ------------------------------------------------------------------------------------
+EVENTS_PER_WALL_S = 50_000  # measured order of magnitude (benchmarks/sim_speed.py)
+BYTES_PER_REQUEST = 400  # request table + per-request DataFrame
+BYTES_PER_LOGGED_ITERATION = 200  # one tuple in the full iteration log + its DataFrame row
+
+
+def expected_size(scenario: Scenario) -> tuple[int, float]:
+    """(requests, output tokens) a scenario will generate, from its distributions (before sampling)."""
+    from osdsim.scenario import EmpiricalLength, FixedLength, LognormalLength, UniformLength
+    from osdsim.sim.workload import _expected_count, read_length_file
+
+    w = scenario.workload
+    if w.arrival == "trace":
+        return 0, 0.0
+    n = _expected_count(w)
+    means = []
+    for d in w.domains.values():
+        o = d.output_tokens
+        if isinstance(o, FixedLength):
+            means.append(o.value_tokens)
+        elif isinstance(o, UniformLength):
+            means.append((o.low_tokens + o.high_tokens) / 2)
+        elif isinstance(o, LognormalLength):
+            means.append(min(o.mean_tokens, o.max_tokens or o.mean_tokens))
+        elif isinstance(o, EmpiricalLength):
+            means.append(float(read_length_file(scenario.resolve_path(o.file)).mean()))
+    return n, n * float(np.mean(means)) * 0.5  # lognormal clipping: stay a lower bound
+
+
+def check_limits(scenario: Scenario, n: int, output_tokens: float) -> None:
+    """Refuse runs that certainly exceed the event or memory caps, with the estimate.
+
+    Lower bound on iterations: every output token needs a decode slot, at most max_batch
+    sequences per iteration and at most k+1 tokens per sequence per iteration.
+    """
+    k = scenario.speculation.k if scenario.speculation.k != "auto" else scenario.speculation.k_max
+    per_iter = scenario.batching.max_batch_size * ((k + 1) if scenario.strategy != "no-spec" else 1)
+    min_iterations = output_tokens / per_iter
+    events = 2.0 * n + min_iterations
+    lim = scenario.limits
+    if events > lim.max_events:
+        minutes = events / EVENTS_PER_WALL_S / 60
+        raise InputError(
+            f"limits.max_events: {n:,} requests need at least {events:.3g} simulation events "
+            f"(≈ {minutes:,.0f} min or more); raise limits.max_events ({lim.max_events:.3g}) or shorten the run"
+        )
+    log_full = scenario.report.iteration_log == "full" or (scenario.report.iteration_log == "auto" and n <= 200_000)
+    mem = n * BYTES_PER_REQUEST + (min_iterations * BYTES_PER_LOGGED_ITERATION if log_full else 0.0)
+    if mem / 1e9 > lim.max_memory_gb:
+        raise InputError(
+            f"limits.max_memory_gb: results need at least {mem / 1e9:.1f} GB; raise limits.max_memory_gb "
+            f"({lim.max_memory_gb:g}), use report.iteration_log: binned, or shorten the run"
+        )
+
+
 def _uses_drafts(strategy: str) -> bool:
     return strategy != "no-spec"
 
@@ -114,7 +168,10 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
     tp = scenario.hardware.tensor_parallel
     target = scenario.target
     draft = scenario.draft if _uses_drafts(strategy) else None
+    if requests is None:
+        check_limits(scenario, *expected_size(scenario))
     req = requests if requests is not None else generate_requests(scenario)
+    check_limits(scenario, len(req), float(req.output_tokens.sum()))
     names = req.domain_names
     n_dom = len(names)
 

@@ -163,3 +163,20 @@ def test_bad_shift_and_distill_input(tmp_path, update, field, message):
     out = r.output.strip()
     assert len(out.splitlines()) == 1 and "Traceback" not in out
     assert field in out and message in out, out
+
+
+def test_limits_refuse_huge_runs_up_front(tmp_path):
+    p = write(tmp_path, bad({"workload": {"num_requests": 40_000_000}}))
+    r = invoke("run", p, "--no-write", "--quiet")
+    assert r.exit_code == 2 and "limits.max_memory_gb" in r.output and "GB" in r.output
+    p = write(tmp_path, bad({"workload": {"num_requests": 100_000}, "limits": {"max_events": 1000}}))
+    r = invoke("run", p, "--no-write", "--quiet")
+    assert r.exit_code == 2 and "limits.max_events" in r.output and "min" in r.output
+
+
+def test_doctor_reports_capabilities():
+    r = invoke("doctor", "--json")
+    assert r.exit_code == 0
+    doc = json.loads(r.stdout)
+    assert doc["capabilities"]["osdsim run / sweep / plot"] == "yes"
+    assert any(c["name"] == "torch" for c in doc["checks"])
