@@ -1,0 +1,75 @@
+"""Ctrl-C (SIGINT) stops cleanly: earlier results stay intact, no partial files, resume works."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import BASE, REPO, merge
+
+CLI = [sys.executable, "-c", "from osdsim.cli import main; main()"]
+
+
+def _interrupt_after(args, seconds, cwd):
+    proc = subprocess.Popen([*CLI, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out + err
+
+
+def test_sigint_during_run_keeps_previous_results(tmp_path):
+    out = tmp_path / "out"
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(merge(BASE, {"workload": {"num_requests": 30}})))
+    ok = subprocess.run([*CLI, "run", str(small), "--out", str(out), "--no-plots", "--quiet"], capture_output=True)
+    assert ok.returncode == 0
+    before = (out / "summary.json").read_text()
+    big = tmp_path / "big.yaml"
+    big.write_text(yaml.safe_dump(merge(BASE, {"workload": {"num_requests": 300_000, "rate_per_s": 50.0}})))
+    rc, text = _interrupt_after(["run", big, "--out", out, "--no-plots", "--quiet"], 4.0, REPO)
+    assert rc == 130, text
+    assert "interrupted" in text and "Traceback" not in text
+    assert (out / "summary.json").read_text() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_sigint_during_sweep_keeps_finished_points_and_resumes(tmp_path):
+    base = merge(BASE, {"workload": {"num_requests": 300}})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "sw.yaml").write_text(yaml.safe_dump(
+        {"base": "base.yaml", "axes": {"workload.rate_per_s": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]},
+         "strategies": ["static"]}))
+    out = tmp_path / "o"
+    rc, text = _interrupt_after(["sweep", tmp_path / "sw.yaml", "--out", out, "--workers", "1", "--quiet"], 4.0, tmp_path)
+    assert rc == 130, text
+    assert "interrupted" in text and "--resume" in text and "Traceback" not in text
+    lines = [json.loads(x) for x in (out / "points.jsonl").read_text().splitlines() if x.strip()]
+    assert 0 < len(lines) < 12
+    assert (out / "results.csv").exists()
+    done = subprocess.run([*CLI, "sweep", str(tmp_path / "sw.yaml"), "--out", str(out), "--resume", "--workers", "1"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"{12 - len(lines)} run now, {len(lines)} already done" in done.stdout
+
+
+@pytest.mark.parametrize("mode", ["unwritable"])
+def test_unwritable_output_dir_is_a_clear_error(tmp_path, mode):
+    if os.geteuid() == 0:
+        target = Path("/proc/osdsim-cannot-write-here")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = ro / "out"
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(merge(BASE, {"workload": {"num_requests": 10}})))
+    r = subprocess.run([*CLI, "run", str(small), "--out", str(target), "--no-plots", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr
