@@ -228,6 +228,59 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print the checks 
     console.print(t2)
 
 
+@app.command()
+def validate(
+    suite_file: Path = typer.Argument(..., help="Validation suite YAML (validate/*.yaml)."),
+    out: Path | None = typer.Option(None, "--out", help="Report directory (default: validate/reports)."),
+    calibrate_mode: str | None = typer.Option(None, "--calibrate", help="Override the suite: none | quick | full."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table."),
+) -> None:
+    """Fit on one real run, predict a held-out real run, run it, report predicted vs measured."""
+    import platform
+    import subprocess
+
+    from osdsim.validate.compare import exit_code, report_table, write_report
+    from osdsim.validate.pipeline import load_suite, run_validation
+
+    def calibrate_fn(path: Path, quick: bool) -> Path:
+        cmd = [sys.executable, "-c", "from osdsim.cli import main; main()", "calibrate", "--gpu", "cpu",
+               "--out", str(path), "--force", "--quiet"] + (["--quick"] if quick else [])
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise InputError(f"calibrate failed: {(r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else r.returncode}")
+        return path
+
+    try:
+        suite = load_suite(suite_file)
+        if calibrate_mode is not None:
+            if calibrate_mode not in ("none", "quick", "full"):
+                raise InputError(f"--calibrate: must be none, quick or full (got {calibrate_mode!r})")
+            suite = suite.model_copy(update={"calibrate": calibrate_mode})
+        out_dir = out or Path("validate") / "reports"
+        say = None if (quiet or as_json) else (lambda m: err_console.print(f"[dim]{m}…[/dim]"))
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise InputError("osdsim validate needs torch + transformers: bash scripts/install.sh real") from None
+        result = run_validation(suite, suite_file, out_dir, progress=say, calibrate_fn=calibrate_fn)
+        device = platform.processor() or platform.machine()
+        stem = out_dir / f"{suite.name}-{datetime.now().strftime('%Y%m%d')}"
+        result.meta["device"] = f"CPU {device}, {__import__('os').cpu_count()} cores"
+        result.meta["command"] = "osdsim validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else f"osdsim validate {suite_file}"
+        js, md = write_report(result.rows, result.meta, stem)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; earlier reports are untouched", code=130) from None
+    if as_json:
+        sys.stdout.write(js.read_text())
+    elif not quiet:
+        Console().print(report_table(result.rows, result.meta["title"]))
+        Console().print(f"report: [bold]{md}[/bold]")
+    raise typer.Exit(exit_code(result.rows))
+
+
 @profile_app.command("show")
 def profile_show(path: str = typer.Argument(..., help="Profile name or YAML path.")) -> None:
     """Print a hardware profile readably."""

@@ -13,6 +13,13 @@ DESIGN.md §4.1. A pass over a batch with new tokens q_i and cached contexts c_i
 with η_f(T) = η_max·T/(T + T½) (small passes cannot fill the tensor cores). With tensor
 parallelism t, FLOPs and bytes split t ways and each layer adds two ring all-reduces of the
 activations: 2·L·(2·(t−1)/t·T·d·b_a / B_link + t_lat).
+
+Two optional profile terms, fitted on CPUs (defaults leave the formulas above unchanged):
+- η_kv (`kv_bandwidth`): the memory term reads (bytes − KV bytes)/(BW·η_b) + KV bytes/(BW·η_kv);
+  attention and cache appends stream the KV cache far slower than GEMMs stream weights on a CPU.
+- g (`gemv_max_tokens`): a BLAS that runs a T-row matmul as T matrix-vector products for T ≤ g
+  reads the weights T times, and its FLOPs run at η_max (they hide under those reads) instead of
+  on the GEMM curve η_f(T).
 """
 
 from __future__ import annotations
@@ -84,6 +91,10 @@ class CostModel:
         self._eta_max = eff.flops_max
         self._t_half = eff.flops_half_tokens
         self._eff_bw = self.bandwidth * eff.bandwidth
+        self._gemv_max = eff.gemv_max_tokens
+        # Extra seconds per KV-cache byte when η_kv ≠ η_b (exactly 0.0 when η_kv is unset).
+        kv_eff = eff.kv_bandwidth
+        self._kv_extra_s_per_byte = 0.0 if kv_eff is None else 1.0 / (self.bandwidth * kv_eff) - 1.0 / self._eff_bw
         self._fixed_s = m.n_layers * eff.kernel_overhead_s_per_layer + eff.pass_overhead_s
         if tp > 1:
             link = profile.interconnect_bandwidth_bytes_per_s
@@ -101,9 +112,22 @@ class CostModel:
             + self._flops_per_pair * s.attention_pairs
         )
 
+    def kv_bytes(self, s: BatchShape) -> float:
+        """KV-cache bytes of a pass: cached tokens read + new tokens written (part of bytes())."""
+        return self._kv_bytes_per_token * (s.context_tokens + s.tokens)
+
+    @property
+    def weight_bytes(self) -> float:
+        """Weight bytes of one read of the model (dense + head), per GPU."""
+        return self._weight_bytes
+
+    def weight_reads(self, tokens: float) -> float:
+        """How many times a pass of `tokens` tokens reads the weights (1, or T when T ≤ gemv_max)."""
+        return tokens if 0 < tokens <= self._gemv_max else 1.0
+
     def bytes(self, s: BatchShape) -> float:
         return (
-            s.weight_sets * self._weight_bytes
+            s.weight_sets * self.weight_reads(s.tokens) * self._weight_bytes
             + self._kv_bytes_per_token * (s.context_tokens + s.tokens)
             + self._act_bytes_per_token * s.tokens
             + self._logit_bytes * s.logit_tokens
@@ -114,8 +138,10 @@ class CostModel:
         return self._eta_max
 
     def eta_flops(self, tokens: float) -> float:
-        """η_f(T) = η_max·T/(T + T½)."""
-        return self._eta_max * tokens / (tokens + self._t_half) if tokens > 0 else self._eta_max
+        """η_f(T) = η_max·T/(T + T½) (η_max in the matrix-vector regime T ≤ gemv_max_tokens)."""
+        if tokens <= 0 or tokens <= self._gemv_max:
+            return self._eta_max
+        return self._eta_max * tokens / (tokens + self._t_half)
 
     def price(self, s: BatchShape) -> PassCost:
         """Full breakdown of one forward pass."""
@@ -124,7 +150,7 @@ class CostModel:
         flops = self.flops(s)
         nbytes = self.bytes(s)
         compute_s = flops / (self.peak_flops * self.eta_flops(s.tokens))
-        memory_s = nbytes / self._eff_bw
+        memory_s = nbytes / self._eff_bw + self.kv_bytes(s) * self._kv_extra_s_per_byte
         comm_s = self._comm_fixed + self._comm_per_token * s.tokens
         time_s = max(compute_s, memory_s) + self._fixed_s + comm_s
         return PassCost(
@@ -150,15 +176,21 @@ class CostModel:
             + self._flops_per_logit * logit_tokens
             + self._flops_per_pair * attention_pairs
         )
+        kv_bytes = self._kv_bytes_per_token * (context_tokens + tokens)
+        weights = weight_sets * self._weight_bytes
+        if tokens <= self._gemv_max:  # matrix-vector regime: T weight reads, FLOPs at η_max
+            weights *= tokens
+            eta = self._eta_max
+        else:
+            eta = self._eta_max * tokens / (tokens + self._t_half)
         nbytes = (
-            weight_sets * self._weight_bytes
-            + self._kv_bytes_per_token * (context_tokens + tokens)
+            weights
+            + kv_bytes
             + self._act_bytes_per_token * tokens
             + self._logit_bytes * logit_tokens
         )
-        eta = self._eta_max * tokens / (tokens + self._t_half)
         compute_s = flops / (self.peak_flops * eta)
-        memory_s = nbytes / self._eff_bw
+        memory_s = nbytes / self._eff_bw + kv_bytes * self._kv_extra_s_per_byte
         time_s = max(compute_s, memory_s) + self._fixed_s + self._comm_fixed + self._comm_per_token * tokens
         return time_s, flops, nbytes, compute_s
 
@@ -186,7 +218,7 @@ class CostModel:
         flops = TRAIN_FLOPS_MULTIPLIER * self.flops(fwd)
         nbytes = TRAIN_FLOPS_MULTIPLIER * self.bytes(fwd) + OPTIMIZER_BYTES_PER_PARAM * trainable_params / self.tp
         compute_s = flops / (self.peak_flops * self.eta_flops(fwd.tokens))
-        memory_s = nbytes / self._eff_bw
+        memory_s = nbytes / self._eff_bw + TRAIN_FLOPS_MULTIPLIER * self.kv_bytes(fwd) * self._kv_extra_s_per_byte
         overhead = TRAIN_FLOPS_MULTIPLIER * self._fixed_s
         comm_s = TRAIN_FLOPS_MULTIPLIER * (self._comm_fixed + self._comm_per_token * fwd.tokens)
         return PassCost(

@@ -35,6 +35,17 @@ class Efficiency(BaseModel):
     allreduce_latency_s: float = Field(
         1e-5, ge=0, description="Latency of one tensor-parallel all-reduce (s)."
     )
+    gemv_max_tokens: int = Field(
+        0, ge=0,
+        description="Passes of at most this many tokens run each matmul as that many matrix-vector "
+        "products (CPU BLAS small-M paths): the weights are read once per token and the FLOPs run "
+        "at flops_max; 0 = never.",
+    )
+    kv_bandwidth: float | None = Field(
+        None, gt=0, le=1,
+        description="Achieved fraction of memory bandwidth on KV-cache bytes (attention, cache "
+        "appends); None = `bandwidth`. Measured CPUs stream the cache far slower than GEMMs stream weights.",
+    )
 
 
 class Provenance(BaseModel):

@@ -84,7 +84,13 @@ def real(
     show = not quiet and not json
     try:
         if show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             with Progress(TextColumn("[bold]real OSD"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
@@ -115,12 +121,13 @@ def _print_table(summary: dict[str, Any], out_dir: Path) -> None:
     from rich.table import Table
 
     t = Table(title=f"real OSD: {summary['name']} ({summary['requests']} requests, {summary['updates']} updates)")
-    for col in ("phase", "α stream", "tokens/step", "held-out α start→end", "speedup", "incl. training"):
+    for col in ("phase", "α stream", "tokens/step", "held-out α (own domain)", "speedup", "incl. training"):
         t.add_column(col)
     for ph in summary["phases"]:
         held = ", ".join(
-            f"{d} {_fmt(ph['alpha_heldout_start'].get(d, float('nan')), 2)}→{_fmt(v, 2)}"
-            for d, v in ph["alpha_heldout_end"].items()
+            f"{d} {_fmt(ph['alpha_heldout_start'].get(d, float('nan')), 2)}→"
+            f"{_fmt(ph['alpha_heldout_end'].get(d, float('nan')), 2)}"
+            for d in ph["domains"]
         )
         t.add_row(ph["name"], _fmt(ph["acceptance"]["alpha"]), _fmt(ph["acceptance"]["tokens_per_step"], 2),
                   held, _fmt(ph["speedup_serving"], 2) + "×", _fmt(ph["speedup_incl_training"], 2) + "×")

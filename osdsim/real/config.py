@@ -21,6 +21,12 @@ class ModelsCfg(_Strict):
     draft: str = Field("layers:2", description="'layers:L' (target's first L layers) or a HF dir.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
     tiny_seed: int = Field(0, description="Seed of the tiny random target (target: tiny).")
+    serve_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="Serve (draft + verify + baseline) in this dtype; train in `dtype` (default: same)."
+    )
+    draft_vocab: int = Field(
+        0, ge=0, description="Reduced draft head: propose only the N most frequent prompt tokens (0: full)."
+    )
 
 
 class PhaseCfg(_Strict):
@@ -111,7 +117,12 @@ class RealConfig(_Strict):
 
 def load_config(path: Path) -> RealConfig:
     """Read a YAML scenario into a RealConfig (raises ValueError/OSError with a clear message)."""
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ValueError(f"invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

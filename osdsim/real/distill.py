@@ -7,8 +7,11 @@ Losses (torch's own `F.kl_div`, per position, averaged over positions), with p t
 - 'jsd'  true generalised Jensen–Shannon, M = β p + (1 − β) q:  β KL(p ‖ M) + (1 − β) KL(q ‖ M)
   (symmetric at β = 0.5; the OSD repo's "jsd" is instead 0.9·FKL + 0.1·RKL).
 Top-k-truncated variants: when the teacher is stored as its top-K (to bound memory), both
-distributions are restricted to the teacher's top-K tokens and renormalised there, so every loss
-stays a divergence between two proper distributions; K = V gives the full losses exactly.
+distributions are collapsed onto the teacher's top-K tokens plus one "rest" category holding the
+remaining mass, so every loss stays a divergence between two proper distributions, the student is
+still pushed to move its mass into the teacher's top-K, and K = V gives the full losses exactly.
+(Renormalising both on the top-K instead lets the student's argmax sit outside it: measured here,
+held-out α barely moved.)
 
 Sample sources (OSD §4 / the OSD repo's offline modes, here also online):
 - 'teacher'     the served output (a target sample) with the verify pass's target distributions;
@@ -73,6 +76,14 @@ def divergence(t_lp: torch.Tensor, s_lp: torch.Tensor, kind: LossKind, beta: flo
     raise ValueError(f"unknown loss {kind!r}; use fkl, rkl or jsd")
 
 
+def _with_rest(lp_k: torch.Tensor) -> torch.Tensor:
+    """[N, K] log-probs of K tokens (normalised over the full vocabulary) -> [N, K+1] with a last
+    'rest' category holding the remaining mass 1 − Σ_K p (clamped to ≥ 1e-30, fp64 math)."""
+    mass = torch.exp(torch.logsumexp(lp_k.double(), dim=-1, keepdim=True))
+    rest = torch.log(torch.clamp(1.0 - mass, min=1e-30)).to(lp_k.dtype)
+    return torch.cat([lp_k, rest], dim=-1)
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_lp: torch.Tensor,
@@ -80,14 +91,19 @@ def distill_loss(
     kind: LossKind,
     beta: float = 0.5,
 ) -> torch.Tensor:
-    """Mean divergence over N positions. student_logits [N, V]; teacher_lp [N, K] log-probs with
-    teacher_idx [N, K] token ids (top-K, truncated variant), or teacher_idx None and K = V (full)."""
-    s_lp = F.log_softmax(student_logits.float(), dim=-1)
-    t_lp = teacher_lp.float()
+    """Mean divergence over N positions. student_logits [N, V]; teacher_lp [N, K] log-probs
+    (normalised over the full vocabulary) of the tokens teacher_idx [N, K] (top-K, truncated
+    variant), or teacher_idx None and K = V (full).
+
+    Truncated variant: both distributions are collapsed onto the teacher's top-K tokens plus one
+    'rest' category (1 − Σ_K), so the student is still penalised for mass outside the top-K and
+    K = V gives the full loss."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # at least fp32
+    s_lp = F.log_softmax(student_logits.to(dtype), dim=-1)
+    t_lp = teacher_lp.to(dtype)
     if teacher_idx is not None:
-        s_lp = s_lp.gather(-1, teacher_idx)
-        s_lp = s_lp - torch.logsumexp(s_lp, dim=-1, keepdim=True)
-        t_lp = t_lp - torch.logsumexp(t_lp, dim=-1, keepdim=True)
+        s_lp = _with_rest(s_lp.gather(-1, teacher_idx))
+        t_lp = _with_rest(t_lp)
     return divergence(t_lp, s_lp, kind, beta).mean()
 
 
@@ -110,11 +126,10 @@ class DistillSample:
         return int(self.teacher.positions.numel())
 
 
-def student_logits_at(draft: Any, batch: list[DistillSample], pad_id: int) -> torch.Tensor:
-    """Draft logits at every sample's trained positions, concatenated: [Σ n_i, V].
+def student_hidden_at(draft: Any, batch: list[DistillSample], pad_id: int) -> torch.Tensor:
+    """Draft final hidden states at every sample's trained positions, concatenated: [Σ n_i, H].
 
-    Right padding needs no attention mask under a causal model. The LM head is applied only at
-    the trained positions, so memory is O(Σ n_i · V) rather than O(B · T · V)."""
+    Right padding needs no attention mask under a causal model."""
     T = max(int(s.ids.numel()) for s in batch)
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
     for b, s in enumerate(batch):
@@ -122,19 +137,26 @@ def student_logits_at(draft: Any, batch: list[DistillSample], pad_id: int) -> to
     hidden = draft.model(input_ids=ids, use_cache=False).last_hidden_state  # [B, T, H]
     rows = torch.cat([torch.full_like(s.teacher.positions, b) for b, s in enumerate(batch)])
     cols = torch.cat([s.teacher.positions for s in batch])
-    return draft.get_output_embeddings()(hidden[rows, cols])  # [N, V]
+    return hidden[rows, cols]
+
+
+def student_logits_at(draft: Any, batch: list[DistillSample], pad_id: int) -> torch.Tensor:
+    """Draft logits at the trained positions, [Σ n_i, V] (the LM head only where needed)."""
+    return draft.get_output_embeddings()(student_hidden_at(draft, batch, pad_id))
 
 
 def batch_loss(
     draft: Any, batch: list[DistillSample], kind: LossKind, beta: float, pad_id: int
 ) -> torch.Tensor:
-    logits = student_logits_at(draft, batch, pad_id)
+    """Mean loss over the batch's trained positions (see `distill_loss`)."""
     t_lp = torch.cat([s.teacher.logprobs for s in batch])
     idx = [s.teacher.index for s in batch]
-    t_idx = None if any(i is None for i in idx) else torch.cat(idx)  # type: ignore[arg-type]
-    if t_idx is None and t_lp.shape[-1] != logits.shape[-1]:
+    logits = student_logits_at(draft, batch, pad_id)  # [N, V]: the full head for the normaliser
+    if all(i is not None for i in idx):
+        return distill_loss(logits, t_lp, torch.cat(idx), kind, beta)  # type: ignore[arg-type]
+    if any(i is not None for i in idx):
         raise ValueError("teacher stored as top-K for some samples and full for others")
-    return distill_loss(logits, t_lp, t_idx, kind, beta)
+    return distill_loss(logits, t_lp, None, kind, beta)
 
 
 def trainable_parameters(draft: Any) -> list[torch.nn.Parameter]:
@@ -485,10 +507,11 @@ class AnswerCache:
 
 @torch.no_grad()
 def teacher_forced_alpha(draft: Any, samples: list[tuple[list[int], list[int]]], pad_id: int,
-                         batch_size: int = 8) -> float:
+                         batch_size: int = 8, vocab_ids: torch.Tensor | None = None) -> float:
     """Held-out greedy α: over (prompt, greedy target answer) pairs, the fraction of answer tokens
     the draft's argmax predicts given the target's prefix (the per-token acceptance rate of greedy
-    speculative decoding; the answer token *is* the target's argmax)."""
+    speculative decoding; the answer token *is* the target's argmax). With `vocab_ids` the draft's
+    argmax is restricted to those tokens (a reduced-vocabulary draft head)."""
     hits, n = 0, 0
     for i in range(0, len(samples), batch_size):
         chunk = [(p, a) for p, a in samples[i : i + batch_size] if a]
@@ -505,6 +528,10 @@ def teacher_forced_alpha(draft: Any, samples: list[tuple[list[int], list[int]]],
             for p, a in chunk
         ]
         logits = student_logits_at(draft, batch, pad_id)  # [Σ len(a), V]
+        if vocab_ids is not None:
+            masked = torch.full_like(logits, float("-inf"))
+            masked[:, vocab_ids] = logits[:, vocab_ids]
+            logits = masked
         want = torch.tensor([t for _, a in chunk for t in a])
         hits += int((logits.argmax(-1) == want).sum())
         n += int(want.numel())

@@ -183,6 +183,13 @@ def _torch() -> Any:
     return torch
 
 
+def _quiet_transformers() -> None:
+    """No per-tensor progress bars from transformers (the CLI has its own progress bar)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _dtype(name: str) -> torch.dtype:
     torch = _torch()
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -208,6 +215,7 @@ def gguf_to_hf_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     torch = _torch()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     digest = file_sha256(gguf_path)[:16]
     root = (cache_dir or cache_root() / "models").expanduser()
     out = root / f"{gguf_path.stem}-{digest}"
@@ -267,6 +275,7 @@ def load_hf_model(path: Path, dtype: str = "float32") -> tuple[Any, HFChatCodec]
     require_module("transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype), local_files_only=True)
     model.eval()
@@ -326,23 +335,26 @@ def tiny_llama_config(
     )
 
 
-def tiny_llama(seed: int = 0, dtype: str = "float32", init_std: float = 0.5, **config_kw: Any) -> Any:
+def tiny_llama(seed: int = 0, dtype: str = "float32", init_std: float = 0.1, **config_kw: Any) -> Any:
     """A tiny random Llama built from a config (no files), frozen, eval mode.
 
-    `init_std` is larger than HF's 0.02 so the random model has peaked, non-uniform next-token
-    distributions (a more demanding test of spec decoding than near-uniform ones).
+    Weights are drawn from N(0, init_std²) with a torch.Generator seeded by `seed` (norm weights
+    are ones), so the model depends only on (config, seed), never on global random state.
     """
     torch = _torch()
     from transformers import LlamaForCausalLM
 
     config = tiny_llama_config(**config_kw)
     config.initializer_range = init_std
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # HF init draws from the global RNG; restore it right after
-    try:
+    with torch.random.fork_rng(devices=[]):  # HF's own init must not advance the caller's RNG
         model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(gen_state)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, init_std, generator=gen)
     model = model.to(_dtype(dtype))
     model.eval()
     model.requires_grad_(False)
@@ -418,8 +430,86 @@ __all__ = [
     "layer_draft",
     "load_hf_model",
     "load_pair",
+    "SubsetHeadLM",
+    "frequent_token_ids",
     "model_spec",
     "resolve_model_dir",
+    "serving_copy",
+    "sync_trainable",
     "smollm2_gguf_path",
     "tiny_llama",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Serving variants: a reduced-vocabulary draft head (FR-Spec style) and low-precision copies
+# --------------------------------------------------------------------------------------------
+
+
+class _Logits:
+    def __init__(self, logits: Any) -> None:
+        self.logits = logits
+
+
+class SubsetHeadLM:
+    """Serve a draft whose LM head covers only `vocab_ids` (FR-Spec-style reduced vocabulary).
+
+    The draft's hidden state is projected onto the kept rows of its head only (cost ∝ |subset|
+    instead of V); other tokens get logit −inf, so the draft never proposes them and q = 0 there
+    (rejection sampling stays exact: the target still verifies over the full vocabulary).
+    Call-compatible with a causal LM for `specdec.forward_logits`.
+    """
+
+    def __init__(self, base: Any, vocab_ids: torch.Tensor) -> None:
+        torch = _torch()
+        self.base = base
+        self.config = base.config
+        self.vocab_ids = vocab_ids.to(torch.long)  # [S]
+        self.vocab_size = int(base.config.vocab_size)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-slice the head (call after the base head changes; the layer draft's head is frozen)."""
+        head = self.base.get_output_embeddings().weight  # [V, H]
+        self.weight = head.detach()[self.vocab_ids].contiguous()  # [S, H]
+
+    def __call__(self, input_ids: Any, cache: Any = None, use_cache: bool = True) -> _Logits:
+        torch = _torch()
+        hidden = self.base.model(input_ids=input_ids, cache=cache, use_cache=use_cache).last_hidden_state
+        small = hidden @ self.weight.T  # [B, n, S]
+        full = torch.full((*small.shape[:-1], self.vocab_size), float("-inf"), dtype=small.dtype)
+        full[..., self.vocab_ids] = small
+        return _Logits(full)
+
+
+def frequent_token_ids(token_lists: list[list[int]], n: int, vocab_size: int,
+                       always: tuple[int, ...] = ()) -> torch.Tensor:
+    """The n most frequent ids in `token_lists` (ties and padding by ascending id — BPE ids roughly
+    follow merge frequency), plus `always` (e.g. EOS). Returns sorted ids [≤ n + len(always)]."""
+    torch = _torch()
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for ids in token_lists:
+        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab_size)[:vocab_size].double()
+    # rank by count, then by lower id (a tiny id-based tie-breaker that never beats a real count)
+    score = counts - torch.arange(vocab_size, dtype=torch.float64) / (2.0 * vocab_size)
+    top = torch.topk(score, min(n, vocab_size)).indices
+    keep = torch.unique(torch.cat([top, torch.tensor(list(always), dtype=torch.long)]))
+    return keep
+
+
+def serving_copy(model: Any, dtype: str) -> Any:
+    """A frozen copy of `model` in `dtype` for serving (the trained master stays in its dtype)."""
+    clone = copy.deepcopy(model).to(_dtype(dtype))
+    clone.requires_grad_(False)
+    clone.eval()
+    return clone
+
+
+def sync_trainable(master: Any, serving: Any) -> None:
+    """Copy the master's trainable parameters into the serving copy (dtype cast on copy)."""
+    torch = _torch()
+    dst = dict(serving.named_parameters())
+    with torch.no_grad():
+        for name, p in master.named_parameters():
+            if p.requires_grad:
+                dst[name].copy_(p)

@@ -102,7 +102,15 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
 
     from osdsim.real import data as D
     from osdsim.real import distill as Dl
-    from osdsim.real.models import cache_root, load_pair, model_spec
+    from osdsim.real.models import (
+        SubsetHeadLM,
+        cache_root,
+        frequent_token_ids,
+        load_pair,
+        model_spec,
+        serving_copy,
+        sync_trainable,
+    )
     from osdsim.real.specdec import DecodeParams, speculative_generate, target_generate
     from osdsim.real.stats import summarize
 
@@ -131,6 +139,27 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
               for d in domains}
     stream = D.ShiftStream(phases, splits, cfg.seed)
 
+    # --- serving models: optional low-precision copies and a reduced-vocabulary draft head -------
+    serve_dtype = cfg.models.serve_dtype or cfg.models.dtype
+    if serve_dtype != cfg.models.dtype:
+        s_target, s_draft = serving_copy(target, serve_dtype), serving_copy(draft, serve_dtype)
+    else:
+        s_target, s_draft = target, draft
+    s_draft_call: Any = s_draft
+    vocab_ids = None
+    draft_vocab_size = int(draft.config.vocab_size)
+    if cfg.models.draft_vocab:
+        counted = [ids_of(q) for d in domains for q in splits[d].train]
+        vocab_ids = frequent_token_ids(counted, cfg.models.draft_vocab, draft_vocab_size, codec.eos_ids)
+        s_draft_call = SubsetHeadLM(s_draft, vocab_ids)
+        draft_vocab_size = int(vocab_ids.numel())
+
+    def sync_serving() -> None:
+        if s_draft is not draft:
+            sync_trainable(draft, s_draft)
+        if isinstance(s_draft_call, SubsetHeadLM):
+            s_draft_call.refresh()
+
     # --- held-out answers (cached per model, domain, prompt set) --------------------------------
     dc = cfg.decode
     answers_root = cache_root() / "answers"
@@ -154,7 +183,8 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
     alpha_rows: list[dict[str, Any]] = []
 
     def eval_heldout(label: str, request_index: int, update: int, model: Any) -> dict[str, float]:
-        vals = {d: Dl.teacher_forced_alpha(model, heldout[d], codec.pad_id) for d in domains}
+        vals = {d: Dl.teacher_forced_alpha(model, heldout[d], codec.pad_id, vocab_ids=vocab_ids)
+                for d in domains}
         for d, a in vals.items():
             alpha_rows.append({"label": label, "request_index": request_index, "update": update,
                                "domain": d, "alpha_heldout": round(a, 5)})
@@ -227,7 +257,7 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         q = r.query
         prompt = ids_of(q)
         start = time.perf_counter() - clock0
-        g = speculative_generate(target, draft, prompt, params, codec.eos_ids, gen)
+        g = speculative_generate(s_target, s_draft_call, prompt, params, codec.eos_ids, gen)
         finish = time.perf_counter() - clock0
         s = summarize(g.steps, dc.k)
         steps_by_phase.setdefault(r.phase, []).extend(g.steps)
@@ -252,7 +282,7 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
             "baseline_same_tokens": "", "label_s": 0.0, "train_s": 0.0, "update": "",
         }
         if r.index in baseline_idx:
-            b = target_generate(target, prompt, dc.max_new_tokens, dc.greedy, dc.temperature,
+            b = target_generate(s_target, prompt, dc.max_new_tokens, dc.greedy, dc.temperature,
                                 codec.eos_ids, gen)
             row.update(baseline_decode_s=round(b.total_s - b.prefill_s, 6),
                        baseline_prefill_s=round(b.prefill_s, 6), baseline_tokens=len(b.tokens),
@@ -263,6 +293,7 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
             row["label_s"] = round(distiller.label_s - l0, 6)
             upd = distiller.request_done(sample)
             if upd is not None:
+                sync_serving()
                 n_updates = upd.update
                 row["train_s"] = round(upd.train_s, 6)
                 row["update"] = upd.update
@@ -271,9 +302,12 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
                 if upd.update % cfg.eval.every_updates == 0:
                     eval_heldout("online", r.index + 1, upd.update, draft)
         req_rows.append(row)
-        # phase boundary: evaluate held-out α at the end of each phase
+        # phase boundary: evaluate held-out α at the end of each phase; checkpoint the tables
         if r.index + 1 == phases[r.phase].end:
             eval_heldout(f"end_phase_{r.phase}", r.index + 1, n_updates, draft)
+            if out_dir is not None:
+                partial = {"name": cfg.name, "partial": True, "requests": len(req_rows)}
+                write_outputs(RealRunResult(partial, req_rows, step_rows, upd_rows, alpha_rows), out_dir)
         if progress is not None:
             progress(r.index + 1, total, {"domain": q.domain, "alpha": s.alpha, "updates": n_updates})
 
@@ -299,6 +333,8 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
             "phase": p_idx, "name": ph.label, "requests": len(rows),
             "acceptance": acc.as_dict(),
             "alpha_heldout_start": start_alpha, "alpha_heldout_end": end_alpha,
+            "alpha_heldout_rise": {d: end_alpha[d] - start_alpha[d] for d in end_alpha if d in start_alpha},
+            "domains": sorted(d for d in set(ph.mix) | set(ph.mix_end or {})),
             "spec_tokens_per_s_on_baseline_requests": spec_tok_s,
             "baseline_tokens_per_s": base_tok_s if base else float("nan"),
             "speedup_serving": spec_tok_s / base_tok_s if base else float("nan"),
@@ -323,6 +359,8 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         "target": {"id": pair.target_id, **model_spec(target)},
         "draft": {"desc": pair.draft_desc, **model_spec(draft)},
         "threads": cfg.threads,
+        "serve_dtype": serve_dtype,
+        "draft_vocab": draft_vocab_size,
         "torch": torch.__version__,
         "requests": len(req_rows),
         "updates": len(upd_rows),

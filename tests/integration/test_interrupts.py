@@ -42,13 +42,13 @@ def test_sigint_during_run_keeps_previous_results(tmp_path):
 
 
 def test_sigint_during_sweep_keeps_finished_points_and_resumes(tmp_path):
-    base = merge(BASE, {"workload": {"num_requests": 300}})
+    base = merge(BASE, {"workload": {"num_requests": 3000}})
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "sw.yaml").write_text(yaml.safe_dump(
         {"base": "base.yaml", "axes": {"workload.rate_per_s": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]},
          "strategies": ["static"]}))
     out = tmp_path / "o"
-    rc, text = _interrupt_after(["sweep", tmp_path / "sw.yaml", "--out", out, "--workers", "1", "--quiet"], 4.0, tmp_path)
+    rc, text = _interrupt_after(["sweep", tmp_path / "sw.yaml", "--out", out, "--workers", "1", "--quiet"], 6.0, tmp_path)
     assert rc == 130, text
     assert "interrupted" in text and "--resume" in text and "Traceback" not in text
     lines = [json.loads(x) for x in (out / "points.jsonl").read_text().splitlines() if x.strip()]

@@ -1,0 +1,142 @@
+"""`osdsim calibrate`: registered lazily by osdsim/cli.py. No torch at import time."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from osdsim.errors import InputError
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/bold red] {message}", markup=True, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _command(gpu: str | None, device: str, out: Path | None, force: bool, quick: bool, threads: int) -> str:
+    parts = ["osdsim", "calibrate"]
+    parts += ["--gpu", gpu] if gpu else ["--device", device]
+    parts += ["--threads", str(threads)]
+    if quick:
+        parts.append("--quick")
+    if force:
+        parts.append("--force")
+    if out is not None:
+        parts += ["--out", str(out)]
+    return shlex.join(parts)
+
+
+def _errors_table(heldout: dict[str, dict[str, float]], insample: dict[str, dict[str, float]]) -> Table:
+    t = Table(title="cost-model fit error (absolute % error of pass time)", title_justify="left")
+    for col in ("pass/dtype", "held-out median", "held-out max", "n", "fit median", "fit max"):
+        t.add_column(col, justify="left" if col == "pass/dtype" else "right")
+    for key in sorted(set(heldout) | set(insample), key=lambda k: (k.startswith("all"), k == "all", k)):
+        h, f = heldout.get(key, {}), insample.get(key, {})
+        t.add_row(
+            key, f"{h['median_ape_pct']:.1f}%" if h else "—", f"{h['max_ape_pct']:.1f}%" if h else "—",
+            str(int(h["n"])) if h else "—",
+            f"{f['median_ape_pct']:.1f}%" if f else "—", f"{f['max_ape_pct']:.1f}%" if f else "—",
+        )
+    return t
+
+
+def calibrate(
+    gpu: Annotated[
+        str | None,
+        typer.Option("--gpu", help="Device to calibrate: a100, a100-40g, a100-80g, h100, h200, l4, l40s, a10g, t4, "
+                                   "v100 or cpu. Checked against what torch sees."),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto (whatever is here, profile named after it), cpu, cuda or cuda:N.")
+    ] = "auto",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Profile YAML (or a directory for <name>.yaml); default calibration/<name>.yaml.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing profile (else it is kept as <name>.prev.yaml).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Reduced grid (seconds on a CPU; for tests).")] = False,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="torch threads on a CPU.")] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Measure this device with torch, fit the cost model, write a hardware profile (+ raw CSV)."""
+    from osdsim.calibrate import devices
+    from osdsim.calibrate import run as cal
+
+    try:
+        if gpu is not None and gpu.strip().lower() not in devices.KNOWN_NAMES:
+            raise InputError(
+                f"--gpu {gpu!r}: unknown device name; known: {', '.join(devices.KNOWN_NAMES)} (or --device auto)"
+            )
+        if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise InputError(f"--device {device!r}: must be auto, cpu, cuda or cuda:N")
+        torch = cal.import_torch()
+        want_cpu = (gpu or "").lower() == "cpu" or device == "cpu"
+        if want_cpu:
+            dev = "cpu"
+        elif device.startswith("cuda"):
+            dev = device
+        else:
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            info = cal.detect(torch, "cpu", threads)
+            raise InputError(f"--device {device}: no CUDA device here (torch sees only the {info.describe()})")
+        info = cal.detect(torch, dev, threads)
+        name = devices.check_requested(gpu, info) if gpu is not None else devices.profile_name(info)
+        path = cal.resolve_out(name, out)
+        cal.check_writable(path)
+        opts = cal.Options(dev, name, quick, threads, _command(gpu, device, out, force, quick, threads))
+        outcome = _measure(cal, opts, show_progress=not (quiet or as_json))
+        yaml_path, csv_path, prev = cal.write_outputs(outcome, path, force)
+    except InputError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; no profile was written") from None
+    kept = f"kept the previous profile as {prev}" if prev else None
+    if as_json:
+        doc = {
+            "profile": str(yaml_path), "csv": str(csv_path), "previous": str(prev) if prev else None,
+            "device": outcome.profile.device, "wall_s": round(outcome.wall_s, 1),
+            "efficiency": outcome.profile.efficiency.model_dump(),
+            "efficiency_by_dtype": {k: v.model_dump() for k, v in outcome.profile.efficiency_by_dtype.items()},
+            "heldout_errors": outcome.fit.heldout, "fit_errors_insample": outcome.fit.insample,
+        }
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    if not quiet:
+        console = Console()
+        console.print(_errors_table(outcome.fit.heldout, outcome.fit.insample))
+        console.print(f"profile: [bold]{yaml_path}[/bold] (raw measurements {csv_path.name}, {outcome.wall_s:.0f} s)")
+        if kept:
+            console.print(kept)
+    elif kept:
+        err_console.print(kept)
+
+
+def _measure(cal, opts, show_progress: bool):
+    """Run the calibration with a rich progress bar of the stages (on a terminal)."""
+    if not show_progress or not sys.stderr.isatty():
+        return cal.calibrate(opts)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True,
+    ) as prog:
+        task = prog.add_task("starting", total=1)
+
+        def total(n: int) -> None:
+            prog.update(task, total=n)
+
+        def tick(msg: str) -> None:
+            prog.update(task, advance=1, description=msg)
+
+        return cal.calibrate(opts, tick=tick, total=total)

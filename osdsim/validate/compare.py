@@ -1,0 +1,111 @@
+"""Predicted vs measured: metric rows with tolerances, pass/fail, and the report files."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from osdsim.errors import atomic_write_text
+
+
+@dataclass
+class MetricRow:
+    name: str
+    predicted: float | None
+    measured: float | None
+    tolerance: float  # absolute (kind 'abs') or relative (kind 'rel')
+    kind: str = "rel"
+    unit: str = ""
+
+    @property
+    def error(self) -> float | None:
+        if self.predicted is None or self.measured is None:
+            return None
+        if not (math.isfinite(self.predicted) and math.isfinite(self.measured)):
+            return None
+        if self.kind == "abs":
+            return abs(self.predicted - self.measured)
+        if self.measured == 0:  # relative error undefined: fall back to the absolute difference
+            return abs(self.predicted)
+        return abs(self.predicted - self.measured) / abs(self.measured)
+
+    @property
+    def passed(self) -> bool:
+        e = self.error
+        return e is not None and e <= self.tolerance
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["error"] = self.error
+        d["passed"] = self.passed
+        return d
+
+
+def _fmt(x: float | None, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if unit == "s" and abs(x) < 1:
+        return f"{x * 1e3:.2f} ms"
+    return f"{x:.4g}{(' ' + unit) if unit else ''}"
+
+
+def _err(row: MetricRow) -> str:
+    e = row.error
+    if e is None:
+        return "—"
+    return f"{e:.3f}" if row.kind == "abs" else f"{e * 100:.1f}%"
+
+
+def _tol(row: MetricRow) -> str:
+    return f"±{row.tolerance:.3f}" if row.kind == "abs" else f"{row.tolerance * 100:.0f}%"
+
+
+def report_table(rows: list[MetricRow], title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("metric", "predicted", "measured", "error", "tolerance", "pass"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    for r in rows:
+        t.add_row(r.name, _fmt(r.predicted, r.unit), _fmt(r.measured, r.unit), _err(r), _tol(r),
+                  "[green]pass[/green]" if r.passed else "[bold red]FAIL[/bold red]")
+    return t
+
+
+def write_report(rows: list[MetricRow], meta: dict, out_stem: Path) -> tuple[Path, Path]:
+    """`<stem>.json` and `<stem>.md`, written atomically."""
+    doc = _finite({**meta, "passed": all(r.passed for r in rows), "metrics": [r.as_dict() for r in rows]})
+    js = out_stem.with_suffix(".json")
+    atomic_write_text(js, json.dumps(doc, indent=2, default=str, allow_nan=False) + "\n")
+    console = Console(record=True, width=140, file=io.StringIO())
+    console.print(report_table(rows, meta.get("title", "validation")))
+    md = out_stem.with_suffix(".md")
+    lines = [f"# {meta.get('title', 'validation')}", ""]
+    for k in ("suite", "device", "date", "command", "method"):
+        if k in meta:
+            lines.append(f"- **{k}**: {meta[k]}")
+    lines += ["", "```", console.export_text().rstrip(), "```", "",
+              f"Result: **{'PASS' if doc['passed'] else 'FAIL'}** "
+              f"({sum(r.passed for r in rows)}/{len(rows)} metrics within tolerance)", ""]
+    for note in meta.get("notes", []):
+        lines.append(f"- {note}")
+    atomic_write_text(md, "\n".join(lines) + "\n")
+    return js, md
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def exit_code(rows: list[MetricRow]) -> int:
+    return 0 if rows and all(r.passed for r in rows) else 1

@@ -1,0 +1,48 @@
+"""osdsim validate: the machinery on tiny models, and pass/fail semantics of reports."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from osdsim.cli import app
+from osdsim.validate.compare import MetricRow, exit_code, write_report
+from tests.conftest import REPO
+
+runner = CliRunner()
+
+
+def test_metric_out_of_tolerance_fails_and_is_marked(tmp_path):
+    rows = [MetricRow("α, phase a", 0.61, 0.60, 0.05, "abs"),
+            MetricRow("verify pass time", 0.030, 0.020, 0.10, unit="s")]
+    assert rows[0].passed and not rows[1].passed
+    assert exit_code(rows) == 1
+    assert exit_code(rows[:1]) == 0
+    js, md = write_report(rows, {"title": "t", "suite": "s"}, tmp_path / "r")
+    doc = json.loads(js.read_text())
+    assert doc["passed"] is False
+    assert [m["passed"] for m in doc["metrics"]] == [True, False]
+    assert "FAIL" in md.read_text()
+
+
+def test_bad_suite_exits_2(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: x\nfit: {}\nbogus: 1\n")
+    r = runner.invoke(app, ["validate", str(p)])
+    assert r.exit_code == 2 and "bogus" in r.output
+    r = runner.invoke(app, ["validate", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
+@pytest.mark.real
+def test_cpu_quick_suite_passes(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("OSDSIM_CACHE", str(tmp_path / "cache"))
+    r = runner.invoke(app, ["validate", str(REPO / "validate" / "cpu-quick.yaml"), "--out", str(tmp_path), "--quiet"])
+    assert r.exit_code == 0, r.output
+    reports = list(tmp_path.glob("cpu-quick-*.json"))
+    doc = json.loads(reports[0].read_text())
+    assert doc["passed"] and len(doc["metrics"]) >= 10
+    names = [m["name"] for m in doc["metrics"]]
+    assert any(n.startswith("α, phase") for n in names) and "verify pass time" in names
