@@ -420,6 +420,17 @@ def read_yaml(path: Path, what: str = "scenario") -> Any:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+def load_model_file(path: Path, model: type[BaseModel], what: str) -> BaseModel:
+    """Read a YAML mapping and validate it as `model`; bad files raise one-line InputErrors."""
+    data = read_yaml(path, what)
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a {what} must be a YAML mapping")
+    try:
+        return model(**data)
+    except ValidationError as exc:
+        raise InputError(f"{path}: {format_validation_error(exc)}") from None
+
+
 def load_scenario(path: Path, overrides: list[str] | None = None) -> Scenario:
     """Read, override (`--set`), and validate a scenario file."""
     path = Path(path)

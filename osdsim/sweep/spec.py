@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from osdsim.errors import InputError, format_validation_error
-from osdsim.scenario import read_yaml
+from osdsim.errors import InputError
+from osdsim.scenario import load_model_file, read_yaml
 
 
 class RandomAxis(BaseModel):
@@ -77,13 +77,7 @@ class Point:
 
 def load_sweep(path: Path) -> tuple[SweepSpec, dict, Path]:
     """(spec, base scenario dict, base directory)."""
-    data = read_yaml(path, "sweep")
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: a sweep must be a YAML mapping")
-    try:
-        spec = SweepSpec(**data)
-    except ValidationError as exc:
-        raise InputError(f"{path}: {format_validation_error(exc)}") from None
+    spec = load_model_file(path, SweepSpec, "sweep")
     base_dir = path.resolve().parent
     if isinstance(spec.base, str):
         base_path = Path(spec.base)

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from osdsim.errors import InputError, atomic_write_text, format_validation_error
-from osdsim.scenario import read_yaml
+from osdsim.scenario import load_model_file
 from osdsim.validate.compare import MetricRow
 from osdsim.validate.fit import empirical_law, fit_alpha_curve
 
@@ -55,13 +55,7 @@ class Suite(BaseModel):
 
 
 def load_suite(path: Path) -> Suite:
-    data = read_yaml(path, "validation suite")
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: a validation suite must be a YAML mapping")
-    try:
-        suite = Suite(**data)
-    except ValidationError as exc:
-        raise InputError(f"{path}: {format_validation_error(exc)}") from None
+    suite = load_model_file(path, Suite, "validation suite")
     if suite.calibrate not in ("none", "quick", "full"):
         raise InputError(f"{path}: calibrate: must be none, quick or full (got {suite.calibrate!r})")
     if suite.profile is None and suite.calibrate == "none":
