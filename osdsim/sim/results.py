@@ -97,12 +97,18 @@ def request_frame(run: RawRun) -> pd.DataFrame:
     )
 
 
+TIMESERIES_COLUMNS = (
+    "t_s", "throughput_tokens_per_s", "mean_batch", "busy_fraction", "compute_utilisation",
+    "bandwidth_utilisation", "alpha", "mean_k", "spare_flops_per_s", "train_flops_per_s",
+)
+
+
 def timeseries_frame(run: RawRun, bin_s: float | None) -> pd.DataFrame:
     it = run.iterations
     end = max(run.sim_time_s, 1e-9)
     width = bin_s or _nice_bin(end / 200.0)
     if it.empty:
-        return pd.DataFrame(columns=["t_s"])
+        return pd.DataFrame(columns=list(TIMESERIES_COLUMNS), dtype=float)
     n_rep = max(1, run.scenario.hardware.replicas)
     peak = run.extra["peak_flops"]
     bw = run.extra["bandwidth"]
