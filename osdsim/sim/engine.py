@@ -217,7 +217,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         transfer = acc.transfer
 
     env = simpy.Environment()
-    table = RequestTable(req.arrival_s, req.domain, req.prompt_tokens, req.output_tokens)
+    table = RequestTable(req.arrival_s.copy(), req.domain, req.prompt_tokens, req.output_tokens)
     stats = DistillStats()
     alpha_rows: list[tuple] = []
     seeds = np.random.SeedSequence([scenario.seed, 0xACC]).spawn(scenario.hardware.replicas + 1)

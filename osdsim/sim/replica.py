@@ -207,6 +207,9 @@ class Replica:
     def submit(self, rid: int) -> None:
         self.outstanding += 1
         self.table.replica[rid] = self.index
+        # The simulated clock reached the arrival by summing gaps; record that exact instant so
+        # causality (admitted ≥ arrival) holds to the last bit.
+        self.table.arrival[rid] = self.env.now
         self.inbox.put(rid)
 
     def _drain_inbox(self) -> None:
