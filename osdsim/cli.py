@@ -233,6 +233,7 @@ def validate(
     suite_file: Path = typer.Argument(..., help="Validation suite YAML (validate/*.yaml)."),
     out: Path | None = typer.Option(None, "--out", help="Report directory (default: validate/reports)."),
     calibrate_mode: str | None = typer.Option(None, "--calibrate", help="Override the suite: none | quick | full."),
+    reuse: bool = typer.Option(False, "--reuse-runs", help="Re-predict from the real runs recorded in the work directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table."),
 ) -> None:
@@ -263,7 +264,7 @@ def validate(
             import torch  # noqa: F401
         except ImportError:
             raise InputError("osdsim validate needs torch + transformers: bash scripts/install.sh real") from None
-        result = run_validation(suite, suite_file, out_dir, progress=say, calibrate_fn=calibrate_fn)
+        result = run_validation(suite, suite_file, out_dir, progress=say, calibrate_fn=calibrate_fn, reuse=reuse)
         device = platform.processor() or platform.machine()
         stem = out_dir / f"{suite.name}-{datetime.now().strftime('%Y%m%d')}"
         result.meta["device"] = f"CPU {device}, {__import__('os').cpu_count()} cores"

@@ -265,6 +265,9 @@ class Distill(_Strict):
         "harvest", description="Where training steps run: block serving, spare compute, or trainer GPUs."
     )
     update_interval_requests: int = Field(8, ge=1, description="A training step every this many finished requests (OSD: 8).")
+    window_requests: int | None = Field(
+        None, ge=1, description="Each step trains on the last this-many requests (a sliding window); default = update interval."
+    )
     tokens: Literal["target", "all"] = Field(
         "target", description="Positions distilled on: where the target supplied the token (OSD) or all output tokens."
     )

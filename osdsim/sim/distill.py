@@ -105,8 +105,13 @@ class Distiller:
         trainable_params: int,
         num_domains: int,
         stats: DistillStats,
+        window_requests: int | None = None,
     ):
         self.draft = draft
+        # Sliding window: each step trains on the last `window` requests' sequences (the cost), while
+        # α moves only with the tokens of requests not trained on before.
+        self.window = max(window_requests or update_interval, 1)
+        self._recent: deque[float] = deque(maxlen=self.window)
         self.cost = cost
         self.interval = update_interval
         self.tokens_mode = tokens_mode
@@ -126,6 +131,7 @@ class Distiller:
         loss_tokens = target_supplied if self.tokens_mode == "target" else output
         self._buf_tokens[domain] += loss_tokens
         seq = float(prompt + output)
+        self._recent.append(seq)
         self._buf_len += seq
         self._buf_len_sq += seq * seq
         self._buf_requests += 1
@@ -133,6 +139,9 @@ class Distiller:
             self._make_step(now)
 
     def _make_step(self, now: float) -> None:
+        if self.window != self.interval:
+            self._buf_len = float(sum(self._recent))
+            self._buf_len_sq = float(sum(x * x for x in self._recent))
         cost = self.cost.training_step(self._buf_len, self._buf_len_sq, self.trainable_params)
         step = TrainingStep(
             draft_id=self.draft.draft_id,

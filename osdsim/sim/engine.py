@@ -241,7 +241,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         ]
         dists = [
             Distiller(s, draft_cost, d.update_interval_requests, d.tokens, d.max_pending_steps,
-                      trainable_params, n_dom, stats)
+                      trainable_params, n_dom, stats, d.window_requests)
             for s in states
         ]
         for s in states:

@@ -142,6 +142,7 @@ def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: P
         "speculation": {"k": int(cfg["decode"]["k"])},
         "acceptance": {"file": str(acc_file), "law": "empirical", "empirical_file": str(law_file)},
         "distill": {"placement": "inline", "update_interval_requests": int(cfg["distill"]["update_interval"]),
+                    "window_requests": int(cfg["distill"].get("window_requests") or cfg["distill"]["update_interval"]),
                     "tokens": "all", "trainable": "layers"},
         "workload": {"arrival": "trace", "trace_file": str(trace_file), "domains": {d: {} for d in doms},
                      "shift": {"unit": "requests", "phases": phases}},
@@ -251,14 +252,43 @@ def _predicted_pass_times(sim: Any, k: int) -> tuple[float, float]:
 
 
 # --- the whole method ------------------------------------------------------------------------------
-def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None, calibrate_fn=None) -> ValidationResult:
+@dataclass
+class RecordedRun:
+    """A finished real run read back from its output directory (requests/steps/updates CSV + summary)."""
+
+    summary: dict
+    requests: list[dict]
+    steps: list[dict]
+    updates: list[dict]
+
+
+def load_recorded(run_dir: Path) -> RecordedRun | None:
+    import csv
+    import json
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("partial") or "config" not in summary:
+        return None
+
+    def rows(name: str) -> list[dict]:
+        with open(run_dir / name, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    return RecordedRun(summary, rows("requests.csv"), rows("steps.csv"), rows("updates.csv"))
+
+
+def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None, calibrate_fn=None,
+                   reuse: bool = False) -> ValidationResult:
     from osdsim.api import simulate
     from osdsim.real.config import RealConfig
     from osdsim.real.run import run_real
     from osdsim.scenario import scenario_from_dict
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = out_dir / f"{suite.name}-work"
+    work = (out_dir / f"{suite.name}-work").resolve()
     profile = suite.profile
     if suite.calibrate != "none":
         if calibrate_fn is None:
@@ -269,17 +299,21 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
         held_cfg = RealConfig(**_merge(suite.fit, suite.heldout))
     except ValidationError as exc:
         raise InputError(f"{suite_path}: fit/heldout: {format_validation_error(exc)}") from None
-    if progress:
-        progress("fit run S1 (real)")
-    s1 = run_real(fit_cfg, work / "S1")
+    s1 = load_recorded(work / "S1") if reuse else None
+    if s1 is None:
+        if progress:
+            progress("fit run S1 (real)")
+        s1 = run_real(fit_cfg, work / "S1")
     k = int(fit_cfg.decode.k)
     acc, law = fit_acceptance(s1.requests, k)
     acc_file, law_file = work / "acceptance.yaml", work / "accepted_lengths.yaml"
     atomic_write_text(acc_file, yaml.safe_dump(acc, sort_keys=False))
     atomic_write_text(law_file, yaml.safe_dump(law, sort_keys=False))
-    if progress:
-        progress("held-out run S2 (real)")
-    s2 = run_real(held_cfg, work / "S2")
+    s2 = load_recorded(work / "S2") if reuse else None
+    if s2 is None:
+        if progress:
+            progress("held-out run S2 (real)")
+        s2 = run_real(held_cfg, work / "S2")
     if progress:
         progress("simulating S2")
     twin = twin_scenario(s2.summary, s2.requests, profile, acc_file, law_file, work / "S2-trace.csv", work)
@@ -293,7 +327,8 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
         "suite": str(suite_path),
         "date": datetime.now().isoformat(timespec="seconds"),
         "device": s2.summary.get("device", "local"),
-        "method": f"fit on S1 (seed {fit_cfg.seed}), predict held-out S2 (seed {held_cfg.seed}) in trace mode",
+        "method": f"fit on S1 (seed {fit_cfg.seed}), predict held-out S2 (seed {held_cfg.seed}) in trace mode"
+        + (" (real runs reused from the work directory)" if reuse else ""),
         "profile": profile,
         "fitted_acceptance": acc,
     }

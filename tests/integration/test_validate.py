@@ -46,3 +46,20 @@ def test_cpu_quick_suite_passes(tmp_path, monkeypatch):
     assert doc["passed"] and len(doc["metrics"]) >= 10
     names = [m["name"] for m in doc["metrics"]]
     assert any(n.startswith("α, phase") for n in names) and "verify pass time" in names
+
+
+@pytest.mark.real
+def test_reuse_recorded_runs(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setenv("OSDSIM_CACHE", str(tmp_path / "cache"))
+    suite = str(REPO / "validate" / "cpu-quick.yaml")
+    assert runner.invoke(app, ["validate", suite, "--out", str(tmp_path), "--quiet"]).exit_code == 0
+    s2 = tmp_path / "cpu-quick-work" / "S2" / "requests.csv"
+    before = s2.stat().st_mtime_ns
+    r = runner.invoke(app, ["validate", suite, "--out", str(tmp_path), "--quiet", "--reuse-runs", "--calibrate", "none"])
+    assert r.exit_code == 2 and "profile" in r.output  # calibrate none needs a profile in the suite
+    r = runner.invoke(app, ["validate", suite, "--out", str(tmp_path), "--quiet", "--reuse-runs"])
+    assert r.exit_code == 0, r.output
+    assert s2.stat().st_mtime_ns == before  # the real runs were not repeated
+    doc = json.loads(next(tmp_path.glob("cpu-quick-*.json")).read_text())
+    assert "reused" in doc["method"]
