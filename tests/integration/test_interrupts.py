@@ -73,3 +73,28 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path, mode):
     small.write_text(yaml.safe_dump(merge(BASE, {"workload": {"num_requests": 10}})))
     r = subprocess.run([*CLI, "run", str(small), "--out", str(target), "--no-plots", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.real
+def test_sigint_during_calibrate_writes_no_profile(tmp_path):
+    pytest.importorskip("torch")
+    target = tmp_path / "cpu.yaml"
+    rc, text = _interrupt_after(["calibrate", "--gpu", "cpu", "--quick", "--out", target], 6.0, REPO)
+    assert rc in (2, 130), text
+    assert "interrupted" in text and "Traceback" not in text
+    assert not target.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.real
+def test_sigint_during_validate_writes_no_report(tmp_path):
+    pytest.importorskip("torch")
+    env_cache = tmp_path / "cache"
+    os.environ["OSDSIM_CACHE"] = str(env_cache)
+    try:
+        rc, text = _interrupt_after(["validate", REPO / "validate" / "cpu-quick.yaml", "--out", tmp_path], 8.0, REPO)
+    finally:
+        os.environ.pop("OSDSIM_CACHE", None)
+    assert rc == 130, text
+    assert "interrupted" in text and "Traceback" not in text
+    assert not list(tmp_path.glob("cpu-quick-*.json")) and not list(tmp_path.glob("cpu-quick-*.md"))
