@@ -234,6 +234,7 @@ def validate(
     out: Path | None = typer.Option(None, "--out", help="Report directory (default: validate/reports)."),
     calibrate_mode: str | None = typer.Option(None, "--calibrate", help="Override the suite: none | quick | full."),
     reuse: bool = typer.Option(False, "--reuse-runs", help="Re-predict from the real runs recorded in the work directory."),
+    check: bool = typer.Option(False, "--check", help="Only check the suite file (schema, real-run configs, profile) and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table."),
 ) -> None:
@@ -258,6 +259,13 @@ def validate(
             if calibrate_mode not in ("none", "quick", "full"):
                 raise InputError(f"--calibrate: must be none, quick or full (got {calibrate_mode!r})")
             suite = suite.model_copy(update={"calibrate": calibrate_mode})
+        if check:
+            from osdsim.validate.pipeline import check_suite
+
+            check_suite(suite, suite_file)
+            if not quiet:
+                Console().print(f"{suite_file}: suite {suite.name} is valid")
+            return
         out_dir = out or Path("validate") / "reports"
         say = None if (quiet or as_json) else (lambda m: err_console.print(f"[dim]{m}…[/dim]"))
         try:

@@ -63,6 +63,22 @@ def load_suite(path: Path) -> Suite:
     return suite
 
 
+def check_suite(suite: Suite, suite_path: Path) -> None:
+    """Everything that can be checked without running: real-run configs and the profile."""
+    from osdsim.cost.profile import load_profile, resolve_profile_path
+    from osdsim.real.config import RealConfig
+
+    for label, data in (("fit", suite.fit), ("heldout", _merge(suite.fit, suite.heldout))):
+        try:
+            RealConfig(**data)
+        except ValidationError as exc:
+            raise InputError(f"{suite_path}: {label}: {format_validation_error(exc)}") from None
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{suite_path}: {label}: {str(exc).splitlines()[0]}") from None
+    if suite.profile:
+        load_profile(resolve_profile_path(suite.profile, suite_path.resolve().parent))
+
+
 def _merge(a: dict, b: dict) -> dict:
     out = copy.deepcopy(a)
     for k, v in b.items():

@@ -146,3 +146,26 @@ def test_fuzz_profile_long(tmp_path_factory, data):
 @given(data=mutated(SWEEP))
 def test_fuzz_sweep_long(tmp_path_factory, data):
     _run_sweep(tmp_path_factory, data)
+
+
+SUITE = yaml.safe_load((REPO / "validate" / "cpu-smollm2.yaml").read_text())
+SUITE["profile"] = str(REPO / "calibration" / "cpu-amd-epyc.yaml")
+
+
+def _run_suite(tmp_path_factory, data: bytes):
+    p = tmp_path_factory.mktemp("fv") / "suite.yaml"
+    p.write_bytes(data)
+    _assert_clean(runner.invoke(app, ["validate", str(p), "--check", "--quiet"]))
+
+
+@FAST
+@given(data=mutated(SUITE))
+def test_fuzz_validate_suite_loading(tmp_path_factory, data):
+    _run_suite(tmp_path_factory, data)
+
+
+@pytest.mark.slow
+@SLOW
+@given(data=mutated(SUITE))
+def test_fuzz_validate_suite_long(tmp_path_factory, data):
+    _run_suite(tmp_path_factory, data)
