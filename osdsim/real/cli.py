@@ -106,6 +106,12 @@ def real(
             result = run_real(cfg, out_dir, None)
     except (MissingDependency, FileNotFoundError, ValueError) as e:
         raise _fail(str(e).splitlines()[0]) from None
+    except MemoryError:
+        typer.echo(f"error: out of memory; the requests recorded so far are in {out_dir}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo(f"error: interrupted; the requests recorded so far are in {out_dir}", err=True)
+        raise typer.Exit(130) from None
     if json:
         from osdsim.real.run import _json_safe
 

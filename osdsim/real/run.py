@@ -253,63 +253,70 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
     clock0 = time.perf_counter()
     total = len(stream.requests)
     n_updates = 0
-    for r in stream.requests:
-        q = r.query
-        prompt = ids_of(q)
-        start = time.perf_counter() - clock0
-        g = speculative_generate(s_target, s_draft_call, prompt, params, codec.eos_ids, gen)
-        finish = time.perf_counter() - clock0
-        s = summarize(g.steps, dc.k)
-        steps_by_phase.setdefault(r.phase, []).extend(g.steps)
-        for j, st in enumerate(g.steps):
-            step_rows.append({"request_index": r.index, "step": j, "proposed": st.proposed,
-                              "accepted": st.accepted, "emitted": st.emitted,
-                              "draft_s": round(st.draft_s, 6), "verify_s": round(st.verify_s, 6)})
-        row: dict[str, Any] = {
-            "request_index": r.index, "phase": r.phase, "phase_name": phases[r.phase].label,
-            "domain": q.domain, "uid": q.uid,
-            "arrival_s": round(start, 6), "start_s": round(start, 6),
-            "first_token_s": round(start + g.first_token_s, 6), "finish_s": round(finish, 6),
-            "prompt_tokens": len(prompt), "output_tokens": len(g.tokens), "hit_eos": g.hit_eos,
-            "steps": len(g.steps), "proposed": s.proposed, "accepted": s.accepted,
-            "rejections": s.rejections, "alpha": round(s.alpha, 5) if s.steps else "",
-            "accepted_lengths": " ".join(str(st.accepted) for st in g.steps),
-            "prefill_s": round(g.prefill_s, 6),
-            "draft_s": round(sum(st.draft_s for st in g.steps), 6),
-            "verify_s": round(sum(st.verify_s for st in g.steps), 6),
-            "decode_s": round(g.total_s - g.prefill_s, 6),
-            "baseline_decode_s": "", "baseline_prefill_s": "", "baseline_tokens": "",
-            "baseline_same_tokens": "", "label_s": 0.0, "train_s": 0.0, "update": "",
-        }
-        if r.index in baseline_idx:
-            b = target_generate(s_target, prompt, dc.max_new_tokens, dc.greedy, dc.temperature,
-                                codec.eos_ids, gen)
-            row.update(baseline_decode_s=round(b.total_s - b.prefill_s, 6),
-                       baseline_prefill_s=round(b.prefill_s, 6), baseline_tokens=len(b.tokens),
-                       baseline_same_tokens=b.tokens == g.tokens)
-        if distiller is not None:
-            l0 = distiller.label_s
-            sample = distiller.make_sample(prompt, g, q.domain, dc.max_new_tokens)
-            row["label_s"] = round(distiller.label_s - l0, 6)
-            upd = distiller.request_done(sample)
-            if upd is not None:
-                sync_serving()
-                n_updates = upd.update
-                row["train_s"] = round(upd.train_s, 6)
-                row["update"] = upd.update
-                upd_rows.append({**upd.__dict__, "phase": r.phase,
-                                 "time_s": round(time.perf_counter() - clock0, 6)})
-                if upd.update % cfg.eval.every_updates == 0:
-                    eval_heldout("online", r.index + 1, upd.update, draft)
-        req_rows.append(row)
-        # phase boundary: evaluate held-out α at the end of each phase; checkpoint the tables
-        if r.index + 1 == phases[r.phase].end:
-            eval_heldout(f"end_phase_{r.phase}", r.index + 1, n_updates, draft)
-            if out_dir is not None:
-                partial = {"name": cfg.name, "partial": True, "requests": len(req_rows)}
-                write_outputs(RealRunResult(partial, req_rows, step_rows, upd_rows, alpha_rows), out_dir)
-        if progress is not None:
-            progress(r.index + 1, total, {"domain": q.domain, "alpha": s.alpha, "updates": n_updates})
+    try:
+        for r in stream.requests:
+            q = r.query
+            prompt = ids_of(q)
+            start = time.perf_counter() - clock0
+            g = speculative_generate(s_target, s_draft_call, prompt, params, codec.eos_ids, gen)
+            finish = time.perf_counter() - clock0
+            s = summarize(g.steps, dc.k)
+            steps_by_phase.setdefault(r.phase, []).extend(g.steps)
+            for j, st in enumerate(g.steps):
+                step_rows.append({"request_index": r.index, "step": j, "proposed": st.proposed,
+                                  "accepted": st.accepted, "emitted": st.emitted,
+                                  "draft_s": round(st.draft_s, 6), "verify_s": round(st.verify_s, 6)})
+            row: dict[str, Any] = {
+                "request_index": r.index, "phase": r.phase, "phase_name": phases[r.phase].label,
+                "domain": q.domain, "uid": q.uid,
+                "arrival_s": round(start, 6), "start_s": round(start, 6),
+                "first_token_s": round(start + g.first_token_s, 6), "finish_s": round(finish, 6),
+                "prompt_tokens": len(prompt), "output_tokens": len(g.tokens), "hit_eos": g.hit_eos,
+                "steps": len(g.steps), "proposed": s.proposed, "accepted": s.accepted,
+                "rejections": s.rejections, "alpha": round(s.alpha, 5) if s.steps else "",
+                "accepted_lengths": " ".join(str(st.accepted) for st in g.steps),
+                "prefill_s": round(g.prefill_s, 6),
+                "draft_s": round(sum(st.draft_s for st in g.steps), 6),
+                "verify_s": round(sum(st.verify_s for st in g.steps), 6),
+                "decode_s": round(g.total_s - g.prefill_s, 6),
+                "baseline_decode_s": "", "baseline_prefill_s": "", "baseline_tokens": "",
+                "baseline_same_tokens": "", "label_s": 0.0, "train_s": 0.0, "update": "",
+            }
+            if r.index in baseline_idx:
+                b = target_generate(s_target, prompt, dc.max_new_tokens, dc.greedy, dc.temperature,
+                                    codec.eos_ids, gen)
+                row.update(baseline_decode_s=round(b.total_s - b.prefill_s, 6),
+                           baseline_prefill_s=round(b.prefill_s, 6), baseline_tokens=len(b.tokens),
+                           baseline_same_tokens=b.tokens == g.tokens)
+            if distiller is not None:
+                l0 = distiller.label_s
+                sample = distiller.make_sample(prompt, g, q.domain, dc.max_new_tokens)
+                row["label_s"] = round(distiller.label_s - l0, 6)
+                upd = distiller.request_done(sample)
+                if upd is not None:
+                    sync_serving()
+                    n_updates = upd.update
+                    row["train_s"] = round(upd.train_s, 6)
+                    row["update"] = upd.update
+                    upd_rows.append({**upd.__dict__, "phase": r.phase,
+                                     "time_s": round(time.perf_counter() - clock0, 6)})
+                    if upd.update % cfg.eval.every_updates == 0:
+                        eval_heldout("online", r.index + 1, upd.update, draft)
+            req_rows.append(row)
+            # phase boundary: evaluate held-out α at the end of each phase; checkpoint the tables
+            if r.index + 1 == phases[r.phase].end:
+                eval_heldout(f"end_phase_{r.phase}", r.index + 1, n_updates, draft)
+                if out_dir is not None:
+                    partial = {"name": cfg.name, "partial": True, "requests": len(req_rows)}
+                    write_outputs(RealRunResult(partial, req_rows, step_rows, upd_rows, alpha_rows), out_dir)
+            if progress is not None:
+                progress(r.index + 1, total, {"domain": q.domain, "alpha": s.alpha, "updates": n_updates})
+    except (MemoryError, KeyboardInterrupt):
+        # Keep what was recorded so far (out of memory, Ctrl-C), then let the caller report it.
+        if out_dir is not None:
+            partial = {"name": cfg.name, "partial": True, "requests": len(req_rows), "stopped": "interrupted"}
+            write_outputs(RealRunResult(partial, req_rows, step_rows, upd_rows, alpha_rows), out_dir)
+        raise
 
     stream_s = time.perf_counter() - clock0
 

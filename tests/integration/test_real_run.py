@@ -64,3 +64,37 @@ def test_tiny_osd_run_writes_consistent_outputs(tmp_path, monkeypatch):
     # the held-out answers were cached: a second run reuses them (same model, prompts, domain)
     cached = list((tmp_path / "cache" / "answers").glob("*.json"))
     assert len(cached) >= 2
+
+
+def test_out_of_memory_keeps_what_was_recorded(tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    import osdsim.real.specdec as sd
+    from osdsim.cli import app
+
+    monkeypatch.setenv("OSDSIM_CACHE", str(tmp_path / "cache"))
+    real_generate = sd.speculative_generate
+    calls = {"n": 0}
+
+    def generate_then_oom(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise MemoryError
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(sd, "speculative_generate", generate_then_oom)
+    cfg = {"name": "tiny-oom", "seed": 3, "threads": 1, "models": {"target": "tiny", "draft": "layers:1"},
+           "stream": {"domains": ["finance", "gsm8k"], "requests_per_phase": 4, "heldout_per_domain": 2,
+                      "max_prompt_tokens": 200},
+           "decode": {"k": 2, "max_new_tokens": 8}, "distill": {"update_interval": 2, "teacher_topk": 0},
+           "baseline": {"requests_per_phase": 0}, "eval": {"every_updates": 4}}
+    scen = tmp_path / "s.yaml"
+    scen.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["real", str(scen), "--out", str(out), "--quiet"])
+    assert r.exit_code == 1, r.output
+    assert "out of memory" in r.output and "Traceback" not in r.output
+    rows = list(csv.DictReader((out / "requests.csv").open()))
+    assert len(rows) == 5
+    assert json.loads((out / "summary.json").read_text())["partial"] is True
