@@ -128,14 +128,7 @@ class Timer:
         times: list[float] = []
         spent = 0.0
         for i in range(self.warmup + self.repeats):
-            inputs = prepare()
-            self.sync()
-            t0 = time.perf_counter()
-            run(inputs)
-            self.sync()
-            dt = time.perf_counter() - t0
-            if reset is not None:
-                reset(inputs)
+            dt = self.once(prepare, run, reset)
             if i >= self.warmup:
                 times.append(dt)
                 spent += dt
