@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -38,6 +39,17 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     n_more = len(exc.errors()) - 1
     more = f" [+{n_more} more]" if n_more > 0 else ""
     return f"{path or 'scenario'}: {msg}{shown}{more}".replace("\n", " ")
+
+
+def json_safe(x):
+    """Replace non-finite floats (NaN, ±inf) by None, recursively, so JSON stays standard."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from osdsim.errors import json_safe
 from osdsim.real._deps import MissingDependency
 
 
@@ -113,9 +114,7 @@ def real(
         typer.echo(f"error: interrupted; the requests recorded so far are in {out_dir}", err=True)
         raise typer.Exit(130) from None
     if json:
-        from osdsim.real.run import _json_safe
-
-        typer.echo(jsonlib.dumps(_json_safe(result.summary), indent=2))
+        typer.echo(jsonlib.dumps(json_safe(result.summary), indent=2))
         return
     if quiet:
         return

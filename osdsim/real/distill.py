@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from osdsim.errors import atomic_write_text
 from osdsim.real.specdec import (
     Generation,
     TeacherRecord,
@@ -497,11 +496,7 @@ class AnswerCache:
         if path.is_file():
             return [list(map(int, a)) for a in json.loads(path.read_text())["answers"]]
         answers = make()
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"meta": meta, "answers": answers}, f)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"meta": meta, "answers": answers}))
         return answers
 
 

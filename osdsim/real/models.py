@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from osdsim.errors import atomic_write_text
 from osdsim.real._deps import MissingDependency, package_file, require_module
 
 if TYPE_CHECKING:
@@ -56,15 +57,8 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
             h.update(block)
     digest = h.hexdigest()
     memo_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(memo, digest)
+    atomic_write_text(memo, digest)
     return digest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------

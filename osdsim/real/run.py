@@ -17,15 +17,13 @@ import copy
 import csv
 import io
 import json
-import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from osdsim.errors import atomic_write_text, json_safe
 from osdsim.real.config import RealConfig
 
 
@@ -42,14 +40,6 @@ class RealRunResult:
 Progress = Callable[[int, int, dict[str, Any]], None]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _csv_text(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     if rows:
@@ -59,23 +49,13 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def write_outputs(result: RealRunResult, out_dir: Path) -> list[Path]:
     files = []
     for name, rows in (("requests.csv", result.requests), ("steps.csv", result.steps),
                        ("updates.csv", result.updates), ("alpha.csv", result.alpha)):
-        _atomic_write(out_dir / name, _csv_text(rows))
+        atomic_write_text(out_dir / name, _csv_text(rows))
         files.append(out_dir / name)
-    _atomic_write(out_dir / "summary.json", json.dumps(_json_safe(result.summary), indent=2) + "\n")
+    atomic_write_text(out_dir / "summary.json", json.dumps(json_safe(result.summary), indent=2) + "\n")
     files.append(out_dir / "summary.json")
     return files
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from osdsim.errors import atomic_write_text
+from osdsim.errors import atomic_write_text, json_safe
 
 
 @dataclass
@@ -78,7 +78,7 @@ def report_table(rows: list[MetricRow], title: str) -> Table:
 
 def write_report(rows: list[MetricRow], meta: dict, out_stem: Path) -> tuple[Path, Path]:
     """`<stem>.json` and `<stem>.md`, written atomically."""
-    doc = _finite({**meta, "passed": all(r.passed for r in rows), "metrics": [r.as_dict() for r in rows]})
+    doc = json_safe({**meta, "passed": all(r.passed for r in rows), "metrics": [r.as_dict() for r in rows]})
     js = out_stem.with_suffix(".json")
     atomic_write_text(js, json.dumps(doc, indent=2, default=str, allow_nan=False) + "\n")
     console = Console(record=True, width=140, file=io.StringIO())
@@ -95,16 +95,6 @@ def write_report(rows: list[MetricRow], meta: dict, out_stem: Path) -> tuple[Pat
         lines.append(f"- {note}")
     atomic_write_text(md, "\n".join(lines) + "\n")
     return js, md
-
-
-def _finite(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def exit_code(rows: list[MetricRow]) -> int:
