@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import simpy
+from pydantic import ValidationError
 
 from osdsim.cost.model import CostModel, memory_plan
 from osdsim.cost.profile import HardwareProfile, load_profile, resolve_profile_path
-from osdsim.errors import InputError
+from osdsim.errors import InputError, format_validation_error
 from osdsim.scenario import Acceptance, DomainAcceptance, Scenario, read_yaml
 from osdsim.sim.distill import Distiller, DistillStats, DraftState
 from osdsim.sim.replica import Replica, ReplicaConfig, RequestTable
@@ -61,14 +62,8 @@ def acceptance_params(scenario: Scenario) -> tuple[Acceptance, dict[str, DomainA
             raise InputError(f"{path}: acceptance file must be a mapping with 'domains'")
         try:
             file_acc = Acceptance(**{k: v for k, v in data.items() if k in ("domains", "transfer", "law", "distillation_helps")})
-        except Exception as exc:  # pydantic ValidationError
-            from pydantic import ValidationError
-
-            from osdsim.errors import format_validation_error
-
-            if isinstance(exc, ValidationError):
-                raise InputError(f"{path}: {format_validation_error(exc)}") from None
-            raise
+        except ValidationError as exc:
+            raise InputError(f"{path}: {format_validation_error(exc)}") from None
         domains.update(file_acc.domains)
         if "transfer" in data and "transfer" not in acc.model_fields_set:
             transfer = file_acc.transfer
@@ -197,6 +192,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
     # Acceptance law.
     law_name = "none"
     sampler = sample_geometric
+    plateau = None
     if draft is not None:
         acc, dom_acc = acceptance_params(scenario)
         law_name = "geometric"
@@ -215,6 +211,8 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         aoff = np.array([dom_acc[d].offline for d in names])
         tau = np.array([dom_acc[d].tau_tokens for d in names])
         transfer = acc.transfer
+        # The α each domain's stream converges to under this strategy (recovery targets).
+        plateau = {"static": a0, "offline": aoff}.get(strategy, ainf)
 
     env = simpy.Environment()
     table = RequestTable(req.arrival_s.copy(), req.domain, req.prompt_tokens, req.output_tokens)
@@ -338,6 +336,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         kv_capacity_tokens=int(kv_cap),
         k_setting=k_setting,
         extra={"peak_flops": target_cost.peak_flops, "bandwidth": target_cost.bandwidth,
+               "plateau_by_domain": plateau,
                "pending_steps": sum(len(x.pending) + x.in_flight for x in all_distillers)},
     )
 

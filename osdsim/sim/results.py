@@ -150,6 +150,7 @@ def _phase_rows(req: pd.DataFrame, run: RawRun, baseline: pd.DataFrame | None) -
         sel = req[(run.requests.phase == i)]
         fin = sel[sel["finished"]]
         steps = fin["steps"].sum()
+        e2e = _stats(fin["e2e_s"])
         row = {
             "phase": name,
             "bounds": [_r(x) for x in run.requests.phase_bounds[i]],
@@ -158,8 +159,8 @@ def _phase_rows(req: pd.DataFrame, run: RawRun, baseline: pd.DataFrame | None) -
             "alpha_model_mean": _r(np.nanmean(fin["alpha_model"])) if fin["alpha_model"].notna().any() else None,
             "tokens_per_step": _r((fin["output_tokens"] - 1).clip(lower=0).sum() / steps) if steps else None,
             "tpot_p50_s": _stats(fin["tpot_s"])["p50"],
-            "e2e_p50_s": _stats(fin["e2e_s"])["p50"],
-            "e2e_p99_s": _stats(fin["e2e_s"])["p99"],
+            "e2e_p50_s": e2e["p50"],
+            "e2e_p99_s": e2e["p99"],
         }
         if baseline is not None:
             base = baseline[(run.requests.phase == i) & baseline["finished"].to_numpy()]
@@ -187,7 +188,7 @@ def recovery(req: pd.DataFrame, run: RawRun, window: int, tol: float) -> list[di
     r = run.requests
     if len(r.phase_names) < 2 or not req["alpha_model"].notna().any():
         return []
-    acc = run.scenario.acceptance
+    plateau_by_domain = run.extra.get("plateau_by_domain")
     alpha = req["alpha_model"].to_numpy()
     valid = np.isfinite(alpha)
     idx = np.flatnonzero(valid)
@@ -202,17 +203,7 @@ def recovery(req: pd.DataFrame, run: RawRun, window: int, tol: float) -> list[di
         pre = float(series[before[-window:]].mean())
         # Plateau of the new phase's stream: α_∞ weighted by its domains' share of requests.
         doms = r.domain[idx[starts]]
-        plateau = None
-        if acc.domains or acc.file:
-            from osdsim.sim.engine import acceptance_params
-
-            _, dom_acc = acceptance_params(run.scenario)
-            pl = np.array([dom_acc[n].plateau for n in r.domain_names])
-            if run.strategy in ("static",):
-                pl = np.array([dom_acc[n].alpha_0 for n in r.domain_names])
-            elif run.strategy == "offline":
-                pl = np.array([dom_acc[n].offline for n in r.domain_names])
-            plateau = float(pl[doms].mean())
+        plateau = None if plateau_by_domain is None else float(plateau_by_domain[doms].mean())
         target = pre if plateau is None else min(pre, plateau)
         end = int(starts[-1]) + 1
         # Restart the window at the shift so pre-shift requests do not mask the drop.
