@@ -239,6 +239,7 @@ def validate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table."),
 ) -> None:
     """Fit on one real run, predict a held-out real run, run it, report predicted vs measured."""
+    import os
     import platform
     import subprocess
 
@@ -275,7 +276,7 @@ def validate(
         result = run_validation(suite, suite_file, out_dir, progress=say, calibrate_fn=calibrate_fn, reuse=reuse)
         device = platform.processor() or platform.machine()
         stem = out_dir / f"{suite.name}-{datetime.now().strftime('%Y%m%d')}"
-        result.meta["device"] = f"CPU {device}, {__import__('os').cpu_count()} cores"
+        result.meta["device"] = f"CPU {device}, {os.cpu_count()} cores"
         result.meta["command"] = "osdsim validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else f"osdsim validate {suite_file}"
         js, md = write_report(result.rows, result.meta, stem)
     except InputError as exc:

@@ -206,8 +206,6 @@ def compare_runs(real: Any, sim: Any, suite: Suite, k: int) -> list[MetricRow]:
     rows.append(MetricRow("accepted tokens per step (incl. bonus)", sim.summary["speculation"]["mean_tokens_per_step"],
                           real_tps, tol.tokens_per_step_rel))
     # Pass times: the cost model at batch 1 and the run's mean context vs measured means.
-    it = sim.iterations
-    serve = it[(it["kind"] == "serve") & (it["decode_seqs"] > 0)] if "decode_seqs" in it else it.iloc[0:0]
     real_steps = real.steps
     if real_steps:
         real_draft = float(np.mean([_num(s["draft_s"]) for s in real_steps]))
@@ -215,12 +213,10 @@ def compare_runs(real: Any, sim: Any, suite: Suite, k: int) -> list[MetricRow]:
         pred_draft, pred_verify = _predicted_pass_times(sim, k)
         rows.append(MetricRow(f"draft time per step ({k} passes)", pred_draft, real_draft, tol.pass_time_rel, unit="s"))
         rows.append(MetricRow("verify pass time", pred_verify, real_verify, tol.pass_time_rel, unit="s"))
-    del serve
-    upd = [u for u in real.updates if _num(u.get("seconds", u.get("train_s", math.nan))) == _num(u.get("seconds", u.get("train_s", math.nan)))]
-    real_train = [_num(u.get("seconds", u.get("train_s"))) for u in upd]
+    real_train = [x for x in (_num(u.get("train_s")) for u in real.updates) if math.isfinite(x)]
     sim_train = sim.training[sim.training["kind"] == "done"]["duration_s"]
     if real_train and len(sim_train):
-        rows.append(MetricRow("training step time", float(sim_train.mean()), float(np.nanmean(real_train)),
+        rows.append(MetricRow("training step time", float(sim_train.mean()), float(np.mean(real_train)),
                               tol.pass_time_rel, unit="s"))
     real_e2e = np.array([_num(r["finish_s"]) - _num(r["start_s"]) for r in reqs])
     sim_e2e = sim.requests["e2e_s"].dropna().to_numpy()
