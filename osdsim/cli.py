@@ -243,7 +243,7 @@ def validate(
     import platform
     import subprocess
 
-    from osdsim.validate.compare import exit_code, report_table, write_report
+    from osdsim.validate.compare import exit_code, report_table, write_plots, write_report
     from osdsim.validate.pipeline import load_suite, run_validation
 
     def calibrate_fn(path: Path, quick: bool) -> Path:
@@ -273,11 +273,15 @@ def validate(
             import torch  # noqa: F401
         except ImportError:
             raise InputError("osdsim validate needs torch + transformers: bash scripts/install.sh real") from None
-        result = run_validation(suite, suite_file, out_dir, progress=say, calibrate_fn=calibrate_fn, reuse=reuse)
+        notice = None if quiet else (lambda m: err_console.print(f"[yellow]{m}[/yellow]"))
+        result = run_validation(suite, suite_file, out_dir, progress=say, calibrate_fn=calibrate_fn, reuse=reuse,
+                                notice=notice)
         device = platform.processor() or platform.machine()
         stem = out_dir / f"{suite.name}-{datetime.now().strftime('%Y%m%d')}"
         result.meta["device"] = f"CPU {device}, {os.cpu_count()} cores"
         result.meta["command"] = "osdsim validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else f"osdsim validate {suite_file}"
+        if result.series:
+            result.meta["plots"] = [p.name for p in write_plots(result.series, stem)]
         js, md = write_report(result.rows, result.meta, stem)
     except InputError as exc:
         raise fail(str(exc)) from None

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from osdsim.errors import InputError, format_validation_error
-from osdsim.models import ModelSpec, resolve_model
+from osdsim.models import DTYPE_BYTES, ModelSpec, resolve_model
 
 STRATEGIES = ("no-spec", "static", "offline", "osd", "osd-per-domain")
 Strategy = Literal["no-spec", "static", "offline", "osd", "osd-per-domain"]
@@ -133,7 +133,13 @@ class Workload(_Strict):
     )
     cv: float = Field(1.0, gt=0, description="Gamma arrivals: coefficient of variation of inter-arrival times.")
     trace_file: str | None = Field(
-        None, description="CSV with arrival_s, domain, prompt_tokens, output_tokens (arrival: trace)."
+        None, description="CSV with arrival_s, domain, prompt_tokens, output_tokens (arrival: trace); optional think_s."
+    )
+    trace_replay: Literal["open", "closed"] = Field(
+        "open",
+        description="open: requests arrive at arrival_s. closed: one client replays the trace as a closed loop; "
+        "request i is sent think_s (trace column, default 0) after request i-1 completed (its reply, and any "
+        "inline training step it made due); arrival_s of every request after the first is ignored.",
     )
     num_requests: int | None = Field(None, ge=1, description="Requests to generate.")
     duration_s: float | None = Field(None, gt=0, description="Generate arrivals for this long (s).")
@@ -279,6 +285,34 @@ class Distill(_Strict):
     sync_delay_s: float = Field(1.0, ge=0, description="Delay until new draft weights reach replicas (dedicated).")
     max_pending_steps: int = Field(2, ge=1, description="Due steps that may wait; beyond this the oldest is skipped.")
     trainable: Literal["all", "layers"] = Field("all", description="Train all draft parameters or only decoder layers.")
+    train_dtype: str | None = Field(
+        None, description=f"Dtype the step computes in (one of {sorted(DTYPE_BYTES)}); default: the draft's dtype."
+    )
+    train_vocab: int | None = Field(
+        None, ge=1, description="Vocabulary of the LM head a step trains (a draft served with a reduced head, "
+        "FR-Spec style, still trains its full head); default: the draft's vocab."
+    )
+    epochs_per_step: int = Field(1, ge=1, description="Passes over the window in one step (cost and α progress scale with it).")
+    batch_sequences: int | None = Field(
+        None, ge=1,
+        description="Sequences per optimizer step: the window runs as shuffled minibatches, each padded to its "
+        "longest sequence and paying its own pass overheads and AdamW update; default: one unpadded batch.",
+    )
+    logits_at: Literal["all", "loss"] = Field(
+        "all", description="LM head over every position of the sequences, or only at the distilled (loss) positions."
+    )
+    progress: Literal["new_tokens", "trained_tokens"] = Field(
+        "new_tokens",
+        description="What moves α(n): tokens distilled for the first time, or every token a step trains on "
+        "(window × epochs: a sliding window trains each request window/interval times).",
+    )
+
+    @field_validator("train_dtype")
+    @classmethod
+    def _known_dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in DTYPE_BYTES:
+            raise ValueError(f"must be one of {sorted(DTYPE_BYTES)}, got {v!r}")
+        return v
 
 
 class Slo(_Strict):

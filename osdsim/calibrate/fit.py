@@ -44,11 +44,16 @@ def spec_for(name: str, dtype: str) -> ModelSpec:
     """A measured model's spec from its name: a preset, or '<preset>-l<N>' (its first N layers)."""
     if name in PRESETS:
         return PRESETS[name].model_copy(update={"dtype": dtype})
-    m = re.fullmatch(r"(.+)-l(\d+)", name)
-    if m and m.group(1) in PRESETS:
+    m = re.fullmatch(r"(.+?)(?:-l(\d+))?(?:-v(\d+))?", name)
+    if m and m.group(1) in PRESETS and (m.group(2) or m.group(3)):
         base = PRESETS[m.group(1)]
-        return base.model_copy(update={"n_layers": int(m.group(2)), "name": name, "dtype": dtype})
-    raise ValueError(f"unknown model {name!r} in measurements (a preset or '<preset>-l<N>')")
+        update: dict = {"name": name, "dtype": dtype}
+        if m.group(2):
+            update["n_layers"] = int(m.group(2))
+        if m.group(3):  # a reduced LM head (osdsim real's draft_vocab)
+            update["vocab"] = int(m.group(3))
+        return base.model_copy(update=update)
+    raise ValueError(f"unknown model {name!r} in measurements (a preset, '<preset>-l<N>' or '<preset>-l<N>-v<V>')")
 
 
 def reference_profile(peaks: dict[str, float], bandwidth: float) -> HardwareProfile:
@@ -104,17 +109,31 @@ def pass_terms(rows: list[Measurement], peaks: dict[str, float], bandwidth: floa
     )
 
 
-def predict(params: np.ndarray, t: Terms, gemv_max_tokens: int = 0) -> np.ndarray:
-    """CostModel's time for each row under efficiency `params` (PARAM_NAMES order) and g.
+def predict(params: np.ndarray, t: Terms, gemv_max_tokens: int = 0, train_efficiency: float = 1.0) -> np.ndarray:
+    """CostModel's time for each row under efficiency `params` (PARAM_NAMES order), g and the
+    training-step efficiency (divides the roofline part of training rows).
 
     `Terms.bytes` are computed with g = 0 (one weight read); rows with T ≤ g add T − 1 reads."""
+    core, overhead = _core_and_overhead(params, t, gemv_max_tokens)
+    return core / np.where(t.multiplier > 1, train_efficiency, 1.0) + overhead
+
+
+def _core_and_overhead(params: np.ndarray, t: Terms, gemv_max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     eta_max, t_half, eta_b, t_kernel, t_pass, eta_kv = params
     gemv = t.tokens <= gemv_max_tokens  # matrix-vector regime: T weight reads, FLOPs at η_max
     compute_s = t.flops * np.where(gemv, 1.0, (t.tokens + t_half) / t.tokens) / (t.peak * eta_max)
     extra_reads = np.where(gemv, t.tokens - 1.0, 0.0)
     nbytes = t.bytes + extra_reads * t.weight_bytes
     memory_s = (nbytes - t.kv_bytes) / (t.bandwidth * eta_b) + t.kv_bytes / (t.bandwidth * eta_kv)
-    return np.maximum(compute_s, memory_s) + t.multiplier * (t.layers * t_kernel + t_pass)
+    return np.maximum(compute_s, memory_s), t.multiplier * (t.layers * t_kernel + t_pass)
+
+
+def fit_train_efficiency(params: np.ndarray, t: Terms, measured_s: np.ndarray, gemv_max_tokens: int) -> float:
+    """Median over measured training steps of (roofline time at forward efficiencies) / (measured −
+    overheads): how much slower (< 1) or faster a step's work runs than the 3×-forward rule says."""
+    core, overhead = _core_and_overhead(params, t, gemv_max_tokens)
+    work = np.maximum(measured_s - overhead, 1e-3 * measured_s)
+    return float(np.clip(np.median(core / work), 0.05, 4.0))
 
 
 def fit_efficiency(t: Terms, measured_s: np.ndarray, overhead_guess_s: float = 1e-5) -> tuple[np.ndarray, int]:
@@ -157,9 +176,9 @@ def _fit_continuous(t: Terms, measured_s: np.ndarray, overhead_guess_s: float, g
     return float(best.cost), best.x
 
 
-def efficiency_from(params: np.ndarray, gemv_max_tokens: int = 0) -> Efficiency:
+def efficiency_from(params: np.ndarray, gemv_max_tokens: int = 0, train_efficiency: float = 1.0) -> Efficiency:
     values = {n: float(v) for n, v in zip(PARAM_NAMES, params, strict=True)}
-    return Efficiency(**values, gemv_max_tokens=gemv_max_tokens)
+    return Efficiency(**values, gemv_max_tokens=gemv_max_tokens, train_efficiency=train_efficiency)
 
 
 def ape_summary(predicted: list[float], measured: list[float]) -> dict[str, float]:
@@ -186,14 +205,25 @@ def fit_passes(
     insample: dict[str, dict[str, float]] = {}
     for dtype in sorted({r.dtype for r in passes}):
         mine = [r for r in passes if r.dtype == dtype]
-        fit_rows = [r for r in mine if r.split == "fit"]
+        # Forward passes fit the six efficiencies; training steps then fit train_efficiency alone
+        # (their backward/optimizer work must not bend the forward fit). With too few forward
+        # passes, everything fits together (train_efficiency stays 1).
+        fit_all = [r for r in mine if r.split == "fit"]
+        fit_rows = [r for r in fit_all if r.pass_type != "train"]
+        train_rows = [r for r in fit_all if r.pass_type == "train"]
+        if len(fit_rows) < len(PARAM_NAMES):
+            fit_rows, train_rows = fit_all, []
         if len(fit_rows) < len(PARAM_NAMES):
             raise ValueError(f"{dtype}: {len(fit_rows)} passes to fit, need ≥ {len(PARAM_NAMES)}")
         params, gemv = fit_efficiency(
             pass_terms(fit_rows, peaks, bandwidth), np.array([r.median_s for r in fit_rows]), overhead_guess_s
         )
-        effs[dtype] = efficiency_from(params, gemv)
-        pred = predict(params, pass_terms(mine, peaks, bandwidth), gemv)
+        train_eff = 1.0
+        if train_rows:
+            train_eff = fit_train_efficiency(params, pass_terms(train_rows, peaks, bandwidth),
+                                             np.array([r.median_s for r in train_rows]), gemv)
+        effs[dtype] = efficiency_from(params, gemv, train_eff)
+        pred = predict(params, pass_terms(mine, peaks, bandwidth), gemv, train_eff)
         for r, p in zip(mine, pred, strict=True):
             r.predicted_s = float(p)
         for split, table in (("heldout", heldout), ("fit", insample)):

@@ -65,9 +65,13 @@ def _grid(model: str, pass_type: str, split: str, batches, contexts, qs) -> list
     return [PassShape(model, pass_type, b, c, q, split) for b in batches for c in contexts for q in qs]
 
 
+# osdsim real's draft: SmolLM2's first 2 layers with a 4,096-token head (`draft_vocab: 4096`).
+DRAFT_H4K = PRESETS["smollm2-135m-l2"].model_copy(update={"name": "smollm2-135m-l2-v4096", "vocab": 4096})
+
+
 def cpu_plan(quick: bool) -> Plan:
-    """CPU grid. Full: SmolLM2-135M (30 layers) and its 2-layer draft, fp32 and bf16 (≈ 6 min on
-    one core). Quick (tests): 4- and 2-layer variants, fp32, a handful of shapes (seconds)."""
+    """CPU grid. Full: SmolLM2-135M (30 layers), its 2-layer draft with the full and with a 4,096-token
+    head, fp32 and bf16 (≈ 5 min on one core). Quick (tests): 4- and 2-layer variants, fp32, a handful of shapes (seconds)."""
     if quick:
         big = layer_variant(PRESETS["smollm2-135m"], 4)
         models = {"big": big, "draft": PRESETS["smollm2-135m-l2"]}
@@ -75,16 +79,16 @@ def cpu_plan(quick: bool) -> Plan:
         for m in models:
             shapes += _grid(m, "decode", "fit", (1, 4), (32, 256), (1,))
             shapes += _grid(m, "verify", "fit", (1,), (64,), (3, 6))
-            shapes += _grid(m, "prefill", "fit", (1,), (0,), (16, 48))
+            shapes += _grid(m, "prefill", "fit", (1,), (0,), (16, 48, 128))
             shapes += _grid(m, "decode", "heldout", (1,), (128,), (1,))
             shapes += _grid(m, "verify", "heldout", (1,), (128,), (4,))
             shapes += _grid(m, "prefill", "heldout", (1,), (0,), (32,))
         shapes += _grid("draft", "train", "fit", (1, 2), (0,), (32,))
         shapes += _grid("draft", "train", "heldout", (1,), (0,), (48,))
         return Plan(models, ("fp32",), tuple(shapes), ("fp32",), (1, 64), 2e8, 128 << 20, (128,), 5, 0.3)
-    models = {"target": PRESETS["smollm2-135m"], "draft": PRESETS["smollm2-135m-l2"]}
+    models = {"target": PRESETS["smollm2-135m"], "draft": PRESETS["smollm2-135m-l2"], "draft-h4k": DRAFT_H4K}
     shapes = []
-    for m in models:
+    for m in ("target", "draft"):
         shapes += _grid(m, "decode", "fit", (1, 4, 16), (64, 512), (1,))
         shapes += _grid(m, "decode", "fit", (1, 4), (2048,), (1,))
         shapes += _grid(m, "verify", "fit", (1,), (128, 1024), (2, 3, 5, 9))
@@ -98,6 +102,15 @@ def cpu_plan(quick: bool) -> Plan:
         shapes += _grid(m, "prefill", "heldout", (1,), (256,), (32,))
     shapes += _grid("draft", "train", "fit", (1, 4), (0,), (64,)) + _grid("draft", "train", "fit", (2,), (0,), (128,))
     shapes += _grid("draft", "train", "heldout", (2,), (0,), (64,)) + _grid("draft", "train", "heldout", (1,), (0,), (128,))
+    # The draft osdsim real serves: 2 layers with a 4,096-token head. Without it the fit cannot tell a
+    # slow LM head from a fixed per-pass cost (both scale alike over the full-vocabulary models).
+    shapes += _grid("draft-h4k", "decode", "fit", (1, 4), (64, 512), (1,))
+    shapes += _grid("draft-h4k", "verify", "fit", (1,), (128, 1024), (3, 5))
+    shapes += _grid("draft-h4k", "prefill", "fit", (1,), (0,), (64, 256))
+    shapes += _grid("draft-h4k", "decode", "heldout", (2,), (256,), (1,))
+    shapes += _grid("draft-h4k", "verify", "heldout", (1,), (512,), (4,))
+    shapes += _grid("draft-h4k", "train", "fit", (4,), (0,), (96,)) + _grid("draft-h4k", "train", "fit", (2,), (0,), (192,))
+    shapes += _grid("draft-h4k", "train", "heldout", (4,), (0,), (160,))
     return Plan(
         models, ("fp32", "bf16"), tuple(shapes), ("fp32",), (1, 4, 16, 64, 256, 1024), 6e9, 512 << 20,
         (128, 1024), 11, 1.2,

@@ -96,6 +96,7 @@ class CostModel:
         kv_eff = eff.kv_bandwidth
         self._kv_extra_s_per_byte = 0.0 if kv_eff is None else 1.0 / (self.bandwidth * kv_eff) - 1.0 / self._eff_bw
         self._fixed_s = m.n_layers * eff.kernel_overhead_s_per_layer + eff.pass_overhead_s
+        self._train_eff = eff.train_efficiency
         if tp > 1:
             link = profile.interconnect_bandwidth_bytes_per_s
             self._comm_per_token = 2 * m.n_layers * 2.0 * (tp - 1) / tp * m.hidden * b_a / link
@@ -201,26 +202,40 @@ class CostModel:
         t, _, _, _ = self.pass_time(batch * q, batch * q, batch * context, batch * q * (context + q / 2))
         return t
 
-    def training_step(self, seq_lengths_sum: float, seq_lengths_sq_sum: float, trainable_params: int) -> PassCost:
+    def training_step(
+        self, seq_lengths_sum: float, seq_lengths_sq_sum: float, trainable_params: int,
+        logit_tokens: float | None = None, minibatches: int = 1,
+    ) -> PassCost:
         """A distillation step over buffered sequences (forward + backward + AdamW).
 
-        FLOPs = 3 × forward FLOPs over all buffered tokens (logits at every position, causal
-        attention Σ l_j²/2); bytes = 3 weight reads + activations + optimizer state traffic.
+        FLOPs = 3 × forward FLOPs over all buffered tokens (causal attention Σ l_j²/2; the LM head at
+        `logit_tokens` positions, default every position); bytes = 3 weight reads + activations +
+        optimizer state traffic. A step run as `minibatches` optimizer steps pays the pass overheads,
+        the weight reads and the AdamW update once per minibatch, and its GEMMs see T/minibatches rows.
+        (Callers pass padded lengths when minibatches are padded to their longest sequence.) The
+        roofline part is divided by the profile's train_efficiency (1 unless calibrated).
         """
+        mb = max(int(minibatches), 1)
+        tokens = int(seq_lengths_sum)
+        if tokens <= 0:
+            return PassCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         fwd = BatchShape(
-            tokens=int(seq_lengths_sum),
-            logit_tokens=int(seq_lengths_sum),
+            tokens=tokens,
+            logit_tokens=tokens if logit_tokens is None else int(logit_tokens),
             context_tokens=0.0,
             attention_pairs=seq_lengths_sq_sum / 2.0,
         )
-        if fwd.tokens <= 0:
-            return PassCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         flops = TRAIN_FLOPS_MULTIPLIER * self.flops(fwd)
-        nbytes = TRAIN_FLOPS_MULTIPLIER * self.bytes(fwd) + OPTIMIZER_BYTES_PER_PARAM * trainable_params / self.tp
-        compute_s = flops / (self.peak_flops * self.eta_flops(fwd.tokens))
+        weights_extra = (mb - 1) * self._weight_bytes  # bytes() counts one weight read per pass
+        nbytes = (TRAIN_FLOPS_MULTIPLIER * (self.bytes(fwd) + weights_extra)
+                  + mb * OPTIMIZER_BYTES_PER_PARAM * trainable_params / self.tp)
+        compute_s = flops / (self.peak_flops * self.eta_flops(tokens / mb))
         memory_s = nbytes / self._eff_bw + TRAIN_FLOPS_MULTIPLIER * self.kv_bytes(fwd) * self._kv_extra_s_per_byte
-        overhead = TRAIN_FLOPS_MULTIPLIER * self._fixed_s
-        comm_s = TRAIN_FLOPS_MULTIPLIER * (self._comm_fixed + self._comm_per_token * fwd.tokens)
+        overhead = TRAIN_FLOPS_MULTIPLIER * mb * self._fixed_s
+        comm_s = TRAIN_FLOPS_MULTIPLIER * (mb * self._comm_fixed + self._comm_per_token * tokens)
+        # Training kernels (backward, autograd, loss, AdamW) run at train_efficiency × forward speed.
+        compute_s /= self._train_eff
+        memory_s /= self._train_eff
         return PassCost(
             time_s=max(compute_s, memory_s) + overhead + comm_s,
             compute_s=compute_s,

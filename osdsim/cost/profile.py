@@ -46,6 +46,12 @@ class Efficiency(BaseModel):
         description="Achieved fraction of memory bandwidth on KV-cache bytes (attention, cache "
         "appends); None = `bandwidth`. Measured CPUs stream the cache far slower than GEMMs stream weights.",
     )
+    train_efficiency: float = Field(
+        1.0, gt=0, le=4,
+        description="Speed of a training step's work relative to forward passes at the same efficiencies "
+        "(backward kernels, autograd, loss and optimizer): its roofline time is divided by this; 1 = "
+        "3x-forward rule only. Fitted by `osdsim calibrate` on measured training steps.",
+    )
 
 
 class Provenance(BaseModel):

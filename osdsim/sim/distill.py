@@ -10,6 +10,7 @@ The distiller collects finished requests and makes a training step due every
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,6 +93,31 @@ class DistillStats:
     events: list[tuple] = field(default_factory=list)  # (time_s, draft_id, kind, tokens, flops, duration_s)
 
 
+def padded_minibatches(lengths: list[float], batch: int) -> tuple[float, float]:
+    """Expected (Σ padded tokens, Σ padded length²) when `lengths` are shuffled into minibatches of
+    `batch` sequences (the last one smaller) and each minibatch is padded to its longest sequence.
+
+    For a random b-subset of W sorted lengths l_(1) ≤ … ≤ l_(W), P(max = l_(j)) = C(j−1, b−1)/C(W, b);
+    a minibatch of b sequences then holds b·E[max] tokens and b·E[max²] query-key span.
+    """
+    ls = sorted(lengths)
+    w = len(ls)
+    full, rest = divmod(w, batch)
+    tokens = sq = 0.0
+    for size, count in ((batch, full), (rest, 1 if rest else 0)):
+        if count == 0:
+            continue
+        total = math.comb(w, size)
+        e_max = e_max_sq = 0.0
+        for j in range(size, w + 1):  # j = rank (1-based) of the maximum
+            p = math.comb(j - 1, size - 1) / total
+            e_max += p * ls[j - 1]
+            e_max_sq += p * ls[j - 1] * ls[j - 1]
+        tokens += count * size * e_max
+        sq += count * size * e_max_sq
+    return tokens, sq
+
+
 class Distiller:
     """Buffer of finished requests for one draft; decides when a training step is due."""
 
@@ -106,55 +132,74 @@ class Distiller:
         num_domains: int,
         stats: DistillStats,
         window_requests: int | None = None,
+        epochs: int = 1,
+        batch_sequences: int | None = None,
+        logits_at: str = "all",
+        progress: str = "new_tokens",
     ):
         self.draft = draft
-        # Sliding window: each step trains on the last `window` requests' sequences (the cost), while
-        # α moves only with the tokens of requests not trained on before.
+        # Sliding window: each step trains on the last `window` requests' sequences (the cost). α moves
+        # with the tokens of requests not trained on before (progress "new_tokens") or with every
+        # token the step trains on, window × epochs ("trained_tokens").
         self.window = max(window_requests or update_interval, 1)
-        self._recent: deque[float] = deque(maxlen=self.window)
-        self.cost = cost
+        self._recent: deque[tuple[float, float, int]] = deque(maxlen=self.window)  # (seq, loss tokens, domain)
+        self.cost = cost  # prices the step (in the training dtype)
         self.interval = update_interval
         self.tokens_mode = tokens_mode
         self.max_pending = max_pending
         self.trainable_params = trainable_params
+        self.epochs = epochs
+        self.batch_sequences = batch_sequences
+        self.logits_at = logits_at
+        self.progress = progress
         self.stats = stats
         self.pending: deque[TrainingStep] = deque()
         self.in_flight = 0  # steps taken off the queue and not yet applied to the draft
         self.on_due: Callable[[], None] | None = None
+        self._num_domains = num_domains
         self._buf_tokens = np.zeros(num_domains)
         self._buf_requests = 0
-        self._buf_len = 0.0
-        self._buf_len_sq = 0.0
         self._peak = cost.peak_flops
 
     def add_request(self, domain: int, prompt: int, output: int, target_supplied: int, now: float) -> None:
         loss_tokens = target_supplied if self.tokens_mode == "target" else output
         self._buf_tokens[domain] += loss_tokens
-        seq = float(prompt + output)
-        self._recent.append(seq)
-        self._buf_len += seq
-        self._buf_len_sq += seq * seq
+        self._recent.append((float(prompt + output), float(loss_tokens), domain))
         self._buf_requests += 1
         if self._buf_requests >= self.interval:
             self._make_step(now)
 
     def _make_step(self, now: float) -> None:
-        if self.window != self.interval:
-            self._buf_len = float(sum(self._recent))
-            self._buf_len_sq = float(sum(x * x for x in self._recent))
-        cost = self.cost.training_step(self._buf_len, self._buf_len_sq, self.trainable_params)
+        seqs = [x[0] for x in self._recent]
+        if self.batch_sequences is None:
+            length, length_sq, minibatches = float(sum(seqs)), float(sum(x * x for x in seqs)), 1
+        else:
+            length, length_sq = padded_minibatches(seqs, self.batch_sequences)
+            minibatches = -(-len(seqs) // self.batch_sequences)
+        loss_tokens = float(sum(x[1] for x in self._recent))
+        e = self.epochs
+        cost = self.cost.training_step(
+            e * length, e * length_sq, self.trainable_params,
+            logit_tokens=None if self.logits_at == "all" else e * loss_tokens, minibatches=e * minibatches,
+        )
+        if self.progress == "trained_tokens":
+            tokens = np.zeros(self._num_domains)
+            for _, loss, dom in self._recent:
+                tokens[dom] += loss
+            tokens *= e
+        else:
+            tokens = self._buf_tokens.copy()
         step = TrainingStep(
             draft_id=self.draft.draft_id,
             due_s=now,
             requests=self._buf_requests,
-            tokens_by_domain=self._buf_tokens.copy(),
-            seq_tokens=self._buf_len,
+            tokens_by_domain=tokens,
+            seq_tokens=float(sum(seqs)),
             cost=cost,
             work_flops=cost.time_s * self._peak * self.cost.eta_max,
         )
         self._buf_tokens[:] = 0
         self._buf_requests = 0
-        self._buf_len = self._buf_len_sq = 0.0
         self.stats.steps_due += 1
         self.pending.append(step)
         while len(self.pending) > self.max_pending:

@@ -188,6 +188,15 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
 
     target_cost = CostModel(target, profile, tp)
     draft_cost = CostModel(draft, profile, tp) if draft is not None else None
+    # Training may compute in another dtype than serving (e.g. fp32 master weights, bf16 serving),
+    # and a draft served with a reduced LM head still trains its full head.
+    train_cost = draft_cost
+    if draft is not None:
+        change = {key: value for key, value in (("dtype", scenario.distill.train_dtype),
+                                                ("vocab", scenario.distill.train_vocab))
+                  if value is not None and value != getattr(draft, key)}
+        if change:
+            train_cost = CostModel(draft.model_copy(update=change), profile, tp)
 
     # Acceptance law.
     law_name = "none"
@@ -238,8 +247,9 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
             for i in range(n_dom if per_domain else 1)
         ]
         dists = [
-            Distiller(s, draft_cost, d.update_interval_requests, d.tokens, d.max_pending_steps,
-                      trainable_params, n_dom, stats, d.window_requests)
+            Distiller(s, train_cost, d.update_interval_requests, d.tokens, d.max_pending_steps,
+                      trainable_params, n_dom, stats, d.window_requests, epochs=d.epochs_per_step,
+                      batch_sequences=d.batch_sequences, logits_at=d.logits_at, progress=d.progress)
             for s in states
         ]
         for s in states:
@@ -302,7 +312,11 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
 
     table.on_done = on_done
     route_rng = np.random.default_rng(seeds[-1])
-    env.process(_arrivals(env, req.arrival_s, replicas, scenario.router, route_rng))
+    if req.think_s is not None:
+        env.process(_closed_loop(env, req.arrival_s[0] if n_req else 0.0, req.think_s, table, replicas,
+                                 scenario.router, route_rng))
+    else:
+        env.process(_arrivals(env, req.arrival_s, replicas, scenario.router, route_rng))
     if n_req == 0:
         all_done.succeed()
     until = all_done
@@ -342,19 +356,46 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
 
 
 def _arrivals(env: simpy.Environment, times: np.ndarray, replicas: list[Replica], router: str, rng):
-    n_rep = len(replicas)
     now = 0.0
     for rid, at in enumerate(times.tolist()):
         if at > now:
             yield env.timeout(at - now)
             now = at
-        if router == "round-robin" or n_rep == 1:
-            target = rid % n_rep
-        elif router == "random":
-            target = int(rng.integers(n_rep))
-        else:  # least-outstanding: fewest requests queued or running; ties → lowest index
-            target = min(range(n_rep), key=lambda i: replicas[i].outstanding)
-        replicas[target].submit(rid)
+        _route(rid, replicas, router, rng).submit(rid)
+
+
+def _route(rid: int, replicas: list[Replica], router: str, rng) -> Replica:
+    n_rep = len(replicas)
+    if router == "round-robin" or n_rep == 1:
+        return replicas[rid % n_rep]
+    if router == "random":
+        return replicas[int(rng.integers(n_rep))]
+    # least-outstanding: fewest requests queued or running; ties → lowest index
+    return replicas[min(range(n_rep), key=lambda i: replicas[i].outstanding)]
+
+
+def _closed_loop(env: simpy.Environment, first_s: float, think_s: np.ndarray, table: RequestTable,
+                 replicas: list[Replica], router: str, rng):
+    """One client replaying a trace as a closed loop (a synchronous benchmark harness): request i is
+    sent think_s[i] after request i−1 came back, i.e. finished and any inline training step it made
+    due has run (the real OSD prototype trains between requests)."""
+    released: dict[int, simpy.Event] = {}
+
+    def on_release(rid: int) -> None:
+        ev = released.setdefault(rid, env.event())
+        if not ev.triggered:
+            ev.succeed()
+
+    table.on_release = on_release
+    if first_s > 0:
+        yield env.timeout(first_s)
+    for rid in range(think_s.size):
+        if rid > 0:
+            yield released.setdefault(rid - 1, env.event())
+            released.pop(rid - 1, None)
+            if think_s[rid] > 0:
+                yield env.timeout(float(think_s[rid]))
+        _route(rid, replicas, router, rng).submit(rid)
 
 
 def _start_dedicated_trainers(env: simpy.Environment, distillers: list, d, stats: DistillStats) -> None:

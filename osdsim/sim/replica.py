@@ -61,6 +61,9 @@ class RequestTable:
         self.rejected = np.zeros(n, dtype=bool)  # can never fit in KV capacity
         self.done = 0
         self.on_done: Callable[[], None] | None = None
+        # Closed-loop clients: called with a request id once the request is complete as its client
+        # sees it (finished, and any inline training step it made due has run); None: open loop.
+        self.on_release: Callable[[int], None] | None = None
 
     def mark_done(self, count: int = 1) -> None:
         self.done += count
@@ -171,6 +174,7 @@ class Replica:
         self.kv_free = cfg.kv_capacity
         self.busy_s = 0.0
         self.outstanding = 0
+        self._unreleased: list[int] = []  # finished request ids not yet handed back (closed loop)
         self._k_cache: dict[tuple[int, int, int], int] = {}
         cap = cfg.max_batch
         self.n = 0
@@ -228,6 +232,8 @@ class Replica:
                 t.rejected[rid] = True
                 self.outstanding -= 1
                 t.mark_done()
+                if t.on_release is not None:
+                    self._unreleased.append(rid)
                 continue
             if need > self.kv_free:
                 break
@@ -322,6 +328,10 @@ class Replica:
             if self.cfg.placement == "inline" and any(d.pending for d in self.distillers):
                 yield from self._train_inline()
                 continue
+            if self._unreleased:
+                for rid in self._unreleased:
+                    self.table.on_release(rid)  # type: ignore[misc]
+                self._unreleased.clear()
             if self.n == 0:
                 yield from self._idle()
                 continue
@@ -497,3 +507,5 @@ class Replica:
         self.n = m
         self.outstanding -= int(finished.size)
         t.mark_done(int(finished.size))
+        if t.on_release is not None:
+            self._unreleased.extend(rids.tolist())

@@ -39,6 +39,7 @@ class Requests:
     phase_names: tuple[str, ...]
     phase_bounds: tuple[tuple[float, float], ...]  # (start, end) per phase, in the schedule's unit
     phase_unit: str  # "requests" or "seconds"
+    think_s: np.ndarray | None = None  # closed-loop trace replay: client pause before each request (s)
 
     def __len__(self) -> int:
         return int(self.arrival_s.size)
@@ -192,26 +193,36 @@ def sample_lengths(dist, n: int, rng: np.random.Generator, scenario: Scenario) -
 TRACE_COLUMNS = ("arrival_s", "domain", "prompt_tokens", "output_tokens")
 
 
-def read_trace(path: Path, domains: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def read_trace(path: Path, domains: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    """(arrival_s, domain index, prompt_tokens, output_tokens, think_s) sorted by arrival (stable).
+
+    think_s (optional column, default 0) is the client's pause before a request in a closed-loop replay."""
     if not path.is_file():
         raise InputError(f"workload.trace_file: {path} not found")
     idx = {n: i for i, n in enumerate(domains)}
-    arr, dom, pr, out = [], [], [], []
+    arr, dom, pr, out, think = [], [], [], [], []
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
+            fields = reader.fieldnames or []
+            missing = [c for c in TRACE_COLUMNS if c not in fields]
             if missing:
                 raise InputError(f"{path}: trace is missing column {missing[0]!r} (needs {', '.join(TRACE_COLUMNS)})")
+            has_think = "think_s" in fields
             for line, row in enumerate(reader, start=2):
                 try:
                     a = float(row["arrival_s"])
                     p = int(float(row["prompt_tokens"]))
                     o = int(float(row["output_tokens"]))
+                    z = float(row["think_s"]) if has_think and row["think_s"] not in (None, "") else 0.0
                 except (TypeError, ValueError):
-                    raise InputError(f"{path}: line {line}: arrival_s/prompt_tokens/output_tokens must be numbers") from None
+                    raise InputError(
+                        f"{path}: line {line}: arrival_s/prompt_tokens/output_tokens/think_s must be numbers"
+                    ) from None
                 if not math.isfinite(a) or a < 0 or p < 1 or o < 1:
                     raise InputError(f"{path}: line {line}: need arrival_s >= 0 and token counts >= 1")
+                if not math.isfinite(z) or z < 0:
+                    raise InputError(f"{path}: line {line}: think_s must be a number >= 0")
                 d = row["domain"]
                 if d not in idx:
                     raise InputError(f"{path}: line {line}: domain {d!r} is not in workload.domains {sorted(idx)}")
@@ -219,6 +230,7 @@ def read_trace(path: Path, domains: tuple[str, ...]) -> tuple[np.ndarray, np.nda
                 dom.append(idx[d])
                 pr.append(p)
                 out.append(o)
+                think.append(z)
     except UnicodeDecodeError:
         raise InputError(f"{path}: trace is not UTF-8 text") from None
     if not arr:
@@ -229,6 +241,7 @@ def read_trace(path: Path, domains: tuple[str, ...]) -> tuple[np.ndarray, np.nda
         np.asarray(dom, dtype=np.int64)[order],
         np.asarray(pr, dtype=np.int64)[order],
         np.asarray(out, dtype=np.int64)[order],
+        np.asarray(think, dtype=float)[order],
     )
 
 
@@ -248,10 +261,11 @@ def generate_requests(scenario: Scenario) -> Requests:
         phase_names, bounds, unit = ("all",), ((0.0, math.inf),), "requests"
 
     if w.arrival == "trace":
-        arrival, domain, prompt, output = read_trace(scenario.resolve_path(w.trace_file), names)  # type: ignore[arg-type]
+        arrival, domain, prompt, output, think = read_trace(scenario.resolve_path(w.trace_file), names)  # type: ignore[arg-type]
         positions = np.arange(arrival.size, dtype=float) if unit == "requests" else arrival
         _, phase = _mix_matrix(w, positions, names)
-        return Requests(arrival, domain, prompt, output, phase, names, phase_names, bounds, unit)
+        return Requests(arrival, domain, prompt, output, phase, names, phase_names, bounds, unit,
+                        think if w.trace_replay == "closed" else None)
 
     arrival = generate_arrivals(w, rngs["arrivals"])
     n = arrival.size

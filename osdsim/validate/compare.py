@@ -91,10 +91,53 @@ def write_report(rows: list[MetricRow], meta: dict, out_stem: Path) -> tuple[Pat
     lines += ["", "```", console.export_text().rstrip(), "```", "",
               f"Result: **{'PASS' if doc['passed'] else 'FAIL'}** "
               f"({sum(r.passed for r in rows)}/{len(rows)} metrics within tolerance)", ""]
+    for plot in meta.get("plots", []):
+        lines += [f"![{plot}]({plot})", ""]
     for note in meta.get("notes", []):
         lines.append(f"- {note}")
     atomic_write_text(md, "\n".join(lines) + "\n")
     return js, md
+
+
+def write_plots(series: dict, out_stem: Path) -> list[Path]:
+    """`<stem>-alpha.png` (predicted vs measured α over the held-out stream) and `<stem>-latency.png`
+    (CDFs of per-request end-to-end latency), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from osdsim.errors import atomic_write_bytes
+
+    def save(fig, path: Path) -> Path:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+    written = []
+    w = series.get("window", 1)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(series["alpha_measured"], label="measured (real run)", color="black")
+    ax.plot(series["alpha_predicted"], label="predicted (osdsim)", color="tab:orange")
+    for at in series.get("shifts", []):
+        ax.axvline(at, color="grey", linestyle=":")
+    ax.set_xlabel("request")
+    ax.set_ylabel(f"α over the last {w} requests")
+    ax.legend()
+    fig.tight_layout()
+    written.append(save(fig, out_stem.with_name(out_stem.name + "-alpha.png")))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for key, label, color in (("e2e_measured", "measured", "black"), ("e2e_predicted", "predicted", "tab:orange")):
+        x = sorted(series[key])
+        ax.step(x, [(i + 1) / len(x) for i in range(len(x))], where="post", label=label, color=color)
+    ax.set_xlabel("end-to-end latency (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.legend()
+    fig.tight_layout()
+    written.append(save(fig, out_stem.with_name(out_stem.name + "-latency.png")))
+    return written
 
 
 def exit_code(rows: list[MetricRow]) -> int:

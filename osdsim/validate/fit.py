@@ -81,3 +81,82 @@ def empirical_law(alpha_per_request: np.ndarray, lengths_per_request: list[list[
         entries.append({"alpha": round(acc / (acc + rej), 5) if acc + rej > 0 else 0.0,
                         "histogram": [int(x) for x in hist]})
     return {"k": k, "entries": entries}
+
+
+# --- the joint model: every domain's curve and the cross-domain transfer ---------------------------
+@dataclass(frozen=True)
+class JointFit:
+    """α_d(n_d) per domain with n_d moved by own tokens and transfer × other domains' tokens."""
+
+    curves: dict[str, CurveFit]
+    transfer: float
+    rmse: float
+
+
+def effective_tokens(step_tokens: np.ndarray, transfer: float) -> np.ndarray:
+    """n_eff per domain after each training step, [S + 1, D] (row 0: untrained).
+
+    The simulator's DraftState.train: n ← max(n + own + transfer·(others), 0), step by step."""
+    steps, d = step_tokens.shape
+    n = np.zeros((steps + 1, d))
+    for s in range(steps):
+        own = step_tokens[s]
+        n[s + 1] = np.maximum(n[s] + own + transfer * (own.sum() - own), 0.0)
+    return n
+
+
+def fit_joint(
+    domains: list[str],
+    step_tokens: np.ndarray,  # [S, D] tokens each training step moved α by (the simulator's progress)
+    obs_domain: np.ndarray,  # [N] domain index of each observation
+    obs_steps: np.ndarray,  # [N] training steps applied before it
+    obs_alpha: np.ndarray,  # [N] measured α̂
+    obs_weight: np.ndarray,  # [N] examined positions behind it (binomial weight)
+    fit_transfer: bool = True,
+) -> JointFit:
+    """Weighted least squares of every α̂ on α_d(n_eff) jointly: 3 parameters per domain + transfer.
+
+    Observations are the stream's requests (α̂ = accepted/(accepted + rejections) at the draft the
+    request was served with) and held-out evaluations at checkpoints (same quantity, other prompts);
+    the latter see every domain at every stage, which is what identifies the transfer."""
+    dn = len(domains)
+    w = np.sqrt(np.maximum(obs_weight, 0.0))
+    keep = w > 0
+    od, os_, y, w = obs_domain[keep], obs_steps[keep].astype(int), obs_alpha[keep], w[keep]
+    span = max(float(step_tokens.sum(axis=0).max()), 1.0)
+
+    def unpack(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        q = p[: 3 * dn].reshape(dn, 3)
+        return q[:, 0], q[:, 1], np.exp(q[:, 2]), (float(p[-1]) if fit_transfer else 0.0)
+
+    def predict(p: np.ndarray) -> np.ndarray:
+        a0, ainf, tau, t = unpack(p)
+        n = effective_tokens(step_tokens, t)[os_, od]
+        return ainf[od] - (ainf[od] - a0[od]) * np.exp(-n / tau[od])
+
+    def resid(p: np.ndarray) -> np.ndarray:
+        return w * (predict(p) - y)
+
+    lo = np.tile([0.0, 0.0, np.log(1e-3 * span)], dn).tolist() + ([-1.0] if fit_transfer else [])
+    hi = np.tile([1.0, 1.0, np.log(1e3 * span)], dn).tolist() + ([1.0] if fit_transfer else [])
+    first = np.array([y[od == d][:3].mean() if np.any(od == d) else 0.05 for d in range(dn)])
+    last = np.array([y[od == d][-5:].mean() if np.any(od == d) else 0.2 for d in range(dn)])
+    best = None
+    for tau0 in span * np.array([0.1, 0.3, 1.0, 3.0]):
+        for t0 in ((0.0, 0.3) if fit_transfer else (0.0,)):
+            x0 = np.column_stack([np.clip(first, 0.0, 0.99), np.clip(np.maximum(last, first), 0.01, 0.99),
+                                  np.full(dn, np.log(tau0))]).ravel().tolist() + ([t0] if fit_transfer else [])
+            x0 = np.clip(x0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
+            sol = least_squares(resid, x0, bounds=(lo, hi))
+            if best is None or sol.cost < best.cost:
+                best = sol
+    assert best is not None
+    a0, ainf, tau, t = unpack(best.x)
+    pred = predict(best.x)
+    curves = {}
+    for d, name in enumerate(domains):
+        m = od == d
+        err = float(np.sqrt(np.average((pred[m] - y[m]) ** 2, weights=w[m] ** 2))) if m.any() else float("nan")
+        curves[name] = CurveFit(float(a0[d]), float(ainf[d]), float(tau[d]), err, int(m.sum()))
+    rmse = float(np.sqrt(np.average((pred - y) ** 2, weights=w**2)))
+    return JointFit(curves, t, rmse)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from osdsim.errors import InputError, atomic_write_text, format_validation_error
 from osdsim.scenario import load_model_file
 from osdsim.validate.compare import MetricRow
-from osdsim.validate.fit import empirical_law, fit_alpha_curve
+from osdsim.validate.fit import empirical_law, fit_joint
 
 
 class Tolerances(BaseModel):
@@ -38,6 +38,7 @@ class Tolerances(BaseModel):
     e2e_ks: float = Field(0.30, gt=0, le=1, description="Two-sample KS statistic of per-request latency.")
     total_time_rel: float = Field(0.10, gt=0)
     recovery_rel: float = Field(0.25, gt=0)
+    speedup_rel: float = Field(0.10, gt=0, description="Speedup of OSD over target-only decoding.")
     alpha_rmse_abs: float = Field(0.08, gt=0, description="RMSE of the α trajectory (moving window).")
 
 
@@ -94,27 +95,62 @@ def _num(x: Any) -> float:
         return math.nan
 
 
-def fit_acceptance(requests: list[dict], k: int) -> tuple[dict, dict]:
-    """(acceptance file dict, empirical law dict) from a real run's request rows."""
+def _loss_tokens(r: dict, positions: str) -> float:
+    """Positions a request contributes to distillation (the simulator's `distill.tokens`)."""
+    return _num(r["output_tokens"]) if positions == "all" else _num(r["rejections"])
+
+
+def training_schedule(requests: list[dict], updates: list[dict], cfg: Any, domains: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens each update trained on per domain [U, D], updates applied before each request [N]).
+
+    An update after `requests_seen` requests trains `epochs` passes over the last `window` requests
+    (the simulator's progress "trained_tokens"), as osdsim.real's distiller does."""
     rows = sorted(requests, key=lambda r: int(r["request_index"]))
-    served: dict[str, float] = {}
-    per_dom: dict[str, tuple[list, list, list]] = {}
-    for r in rows:
-        d = r["domain"]
-        n, a, rej = per_dom.setdefault(d, ([], [], []))
-        n.append(served.get(d, 0.0))
-        a.append(_num(r["accepted"]))
-        rej.append(_num(r["rejections"]))
-        served[d] = served.get(d, 0.0) + _num(r["output_tokens"])
-    domains = {}
-    for d, (n, a, rej) in per_dom.items():
-        f = fit_alpha_curve(np.array(n), np.array(a), np.array(rej))
-        domains[d] = {**f.as_acceptance(f"fitted by osdsim validate on {len(n)} requests (rmse {f.rmse:.3f})"),
-                      "alpha_offline": round(f.alpha_inf, 5)}
+    dist = cfg["distill"]
+    window = int(dist.get("window_requests") or 0) or int(dist["update_interval"])
+    epochs = int(dist.get("epochs_per_update", 1))
+    seen = sorted(int(u["requests_seen"]) for u in updates)
+    tokens = np.zeros((len(seen), len(domains)))
+    for u, m in enumerate(seen):
+        for r in rows[max(m - window, 0) : m]:
+            tokens[u, domains.index(r["domain"])] += epochs * _loss_tokens(r, dist.get("positions", "all"))
+    before = np.searchsorted(np.array(seen), [int(r["request_index"]) for r in rows], side="right")
+    return tokens, before
+
+
+def fit_acceptance(run: RecordedRun, k: int) -> tuple[dict, dict]:
+    """(acceptance file dict, empirical law dict) from the fit run: α_0, α_∞, τ per domain and the
+    transfer, fitted jointly on the stream's requests and the held-out checkpoints (fit.fit_joint)."""
+    cfg = run.summary["config"]
+    rows = sorted(run.requests, key=lambda r: int(r["request_index"]))
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    step_tokens, before = training_schedule(rows, run.updates, cfg, domains)
+    acc = np.array([_num(r["accepted"]) for r in rows])
+    rej = np.array([_num(r["rejections"]) for r in rows])
+    od = [domains.index(r["domain"]) for r in rows]
+    osteps = list(before)
+    y = list(acc / np.maximum(acc + rej, 1e-12))
+    wts = list(acc + rej)
+    # Held-out α (teacher-forced on held-out prompts = the same acceptance rate): weight = positions
+    # examined, about held-out prompts × the domain's mean output length.
+    per_prompt = {d: float(np.mean([_num(r["output_tokens"]) for r in rows if r["domain"] == d])) for d in domains}
+    n_heldout = int(cfg["stream"].get("heldout_per_domain", 0))
+    for a in run.alpha:
+        if a["domain"] in domains and math.isfinite(_num(a["alpha_heldout"])):
+            od.append(domains.index(a["domain"]))
+            osteps.append(min(int(a["update"]), len(step_tokens)))
+            y.append(_num(a["alpha_heldout"]))
+            wts.append(n_heldout * per_prompt[a["domain"]])
+    fit = fit_joint(domains, step_tokens, np.array(od), np.array(osteps), np.array(y), np.array(wts))
+    out_domains = {}
+    for d, f in fit.curves.items():
+        out_domains[d] = {**f.as_acceptance(f"fitted by osdsim validate on {f.requests} observations "
+                                            f"(stream + held-out; rmse {f.rmse:.3f})"),
+                          "alpha_offline": round(f.alpha_inf, 5)}
     lengths = [[int(x) for x in str(r.get("accepted_lengths", "")).split()] for r in rows]
-    alpha = [_num(r["accepted"]) / max(_num(r["accepted"]) + _num(r["rejections"]), 1e-12) for r in rows]
-    law = empirical_law(np.array(alpha), lengths, k=k, groups=4)
-    return {"transfer": 0.0, "distillation_helps": False, "domains": domains}, law
+    alpha = acc / np.maximum(acc + rej, 1e-12)
+    law = empirical_law(alpha, lengths, k=k, groups=4)
+    return {"transfer": round(fit.transfer, 5), "distillation_helps": False, "domains": out_domains}, law
 
 
 # --- the simulated twin of a real run ----------------------------------------------------------------
@@ -127,16 +163,29 @@ def _spec(d: dict, name: str, dtype: str, vocab: int | None = None) -> dict:
     }
 
 
+def twin_trace_rows(requests: list[dict]) -> list[str]:
+    """The held-out run as a closed-loop trace: think_s = the pause before a request that is not
+    training (target-only baseline decodes, labelling, held-out evaluation, bookkeeping): start_i −
+    finish_{i−1} − train_s_{i−1}. The twin prices the training itself."""
+    rows = sorted(requests, key=lambda r: int(r["request_index"]))
+    lines = ["arrival_s,domain,prompt_tokens,output_tokens,think_s"]
+    prev_finish = prev_train = None
+    for r in rows:
+        start = _num(r["start_s"])
+        think = 0.0 if prev_finish is None else max(start - prev_finish - prev_train, 0.0)
+        lines.append(f"{start:.6f},{r['domain']},{int(r['prompt_tokens'])},{max(int(r['output_tokens']), 1)},{think:.6f}")
+        prev_finish, prev_train = _num(r["finish_s"]), _num(r.get("train_s") or 0.0)
+    return lines
+
+
 def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: Path, law_file: Path,
                   trace_file: Path, workdir: Path) -> dict:
     cfg = summary["config"]
-    dtype = summary.get("serve_dtype") or cfg["models"].get("serve_dtype") or cfg["models"]["dtype"]
+    train_dtype = cfg["models"]["dtype"]
+    dtype = summary.get("serve_dtype") or cfg["models"].get("serve_dtype") or train_dtype
     draft_vocab = summary.get("draft_vocab") or None
     doms = sorted({r["domain"] for r in requests})
-    lines = ["arrival_s,domain,prompt_tokens,output_tokens"]
-    for r in sorted(requests, key=lambda r: int(r["request_index"])):
-        lines.append(f"{_num(r['start_s']):.6f},{r['domain']},{int(r['prompt_tokens'])},{max(int(r['output_tokens']), 1)}")
-    atomic_write_text(trace_file, "\n".join(lines) + "\n")
+    atomic_write_text(trace_file, "\n".join(twin_trace_rows(requests)) + "\n")
     # Phases by request index, as the real stream was built.
     phase_rows = sorted(requests, key=lambda r: int(r["request_index"]))
     bounds = []
@@ -147,6 +196,8 @@ def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: P
         else:
             bounds[-1][2] = int(r["request_index"]) + 1
     phases = [{"name": str(b[3]), "start": b[1], "end": b[2], "mix": {b[4]: 1.0}} for b in bounds]
+    dist = cfg["distill"]
+    dt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     return {
         "name": f"twin-{summary['name']}",
         "seed": int(cfg.get("seed", 0)),
@@ -157,11 +208,18 @@ def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: P
         "strategy": "osd",
         "speculation": {"k": int(cfg["decode"]["k"])},
         "acceptance": {"file": str(acc_file), "law": "empirical", "empirical_file": str(law_file)},
-        "distill": {"placement": "inline", "update_interval_requests": int(cfg["distill"]["update_interval"]),
-                    "window_requests": int(cfg["distill"].get("window_requests") or cfg["distill"]["update_interval"]),
-                    "tokens": "all", "trainable": "layers"},
-        "workload": {"arrival": "trace", "trace_file": str(trace_file), "domains": {d: {} for d in doms},
-                     "shift": {"unit": "requests", "phases": phases}},
+        # As osdsim.real trains: inline between requests, in the training dtype, `epochs` passes over
+        # the last `window` requests in padded minibatches, the LM head only at distilled positions.
+        "distill": {"placement": "inline", "update_interval_requests": int(dist["update_interval"]),
+                    "window_requests": int(dist.get("window_requests") or dist["update_interval"]),
+                    "tokens": "all" if dist.get("positions", "all") == "all" else "target",
+                    "trainable": "layers", "train_dtype": dt.get(train_dtype, "fp32"),
+                    "train_vocab": int(summary["draft"]["vocab"]),
+                    "epochs_per_step": int(dist.get("epochs_per_update", 1)),
+                    "batch_sequences": int(dist.get("batch_size", 8)), "logits_at": "loss",
+                    "progress": "trained_tokens"},
+        "workload": {"arrival": "trace", "trace_file": str(trace_file), "trace_replay": "closed",
+                     "domains": {d: {} for d in doms}, "shift": {"unit": "requests", "phases": phases}},
         "report": {"alpha_window_requests": 8},
     }
 
@@ -172,6 +230,7 @@ class ValidationResult:
     rows: list[MetricRow]
     meta: dict
     files: dict[str, Path] = field(default_factory=dict)
+    series: dict = field(default_factory=dict)  # α trajectories and latencies, for the plots
 
 
 def _real_alpha(rows: list[dict]) -> float:
@@ -180,7 +239,8 @@ def _real_alpha(rows: list[dict]) -> float:
     return a / (a + rej) if a + rej > 0 else math.nan
 
 
-def compare_runs(real: Any, sim: Any, suite: Suite, k: int) -> list[MetricRow]:
+def compare_runs(real: Any, sim: Any, suite: Suite, k: int, nospec: Any = None,
+                 series: dict | None = None) -> list[MetricRow]:
     from scipy.stats import ks_2samp
 
     tol = suite.tolerances
@@ -213,6 +273,9 @@ def compare_runs(real: Any, sim: Any, suite: Suite, k: int) -> list[MetricRow]:
         pred_draft, pred_verify = _predicted_pass_times(sim, k)
         rows.append(MetricRow(f"draft time per step ({k} passes)", pred_draft, real_draft, tol.pass_time_rel, unit="s"))
         rows.append(MetricRow("verify pass time", pred_verify, real_verify, tol.pass_time_rel, unit="s"))
+        # The cost model alone, pass by pass: each real step priced at its own context length.
+        for label, ape in _per_pass_errors(sim, reqs, real_steps, k).items():
+            rows.append(MetricRow(label, ape, 0.0, tol.pass_time_rel, "abs"))
     real_train = [x for x in (_num(u.get("train_s")) for u in real.updates) if math.isfinite(x)]
     sim_train = sim.training[sim.training["kind"] == "done"]["duration_s"]
     if real_train and len(sim_train):
@@ -220,6 +283,10 @@ def compare_runs(real: Any, sim: Any, suite: Suite, k: int) -> list[MetricRow]:
                               tol.pass_time_rel, unit="s"))
     real_e2e = np.array([_num(r["finish_s"]) - _num(r["start_s"]) for r in reqs])
     sim_e2e = sim.requests["e2e_s"].dropna().to_numpy()
+    if series is not None:
+        shifts = [int(i) + 1 for i in np.flatnonzero(np.diff([int(r["phase"]) for r in reqs]))]
+        series.update(window=w, alpha_measured=ra.tolist(), alpha_predicted=pa.tolist(), shifts=shifts,
+                      e2e_measured=real_e2e.tolist(), e2e_predicted=sim_e2e.tolist())
     rows.append(MetricRow("end-to-end latency, median", float(np.median(sim_e2e)), float(np.median(real_e2e)),
                           tol.e2e_median_rel, unit="s"))
     rows.append(MetricRow("end-to-end latency, p90", float(np.percentile(sim_e2e, 90)), float(np.percentile(real_e2e, 90)),
@@ -228,26 +295,87 @@ def compare_runs(real: Any, sim: Any, suite: Suite, k: int) -> list[MetricRow]:
                           tol.e2e_ks, "abs"))
     rows.append(MetricRow("total run time", float(sim.requests["finish_s"].max()),
                           float(max(_num(r["finish_s"]) for r in reqs)), tol.total_time_rel, unit="s"))
+    # Speedup of OSD over target-only decoding, as the real run measures it: output tokens per second
+    # of decoding (after the first token), serving only and with the inline training time added.
+    if nospec is not None:
+        base = [r for r in reqs if str(r.get("baseline_tokens", "")) not in ("", "0")]
+        if base:
+            base_tps = sum(_num(r["baseline_tokens"]) for r in base) / sum(_num(r["baseline_decode_s"]) for r in base)
+            spec_tokens = sum(_num(r["output_tokens"]) for r in reqs)
+            spec_s = sum(_num(r["decode_s"]) for r in reqs)
+            train_s = sum(_num(r.get("train_s") or 0.0) for r in reqs)
+            p_osd, p_train = _decode_time(sim.requests), float(sim_train.sum()) if len(sim_train) else 0.0
+            p_base = _decode_time(nospec.requests)
+            rows.append(MetricRow("speedup of OSD over no speculation (decode)", p_base / p_osd,
+                                  (spec_tokens / spec_s) / base_tps, tol.speedup_rel))
+            rows.append(MetricRow("speedup of OSD over no speculation (incl. training)", p_base / (p_osd + p_train),
+                                  (spec_tokens / (spec_s + train_s)) / base_tps, tol.speedup_rel))
+    # Recovery after each shift: requests into the new phase until the α of the last w requests
+    # (all in the new phase) is back at the level of the w requests before the shift.
     phase_of = np.array([int(r["phase"]) for r in reqs])
-    for rec in sim.summary["recovery"]:
-        shift_at = rec["at_request"]
-        # "Not recovered" is censored at the end of the phase (a number, so it can be compared).
-        phase_len = int(np.count_nonzero(phase_of == phase_of[shift_at])) if shift_at < len(reqs) else 0
-        predicted = rec["recovered_after_requests"]
-        predicted = float(phase_len if predicted is None else predicted)
-        measured = _real_recovery(ra, shift_at, rec["target"], 0.02)
-        measured = float(phase_len if measured is None else measured)
-        rows.append(MetricRow(f"recovery after {rec['shift']} (requests; phase length if never)", predicted, measured,
+    sim_acc = sim_req["accepted_tokens"].to_numpy(dtype=float)
+    sim_rej = sim_req["rejections"].to_numpy(dtype=float)
+    for at in np.flatnonzero(np.diff(phase_of)) + 1:
+        end = int(np.flatnonzero(phase_of == phase_of[at])[-1]) + 1
+        name = f"{reqs[at - 1]['domain']} -> {reqs[at]['domain']}"
+        predicted = recovery_requests(sim_acc, sim_rej, int(at), end, w)
+        measured = recovery_requests(ra_acc, ra_rej, int(at), end, w)
+        length = float(end - at)
+        rows.append(MetricRow(f"recovery after {name} (requests to regain the pre-shift α; {end - at:.0f} if never)",
+                              length if predicted is None else predicted, length if measured is None else measured,
                               tol.recovery_rel))
     return rows
 
 
-def _real_recovery(alpha_window: np.ndarray, at: int, target: float | None, tolerance: float) -> float | None:
-    if target is None:
+def recovery_requests(accepted: np.ndarray, rejections: np.ndarray, at: int, end: int, window: int) -> float | None:
+    """Requests served in the new phase [at, end) until the pooled α of the last `window` of them
+    first reaches the pooled α of the `window` requests before the shift (None: never)."""
+    def pooled(lo: int, hi: int) -> float:
+        a, r = accepted[lo:hi].sum(), rejections[lo:hi].sum()
+        return a / (a + r) if a + r > 0 else math.nan
+
+    level = pooled(max(at - window, 0), at)
+    if not math.isfinite(level):
         return None
-    seg = alpha_window[at:]
-    hit = np.flatnonzero(seg >= target - tolerance)
-    return float(hit[0]) if hit.size else None
+    for last in range(at + window, end + 1):
+        if pooled(last - window, last) >= level:
+            return float(last - at)
+    return None
+
+
+def _decode_time(requests: Any) -> float:
+    """Σ decode seconds (first token to finish) of a simulated run's requests."""
+    return float((requests["finish_s"] - requests["first_token_s"]).sum())
+
+
+def _per_pass_errors(sim: Any, reqs: list[dict], steps: list[dict], k: int) -> dict[str, float]:
+    """Median absolute relative error of the cost model on every real draft step (k passes) and
+    verify pass, each priced at its own context (prompt + tokens emitted before the step)."""
+    from osdsim.cost.model import CostModel
+    from osdsim.sim.engine import load_scenario_profile
+
+    sc = sim.scenario
+    prof = load_scenario_profile(sc)
+    draft, target = CostModel(sc.draft, prof), CostModel(sc.target, prof)
+    prompt = {int(r["request_index"]): int(_num(r["prompt_tokens"])) for r in reqs}
+    emitted: dict[int, int] = {}
+    d_err, v_err = [], []
+    for st in steps:
+        rid = int(st["request_index"])
+        ctx = prompt.get(rid, 0) + 1 + emitted.get(rid, 0)  # the prefill emitted the first token
+        emitted[rid] = emitted.get(rid, 0) + int(_num(st["emitted"]))
+        d_meas, v_meas = _num(st["draft_s"]), _num(st["verify_s"])
+        if d_meas > 0:
+            d_pred = sum(draft.decode_time(1, ctx + j) for j in range(k))
+            d_err.append(abs(d_pred - d_meas) / d_meas)
+        if v_meas > 0:
+            v_err.append(abs(target.decode_time(1, ctx, tokens_per_seq=k + 1) - v_meas) / v_meas)
+    out = {}
+    if d_err:
+        out[f"cost model per pass: draft step, median |error| over {len(d_err)} real steps"] = float(np.median(d_err))
+    if v_err:
+        out[f"cost model per pass: verify, median |error| over {len(v_err)} real passes"] = float(np.median(v_err))
+    return out
 
 
 def _predicted_pass_times(sim: Any, k: int) -> tuple[float, float]:
@@ -272,6 +400,7 @@ class RecordedRun:
     requests: list[dict]
     steps: list[dict]
     updates: list[dict]
+    alpha: list[dict] = field(default_factory=list)  # held-out α checkpoints
 
 
 def load_recorded(run_dir: Path) -> RecordedRun | None:
@@ -289,14 +418,30 @@ def load_recorded(run_dir: Path) -> RecordedRun | None:
         with open(run_dir / name, newline="") as fh:
             return list(csv.DictReader(fh))
 
-    return RecordedRun(summary, rows("requests.csv"), rows("steps.csv"), rows("updates.csv"))
+    alpha = rows("alpha.csv") if (run_dir / "alpha.csv").is_file() else []
+    return RecordedRun(summary, rows("requests.csv"), rows("steps.csv"), rows("updates.csv"), alpha)
+
+
+def _recorded_or_run(cfg: Any, run_dir: Path, reuse: bool, label: str, progress, notice) -> tuple[Any, bool]:
+    """A recorded run whose config equals `cfg` (with --reuse-runs), or a fresh real run."""
+    from osdsim.real.run import run_real
+
+    if reuse:
+        rec = load_recorded(run_dir)
+        if rec is not None and rec.summary.get("config") == cfg.model_dump(mode="json"):
+            return rec, True
+        why = "none recorded" if rec is None else "the recorded run has another config"
+        if notice:
+            notice(f"--reuse-runs: {label}: {why} in {run_dir}; running it for real")
+    if progress:
+        progress(f"{label} (real)")
+    return run_real(cfg, run_dir), False
 
 
 def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None, calibrate_fn=None,
-                   reuse: bool = False) -> ValidationResult:
+                   reuse: bool = False, notice=None) -> ValidationResult:
     from osdsim.api import simulate
     from osdsim.real.config import RealConfig
-    from osdsim.real.run import run_real
     from osdsim.scenario import scenario_from_dict
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,21 +456,16 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
         held_cfg = RealConfig(**_merge(suite.fit, suite.heldout))
     except ValidationError as exc:
         raise InputError(f"{suite_path}: fit/heldout: {format_validation_error(exc)}") from None
-    s1 = load_recorded(work / "S1") if reuse else None
-    if s1 is None:
-        if progress:
-            progress("fit run S1 (real)")
-        s1 = run_real(fit_cfg, work / "S1")
+    s1, s1_reused = _recorded_or_run(fit_cfg, work / "S1", reuse, "fit run S1", progress, notice)
     k = int(fit_cfg.decode.k)
-    acc, law = fit_acceptance(s1.requests, k)
+    try:
+        acc, law = fit_acceptance(s1, k)
+    except ValueError as exc:
+        raise InputError(f"{suite_path}: fit run S1 cannot be fitted: {exc}") from None
     acc_file, law_file = work / "acceptance.yaml", work / "accepted_lengths.yaml"
     atomic_write_text(acc_file, yaml.safe_dump(acc, sort_keys=False))
     atomic_write_text(law_file, yaml.safe_dump(law, sort_keys=False))
-    s2 = load_recorded(work / "S2") if reuse else None
-    if s2 is None:
-        if progress:
-            progress("held-out run S2 (real)")
-        s2 = run_real(held_cfg, work / "S2")
+    s2, s2_reused = _recorded_or_run(held_cfg, work / "S2", reuse, "held-out run S2", progress, notice)
     if progress:
         progress("simulating S2")
     twin = twin_scenario(s2.summary, s2.requests, profile, acc_file, law_file, work / "S2-trace.csv", work)
@@ -333,15 +473,18 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
     sc = scenario_from_dict(twin, base_dir=suite_path.resolve().parent, source="twin scenario")
     sim = simulate(sc)
     sim.scenario = sc
-    rows = compare_runs(s2, sim, suite, int(held_cfg.decode.k))
+    nospec = simulate(sc.model_copy(update={"strategy": "no-spec"}))
+    series: dict = {}
+    rows = compare_runs(s2, sim, suite, int(held_cfg.decode.k), nospec=nospec, series=series)
+    reused = [name for name, r in (("S1", s1_reused), ("S2", s2_reused)) if r]
     meta = {
         "title": f"osdsim validate: {suite.name}",
         "suite": str(suite_path),
         "date": datetime.now().isoformat(timespec="seconds"),
         "device": s2.summary.get("device", "local"),
-        "method": f"fit on S1 (seed {fit_cfg.seed}), predict held-out S2 (seed {held_cfg.seed}) in trace mode"
-        + (" (real runs reused from the work directory)" if reuse else ""),
+        "method": f"fit on S1 (seed {fit_cfg.seed}), predict held-out S2 (seed {held_cfg.seed}) as a closed-loop "
+        "trace replay" + (f" (real runs {' and '.join(reused)} reused from the work directory)" if reused else ""),
         "profile": profile,
         "fitted_acceptance": acc,
     }
-    return ValidationResult(rows=rows, meta=meta, files={"work": work})
+    return ValidationResult(rows=rows, meta=meta, files={"work": work}, series=series)

@@ -167,3 +167,81 @@ def test_rising_load_reports_where_harvest_stalls(make_scenario):
     res = simulate(make_scenario(spec))
     stall = res.summary["training"]["stalled_at_rate_per_s"]
     assert stall is not None and 1.0 < stall < 60.0
+
+
+def test_training_step_options_price_dtype_padding_head_and_minibatches(make_scenario):
+    """train_dtype, batch_sequences (padded shuffled minibatches), logits_at and epochs_per_step
+    change the step's price exactly as CostModel.training_step says (fixed lengths: no padding)."""
+    flat = {"a_acc": {"alpha_0": 0.6, "alpha_inf": 0.6}, "b_acc": {"alpha_0": 0.4, "alpha_inf": 0.4}}
+    sc = make_scenario(sharp({}, n1=20, n2=40, rate=0.05, update_interval_requests=4, train_dtype="fp32",
+                             batch_sequences=3, logits_at="loss", epochs_per_step=2, **flat))
+    res = simulate(sc)
+    prof = load_profile(resolve_profile_path("a100-80g"))
+    draft = PRESETS["llama-160m"].model_copy(update={"dtype": "fp32"})
+    # 4 requests of 50 + 50 tokens in minibatches of 3 + 1, twice; the head only at the 50 outputs.
+    want = CostModel(draft, prof).training_step(2 * 400.0, 2 * 4 * 100.0**2, draft.total_params,
+                                                logit_tokens=2 * 200.0, minibatches=4)
+    done = res.training[res.training["kind"] == "done"]
+    assert len(done) > 0
+    assert done["duration_s"].to_numpy() == pytest.approx(want.time_s, rel=1e-12)
+    bf16 = CostModel(PRESETS["llama-160m"], prof).training_step(400.0, 4 * 100.0**2, draft.total_params)
+    assert want.time_s > 2 * bf16.time_s  # fp32, two epochs, four minibatches
+
+
+def test_padded_minibatches_match_enumeration():
+    import itertools
+
+    from osdsim.sim.distill import padded_minibatches
+
+    lengths = [3.0, 10.0, 4.0, 7.0, 7.0, 1.0]
+    for b in (1, 2, 3, 4, 6):
+        tokens, sq = padded_minibatches(lengths, b)
+        # Brute force: the expected padded size of the full minibatches and of the remainder.
+        full, rest = divmod(len(lengths), b)
+        want_t = want_sq = 0.0
+        for size, count in ((b, full), (rest, 1 if rest else 0)):
+            if count:
+                subsets = list(itertools.combinations(lengths, size))
+                want_t += count * size * np.mean([max(s) for s in subsets])
+                want_sq += count * size * np.mean([max(s) ** 2 for s in subsets])
+        assert tokens == pytest.approx(want_t) and sq == pytest.approx(want_sq)
+    assert padded_minibatches(lengths, 1) == pytest.approx((sum(lengths), sum(x * x for x in lengths)))
+
+
+def test_trained_tokens_progress_counts_every_pass_over_the_window(make_scenario):
+    # Window 8, a step every 2 requests, 2 epochs: after the first 8 requests each later step trains
+    # 8 × 50 tokens twice; "new_tokens" counts only the 2 new requests' 100 tokens.
+    base = dict(n1=20, n2=40, rate=0.05, update_interval_requests=2, window_requests=8, epochs_per_step=2)
+    runs = {}
+    for progress in ("new_tokens", "trained_tokens"):
+        sc = make_scenario(sharp({}, progress=progress, **base))
+        runs[progress] = simulate(sc).training
+    new = runs["new_tokens"][runs["new_tokens"]["kind"] == "done"]["tokens"].to_numpy()
+    trained = runs["trained_tokens"][runs["trained_tokens"]["kind"] == "done"]["tokens"].to_numpy()
+    assert set(new.tolist()) == {100.0}
+    assert trained[:4].tolist() == [200.0, 400.0, 600.0, 800.0] and set(trained[4:].tolist()) == {800.0}
+
+
+def test_closed_loop_trace_replays_one_request_after_another(make_scenario, tmp_path):
+    """trace_replay: closed — request i is sent think_s after request i−1 came back, including the
+    inline training step it made due; latency excludes that training (as in the real harness)."""
+    trace = tmp_path / "t.csv"
+    rows = ["arrival_s,domain,prompt_tokens,output_tokens,think_s"]
+    rows += [f"{100.0 * i},b,50,50,{0.5 if i % 3 else 0.0}" for i in range(12)]
+    trace.write_text("\n".join(rows) + "\n")
+    upd = sharp({}, update_interval_requests=4)
+    upd["workload"] = {"__replace__": True, "arrival": "trace", "trace_file": str(trace), "trace_replay": "closed",
+                       "domains": {"a": {}, "b": {}},
+                       "shift": {"unit": "requests", "phases": [{"start": 0, "end": 12, "mix": {"b": 1.0}}]}}
+    upd["batching"] = {"max_batch_size": 1}
+    res = simulate(make_scenario(upd))
+    req = res.requests.sort_values("request_id")
+    arrival, finish = req["arrival_s"].to_numpy(), req["finish_s"].to_numpy()
+    train = res.training[res.training["kind"] == "done"]
+    step_s = float(train["duration_s"].iloc[0])
+    assert len(train) == 2  # the third falls due as the last request finishes, when the run ends
+    for i in range(1, 12):
+        think = 0.5 if i % 3 else 0.0
+        trained = step_s if i % 4 == 0 else 0.0  # a step falls due after every 4th request
+        assert arrival[i] == pytest.approx(finish[i - 1] + trained + think, abs=1e-9)
+    assert np.all(req["admitted_s"].to_numpy() == arrival)  # nobody waits behind training

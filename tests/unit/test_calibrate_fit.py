@@ -33,7 +33,7 @@ def profile_with(eff: Efficiency, by_dtype: dict[str, Efficiency] | None = None)
 
 TRUE_FP32 = Efficiency(flops_max=0.62, flops_half_tokens=3.0, bandwidth=0.41,
                        kernel_overhead_s_per_layer=4.0e-4, pass_overhead_s=2.5e-3, kv_bandwidth=0.12,
-                       gemv_max_tokens=3)
+                       gemv_max_tokens=3, train_efficiency=0.6)
 TRUE_BF16 = Efficiency(flops_max=0.8, flops_half_tokens=4.0, bandwidth=0.55,
                        kernel_overhead_s_per_layer=2.0e-4, pass_overhead_s=1.0e-3, kv_bandwidth=0.05)
 
@@ -53,6 +53,8 @@ def test_fit_recovers_known_parameters_within_2_percent():
     result = fit_passes(rows, PEAKS, BANDWIDTH, overhead_guess_s=3e-6)
     assert_recovered(result.efficiency["fp32"], TRUE_FP32, "fp32")
     assert_recovered(result.efficiency["bf16"], TRUE_BF16, "bf16")
+    # Training steps are fitted after the forward passes, by their own efficiency.
+    assert result.efficiency["fp32"].train_efficiency == pytest.approx(0.6, rel=0.02)
     for summary in result.heldout.values():
         assert summary["max_ape_pct"] < 0.5
 
@@ -80,7 +82,7 @@ def test_vectorised_prediction_is_the_cost_model():
     rows = plan_rows(cpu_plan(False))
     rows = [r for r in rows if r.dtype == "fp32"]
     params = np.array([getattr(TRUE_FP32, n) for n in PARAM_NAMES])
-    pred = predict(params, pass_terms(rows, PEAKS, BANDWIDTH), TRUE_FP32.gemv_max_tokens)
+    pred = predict(params, pass_terms(rows, PEAKS, BANDWIDTH), TRUE_FP32.gemv_max_tokens, TRUE_FP32.train_efficiency)
     for r, p in zip(rows, pred, strict=True):
         cm = CostModel(spec_for(r.model, r.dtype), prof)
         if r.pass_type == "train":
@@ -127,3 +129,11 @@ def test_measurements_round_trip_through_csv():
         assert (a.model, a.pass_type, a.split, a.batch, a.context, a.q, a.tokens) == (
             b.model, b.pass_type, b.split, b.batch, b.context, b.q, b.tokens)
         assert b.median_s == pytest.approx(a.median_s, rel=1e-5)
+
+
+def test_model_names_with_a_reduced_head():
+    spec = spec_for("smollm2-135m-l2-v4096", "bf16")
+    assert (spec.n_layers, spec.vocab, spec.dtype) == (2, 4096, "bf16")
+    assert spec_for("smollm2-135m-l4", "fp32").vocab == 49152
+    with pytest.raises(ValueError):
+        spec_for("smollm2-135m-x2", "fp32")

@@ -77,3 +77,22 @@ def test_memory_plan_rejects_models_that_do_not_fit(a100):
     assert weights > avail and cap == 0
     avail, weights, cap = memory_plan(PRESETS["llama-2-70b"], [], a100, 2, 0.9)
     assert weights < avail and cap > 10_000
+
+
+def test_training_step_minibatches_and_train_efficiency():
+    from osdsim.cost.model import CostModel
+    from osdsim.cost.profile import load_profile, resolve_profile_path
+    from osdsim.models import PRESETS
+
+    prof = load_profile(resolve_profile_path("a100-80g"))
+    draft = PRESETS["llama-160m"]
+    one = CostModel(draft, prof).training_step(4000.0, 4000.0 * 500, draft.total_params)
+    same = CostModel(draft, prof).training_step(4000.0, 4000.0 * 500, draft.total_params, minibatches=1)
+    assert one == same
+    four = CostModel(draft, prof).training_step(4000.0, 4000.0 * 500, draft.total_params, minibatches=4)
+    assert four.overhead_s == pytest.approx(4 * one.overhead_s) and four.flops == one.flops
+    head = CostModel(draft, prof).training_step(4000.0, 4000.0 * 500, draft.total_params, logit_tokens=1000.0)
+    assert head.flops < one.flops
+    slow = prof.model_copy(update={"efficiency": prof.efficiency.model_copy(update={"train_efficiency": 0.5})})
+    half = CostModel(draft, slow).training_step(4000.0, 4000.0 * 500, draft.total_params)
+    assert half.time_s - half.overhead_s == pytest.approx(2 * (one.time_s - one.overhead_s))

@@ -42,3 +42,50 @@ def test_empirical_law_file_round_trips_into_the_simulator_law():
     lo, hi = law.alpha_range
     assert lo < 0.5 < 0.75 < hi
     assert law.mean_tokens_per_step(hi, 4) > law.mean_tokens_per_step(lo, 4)
+
+
+def test_joint_fit_recovers_curves_and_transfer():
+    """Two domains in sequence, a held-out check of every domain after every step: fit_joint
+    recovers α_0, α_∞, τ per domain and the cross-domain transfer from the simulator's own law."""
+    from osdsim.validate.fit import effective_tokens, fit_joint
+
+    truth = {"a": (0.05, 0.6, 2000.0), "b": (0.10, 0.45, 1500.0)}
+    transfer = 0.3
+    steps = 24
+    step_tokens = np.zeros((steps, 2))
+    step_tokens[:12, 0] = 400.0  # 12 steps on domain a, then 12 on b
+    step_tokens[12:, 1] = 400.0
+    n = effective_tokens(step_tokens, transfer)
+    obs_d, obs_s, obs_a, obs_w = [], [], [], []
+    for s in range(steps + 1):
+        for d, name in enumerate(truth):
+            a0, ainf, tau = truth[name]
+            obs_d.append(d)
+            obs_s.append(s)
+            obs_a.append(alpha_curve(n[s, d], a0, ainf, tau))
+            obs_w.append(400.0)
+    fit = fit_joint(list(truth), step_tokens, np.array(obs_d), np.array(obs_s), np.array(obs_a), np.array(obs_w))
+    assert fit.transfer == pytest.approx(transfer, rel=0.05)
+    for name, (a0, ainf, tau) in truth.items():
+        c = fit.curves[name]
+        assert c.alpha_0 == pytest.approx(a0, rel=0.05)
+        assert c.alpha_inf == pytest.approx(ainf, rel=0.05)
+        assert c.tau_tokens == pytest.approx(tau, rel=0.05)
+
+
+def test_effective_tokens_floors_forgetting_at_the_untrained_draft():
+    from osdsim.validate.fit import effective_tokens
+
+    n = effective_tokens(np.array([[100.0, 0.0], [0.0, 1000.0]]), -0.5)
+    assert n[1].tolist() == [100.0, 0.0] and n[2].tolist() == [0.0, 1000.0]
+
+
+def test_recovery_counts_requests_until_the_pre_shift_alpha_is_back():
+    from osdsim.validate.pipeline import recovery_requests
+
+    # 10 requests at α = 0.5, then α 0.1 for 5 requests and 0.6 after: with a 3-request window the
+    # pooled α of requests 15..17 is the first back at 0.5 → 8 requests into the new phase.
+    alpha = np.array([0.5] * 10 + [0.1] * 5 + [0.6] * 10)
+    acc, rej = alpha * 100, (1 - alpha) * 100
+    assert recovery_requests(acc, rej, 10, 25, 3) == 8.0
+    assert recovery_requests(acc, rej, 10, 15, 3) is None  # never within the phase
