@@ -19,12 +19,15 @@ class MetricRow:
     name: str
     predicted: float | None
     measured: float | None
-    tolerance: float  # absolute (kind 'abs') or relative (kind 'rel')
-    kind: str = "rel"
+    tolerance: float  # absolute (kind 'abs'), relative ('rel'), or a bound on the statistic ('score')
+    kind: str = "rel"  # 'score': `predicted` holds a comparison statistic itself (RMSE, KS, median error)
     unit: str = ""
+    measured_ci: tuple[float, float] | None = None  # 95% bootstrap interval of the measured value
 
     @property
     def error(self) -> float | None:
+        if self.kind == "score":
+            return abs(self.predicted) if self.predicted is not None and math.isfinite(self.predicted) else None
         if self.predicted is None or self.measured is None:
             return None
         if not (math.isfinite(self.predicted) and math.isfinite(self.measured)):
@@ -59,19 +62,24 @@ def _err(row: MetricRow) -> str:
     e = row.error
     if e is None:
         return "—"
-    return f"{e:.3f}" if row.kind == "abs" else f"{e * 100:.1f}%"
+    return f"{e:.3f}" if row.kind in ("abs", "score") else f"{e * 100:.1f}%"
 
 
 def _tol(row: MetricRow) -> str:
+    if row.kind == "score":
+        return f"≤{row.tolerance:.3f}"
     return f"±{row.tolerance:.3f}" if row.kind == "abs" else f"{row.tolerance * 100:.0f}%"
 
 
 def report_table(rows: list[MetricRow], title: str) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("metric", "predicted", "measured", "error", "tolerance", "pass"):
+    for col in ("metric", "predicted", "measured [95% CI]", "error", "tolerance", "pass"):
         t.add_column(col, justify="left" if col == "metric" else "right")
     for r in rows:
-        t.add_row(r.name, _fmt(r.predicted, r.unit), _fmt(r.measured, r.unit), _err(r), _tol(r),
+        measured = _fmt(r.measured, r.unit)
+        if r.measured_ci is not None:
+            measured += f" [{r.measured_ci[0]:.3g}, {r.measured_ci[1]:.3g}]"
+        t.add_row(r.name, _fmt(r.predicted, r.unit), measured, _err(r), _tol(r),
                   "[green]pass[/green]" if r.passed else "[bold red]FAIL[/bold red]")
     return t
 

@@ -233,6 +233,19 @@ class ValidationResult:
     series: dict = field(default_factory=dict)  # α trajectories and latencies, for the plots
 
 
+def _bootstrap_alpha_ci(rows: list[dict], resamples: int = 2000) -> tuple[float, float] | None:
+    """95% interval of a phase's pooled α̂ when its requests are resampled (prompt-to-prompt
+    variation: how far another stream of as many requests could land). Fixed seed: deterministic."""
+    acc = np.array([_num(r["accepted"]) for r in rows])
+    tot = acc + np.array([_num(r["rejections"]) for r in rows])
+    if acc.size < 2 or tot.sum() <= 0:
+        return None
+    idx = np.random.default_rng(0).integers(0, acc.size, size=(resamples, acc.size))
+    boot = acc[idx].sum(axis=1) / np.maximum(tot[idx].sum(axis=1), 1e-12)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def _real_alpha(rows: list[dict]) -> float:
     a = sum(_num(r["accepted"]) for r in rows)
     rej = sum(_num(r["rejections"]) for r in rows)
@@ -249,7 +262,8 @@ def compare_runs(real: Any, sim: Any, suite: Suite, k: int, nospec: Any = None,
     sim_phases = sim.summary["phases"]
     for i, ph in enumerate(sim_phases):
         real_rows = [r for r in reqs if int(r["phase"]) == i]
-        rows.append(MetricRow(f"α, phase {ph['phase']}", ph["alpha_mean"], _real_alpha(real_rows), tol.alpha_phase_abs, "abs"))
+        rows.append(MetricRow(f"α, phase {ph['phase']}", ph["alpha_mean"], _real_alpha(real_rows), tol.alpha_phase_abs,
+                              "abs", measured_ci=_bootstrap_alpha_ci(real_rows)))
     # α trajectory: RMSE between moving windows (request order) of predicted and measured α̂.
     w = suite.alpha_window_requests
     sim_req = sim.requests.sort_values("request_id")
@@ -260,7 +274,7 @@ def compare_runs(real: Any, sim: Any, suite: Suite, k: int, nospec: Any = None,
     ra = np.convolve(ra_acc, np.ones(w))[: len(reqs)] / np.maximum(np.convolve(ra_acc + ra_rej, np.ones(w))[: len(reqs)], 1e-12)
     m = np.isfinite(pa) & np.isfinite(ra)
     rmse = float(np.sqrt(np.mean((pa[m] - ra[m]) ** 2))) if m.any() else math.nan
-    rows.append(MetricRow(f"α trajectory RMSE ({w}-request window)", rmse, 0.0, tol.alpha_rmse_abs, "abs"))
+    rows.append(MetricRow(f"α trajectory RMSE ({w}-request window)", rmse, None, tol.alpha_rmse_abs, "score"))
     steps = sum(_num(r["steps"]) for r in reqs)
     real_tps = sum(_num(r["output_tokens"]) - 1 for r in reqs) / steps if steps else math.nan
     rows.append(MetricRow("accepted tokens per step (incl. bonus)", sim.summary["speculation"]["mean_tokens_per_step"],
@@ -275,7 +289,7 @@ def compare_runs(real: Any, sim: Any, suite: Suite, k: int, nospec: Any = None,
         rows.append(MetricRow("verify pass time", pred_verify, real_verify, tol.pass_time_rel, unit="s"))
         # The cost model alone, pass by pass: each real step priced at its own context length.
         for label, ape in _per_pass_errors(sim, reqs, real_steps, k).items():
-            rows.append(MetricRow(label, ape, 0.0, tol.pass_time_rel, "abs"))
+            rows.append(MetricRow(label, ape, None, tol.pass_time_rel, "score"))
     real_train = [x for x in (_num(u.get("train_s")) for u in real.updates) if math.isfinite(x)]
     sim_train = sim.training[sim.training["kind"] == "done"]["duration_s"]
     if real_train and len(sim_train):
@@ -291,8 +305,8 @@ def compare_runs(real: Any, sim: Any, suite: Suite, k: int, nospec: Any = None,
                           tol.e2e_median_rel, unit="s"))
     rows.append(MetricRow("end-to-end latency, p90", float(np.percentile(sim_e2e, 90)), float(np.percentile(real_e2e, 90)),
                           tol.e2e_p90_rel, unit="s"))
-    rows.append(MetricRow("end-to-end latency, KS statistic", float(ks_2samp(sim_e2e, real_e2e).statistic), 0.0,
-                          tol.e2e_ks, "abs"))
+    rows.append(MetricRow("end-to-end latency, KS statistic", float(ks_2samp(sim_e2e, real_e2e).statistic), None,
+                          tol.e2e_ks, "score"))
     rows.append(MetricRow("total run time", float(sim.requests["finish_s"].max()),
                           float(max(_num(r["finish_s"]) for r in reqs)), tol.total_time_rel, unit="s"))
     # Speedup of OSD over target-only decoding, as the real run measures it: output tokens per second

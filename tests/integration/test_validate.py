@@ -63,3 +63,12 @@ def test_reuse_recorded_runs(tmp_path, monkeypatch):
     assert s2.stat().st_mtime_ns == before  # the real runs were not repeated
     doc = json.loads(next(tmp_path.glob("cpu-quick-*.json")).read_text())
     assert "reused" in doc["method"]
+
+
+def test_score_rows_bound_the_statistic_itself():
+    from osdsim.validate.compare import MetricRow
+
+    assert MetricRow("ks", 0.2, None, 0.3, "score").passed
+    bad = MetricRow("ks", 0.4, None, 0.3, "score")
+    assert not bad.passed and bad.error == pytest.approx(0.4)
+    assert MetricRow("ks", float("nan"), None, 0.3, "score").error is None
