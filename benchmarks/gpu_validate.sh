@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run on a lent GPU machine (device tool), installing nothing: the validation suite for the GPU,
+# Run on a lent GPU machine (device tool), installing nothing: the validation suite for the GPU
+# (real runs on cuda, quick GPU calibration first),
 # report written under $OUT. Usage: OUT=/path bash benchmarks/gpu_validate.sh
 set -euo pipefail
 OUT="${OUT:-runs/gpu-validate}"

@@ -246,8 +246,8 @@ def validate(
     from osdsim.validate.compare import exit_code, report_table, write_plots, write_report
     from osdsim.validate.pipeline import load_suite, run_validation
 
-    def calibrate_fn(path: Path, quick: bool) -> Path:
-        cmd = [sys.executable, "-c", "from osdsim.cli import main; main()", "calibrate", "--gpu", "cpu",
+    def calibrate_fn(path: Path, quick: bool, device: str = "cpu") -> Path:
+        cmd = [sys.executable, "-c", "from osdsim.cli import main; main()", "calibrate", "--device", device,
                "--out", str(path), "--force", "--quiet"] + (["--quick"] if quick else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -278,7 +278,8 @@ def validate(
                                 notice=notice)
         device = platform.processor() or platform.machine()
         stem = out_dir / f"{suite.name}-{datetime.now().strftime('%Y%m%d')}"
-        result.meta["device"] = f"CPU {device}, {os.cpu_count()} cores"
+        if not str(result.meta.get("device", "")).startswith("cuda"):
+            result.meta["device"] = f"CPU {device}, {os.cpu_count()} cores"
         result.meta["command"] = "osdsim validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else f"osdsim validate {suite_file}"
         if result.series:
             result.meta["plots"] = [p.name for p in write_plots(result.series, stem)]

@@ -92,6 +92,10 @@ class RealConfig(_Strict):
     name: str = "real"
     seed: int = 0
     threads: int = Field(1, ge=1, description="torch threads (1 measured best with the other core busy).")
+    device: str = Field(
+        "cpu", pattern=r"^(cpu|cuda|cuda:\d+|auto)$",
+        description="Where the models run: cpu, cuda, cuda:N, or auto (cuda when torch sees one).",
+    )
     models: ModelsCfg = ModelsCfg()
     stream: StreamCfg = StreamCfg()
     decode: DecodeCfg = DecodeCfg()

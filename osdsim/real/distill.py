@@ -130,12 +130,13 @@ def student_hidden_at(draft: Any, batch: list[DistillSample], pad_id: int) -> to
 
     Right padding needs no attention mask under a causal model."""
     T = max(int(s.ids.numel()) for s in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    device = next(draft.parameters()).device
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long, device=device)
     for b, s in enumerate(batch):
         ids[b, : s.ids.numel()] = s.ids
     hidden = draft.model(input_ids=ids, use_cache=False).last_hidden_state  # [B, T, H]
-    rows = torch.cat([torch.full_like(s.teacher.positions, b) for b, s in enumerate(batch)])
-    cols = torch.cat([s.teacher.positions for s in batch])
+    rows = torch.cat([torch.full_like(s.teacher.positions, b) for b, s in enumerate(batch)]).to(device)
+    cols = torch.cat([s.teacher.positions for s in batch]).to(device)
     return hidden[rows, cols]
 
 
@@ -148,11 +149,11 @@ def batch_loss(
     draft: Any, batch: list[DistillSample], kind: LossKind, beta: float, pad_id: int
 ) -> torch.Tensor:
     """Mean loss over the batch's trained positions (see `distill_loss`)."""
-    t_lp = torch.cat([s.teacher.logprobs for s in batch])
-    idx = [s.teacher.index for s in batch]
     logits = student_logits_at(draft, batch, pad_id)  # [N, V]: the full head for the normaliser
+    t_lp = torch.cat([s.teacher.logprobs for s in batch]).to(logits.device)
+    idx = [s.teacher.index for s in batch]
     if all(i is not None for i in idx):
-        return distill_loss(logits, t_lp, torch.cat(idx), kind, beta)  # type: ignore[arg-type]
+        return distill_loss(logits, t_lp, torch.cat(idx).to(logits.device), kind, beta)  # type: ignore[arg-type]
     if any(i is not None for i in idx):
         raise ValueError("teacher stored as top-K for some samples and full for others")
     return distill_loss(logits, t_lp, None, kind, beta)
@@ -217,7 +218,7 @@ def mixed_generate(
             last = int(torch.argmax(logits))
         else:
             probs = torch.softmax(logits.double() / temperature, -1)
-            last = int(torch.multinomial(probs, 1, generator=generator))
+            last = int(torch.multinomial(probs.cpu(), 1, generator=generator))
         out.append(last)
         if last in eos_ids:
             break
@@ -475,8 +476,9 @@ def greedy_answers_batched(target: Any, prompts: list[list[int]], max_new_tokens
         for b, p in enumerate(chunk):
             ids[b, L - len(p) :] = torch.tensor(p)
             mask[b, L - len(p) :] = 1
+        device = next(target.parameters()).device
         out = target.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=list(eos_ids) or None, pad_token_id=pad_id,
         )[:, L:]
         for row in out.tolist():
@@ -524,10 +526,11 @@ def teacher_forced_alpha(draft: Any, samples: list[tuple[list[int], list[int]]],
         ]
         logits = student_logits_at(draft, batch, pad_id)  # [Σ len(a), V]
         if vocab_ids is not None:
+            vocab_ids = vocab_ids.to(logits.device)
             masked = torch.full_like(logits, float("-inf"))
             masked[:, vocab_ids] = logits[:, vocab_ids]
             logits = masked
-        want = torch.tensor([t for _, a in chunk for t in a])
+        want = torch.tensor([t for _, a in chunk for t in a], device=logits.device)
         hits += int((logits.argmax(-1) == want).sum())
         n += int(want.numel())
     return hits / n if n else float("nan")

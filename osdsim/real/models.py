@@ -465,13 +465,18 @@ class SubsetHeadLM:
     def refresh(self) -> None:
         """Re-slice the head (call after the base head changes; the layer draft's head is frozen)."""
         head = self.base.get_output_embeddings().weight  # [V, H]
+        self.vocab_ids = self.vocab_ids.to(head.device)
         self.weight = head.detach()[self.vocab_ids].contiguous()  # [S, H]
+
+    @property
+    def device(self) -> Any:
+        return self.weight.device
 
     def __call__(self, input_ids: Any, cache: Any = None, use_cache: bool = True) -> _Logits:
         torch = _torch()
         hidden = self.base.model(input_ids=input_ids, cache=cache, use_cache=use_cache).last_hidden_state
         small = hidden @ self.weight.T  # [B, n, S]
-        full = torch.full((*small.shape[:-1], self.vocab_size), float("-inf"), dtype=small.dtype)
+        full = torch.full((*small.shape[:-1], self.vocab_size), float("-inf"), dtype=small.dtype, device=small.device)
         full[..., self.vocab_ids] = small
         return _Logits(full)
 

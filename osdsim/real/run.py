@@ -76,6 +76,15 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def resolve_device(torch: Any, name: str) -> Any:
+    """torch.device for a config's `device`; a missing GPU is a one-line input error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {name} requested but torch sees no CUDA device (use cpu or auto)")
+    return torch.device(name)
+
+
 def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | None = None) -> RealRunResult:
     """Run the configured OSD stream for real; write outputs to out_dir (if given)."""
     import torch
@@ -99,8 +108,9 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     pair = load_pair(cfg.models.target, cfg.models.draft, cfg.models.dtype, cfg.models.tiny_seed)
+    device = resolve_device(torch, cfg.device)
+    codec, target, draft = pair.codec, pair.target.to(device), pair.draft.to(device)
     load_s = time.perf_counter() - t0
-    codec, target, draft = pair.codec, pair.target, pair.draft
 
     # --- data: splits per domain, filtered on prompt length ------------------------------------
     phases = _phases(cfg)
@@ -346,6 +356,7 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         "target": {"id": pair.target_id, **model_spec(target)},
         "draft": {"desc": pair.draft_desc, **model_spec(draft)},
         "threads": cfg.threads,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "serve_dtype": serve_dtype,
         "draft_vocab": draft_vocab_size,
         "torch": torch.__version__,

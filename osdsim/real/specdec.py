@@ -45,9 +45,10 @@ def verify_sampling(
     """
     gamma = int(x.numel())
     if gamma:
-        idx = torch.arange(gamma)
+        idx = torch.arange(gamma, device=p.device)
         px, qx = p[idx, x], q[idx, x]  # [γ]
-        r = torch.rand(gamma, generator=generator, dtype=p.dtype)  # r_i ~ U(0,1)
+        # r_i ~ U(0,1), drawn on the CPU generator (the same stream on any device)
+        r = torch.rand(gamma, generator=generator, dtype=p.dtype).to(p.device)
         rejected = r * qx > px  # r_i > p_i(x_i)/q_i(x_i), without dividing
         n = int(torch.argmax(rejected.to(torch.int8))) if bool(rejected.any()) else gamma
     else:
@@ -58,7 +59,7 @@ def verify_sampling(
         dist = residual / total if float(total) > 0 else p[n]
     else:
         dist = p[gamma]
-    t = int(torch.multinomial(dist, 1, generator=generator))
+    t = int(torch.multinomial(dist.cpu(), 1, generator=generator))
     return n, t
 
 
@@ -145,10 +146,21 @@ def new_cache(model: Any) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
+def model_device(model: Any) -> torch.device:
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, torch.device) else next(model.parameters()).device
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timers measure it (no-op on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def forward_logits(model: Any, ids: list[int], cache: DynamicCache) -> torch.Tensor:
     """Feed `ids` after what `cache` holds; returns fp32 logits [len(ids), V]; cache grows."""
-    inp = torch.tensor([ids], dtype=torch.long)
+    inp = torch.tensor([ids], dtype=torch.long, device=model_device(model))
     out = model(input_ids=inp, cache=cache, use_cache=True)
     return out.logits[0].float()
 
@@ -216,11 +228,13 @@ def speculative_generate(
         raise ValueError("empty prompt")
     seq = list(prompt)
     tcache, dcache = new_cache(target), new_cache(draft)
+    device = model_device(target)
     if len(prompt) > 1:
         forward_logits(target, prompt[:-1], tcache)
         forward_logits(draft, prompt[:-1], dcache)
     n_t = n_d = len(prompt) - 1  # tokens held by the target / draft caches
     gen = Generation(prompt_len=len(prompt), tokens=[])
+    sync(device)
     gen.prefill_s = time.perf_counter() - t_call
     teacher = _TeacherAcc(params.teacher_topk)
     eos = set(eos_ids)
@@ -239,15 +253,16 @@ def speculative_generate(
                 qs.append(logits_q)
             else:
                 q = _probs(logits_q, params.temperature)
-                x = int(torch.multinomial(q, 1, generator=generator))
+                x = int(torch.multinomial(q.cpu(), 1, generator=generator))
                 qs.append(q)
             xs.append(x)
             feed = [x]
+        sync(device)
         t1 = time.perf_counter()
         # --- verify: one target pass over γ+1 tokens -------------------------------------------
         logits_p = forward_logits(target, seq[n_t:] + xs, tcache)  # [γ+1, V]
         n_t = len(seq) + gamma
-        x_t = torch.tensor(xs, dtype=torch.long)
+        x_t = torch.tensor(xs, dtype=torch.long, device=logits_p.device)
         if params.greedy:
             n, t = verify_greedy(torch.argmax(logits_p, dim=-1), x_t)
             p_probs = _probs(logits_p[:gamma], 1.0) if gamma else None
@@ -256,6 +271,7 @@ def speculative_generate(
             p_probs = _probs(logits_p, params.temperature)
             q_probs = torch.stack(qs) if gamma else p_probs[:0]
             n, t = verify_sampling(p_probs, q_probs, x_t, generator)
+        sync(device)
         t2 = time.perf_counter()
         n_beta = min(n + 1, gamma)
         beta_sum = float(overlap(p_probs[:n_beta], q_probs[:n_beta]).sum()) if gamma else 0.0
@@ -314,9 +330,11 @@ def target_generate(
     Each step is recorded as a StepRecord with proposed = 0 and its time in verify_s."""
     t_call = time.perf_counter()
     cache = new_cache(target)
+    device = model_device(target)
     if len(prompt) > 1:
         forward_logits(target, prompt[:-1], cache)
     gen = Generation(prompt_len=len(prompt), tokens=[])
+    sync(device)
     gen.prefill_s = time.perf_counter() - t_call
     teacher = _TeacherAcc(teacher_topk)
     eos = set(eos_ids)
@@ -327,7 +345,8 @@ def target_generate(
         if greedy:
             last = int(torch.argmax(logits[0]))
         else:
-            last = int(torch.multinomial(_probs(logits[0], temperature), 1, generator=generator))
+            last = int(torch.multinomial(_probs(logits[0], temperature).cpu(), 1, generator=generator))
+        sync(device)
         t1 = time.perf_counter()
         if positions != "none":
             teacher.add(gen.prompt_len - 1 + len(gen.tokens), logits, [0])

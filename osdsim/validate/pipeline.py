@@ -438,18 +438,30 @@ def load_recorded(run_dir: Path) -> RecordedRun | None:
 
 def _recorded_or_run(cfg: Any, run_dir: Path, reuse: bool, label: str, progress, notice) -> tuple[Any, bool]:
     """A recorded run whose config equals `cfg` (with --reuse-runs), or a fresh real run."""
+    from osdsim.real.config import RealConfig
     from osdsim.real.run import run_real
 
     if reuse:
         rec = load_recorded(run_dir)
-        if rec is not None and rec.summary.get("config") == cfg.model_dump(mode="json"):
+        if rec is not None and _same_config(RealConfig, rec.summary.get("config"), cfg):
             return rec, True
         why = "none recorded" if rec is None else "the recorded run has another config"
         if notice:
             notice(f"--reuse-runs: {label}: {why} in {run_dir}; running it for real")
     if progress:
         progress(f"{label} (real)")
-    return run_real(cfg, run_dir), False
+    try:
+        return run_real(cfg, run_dir), False
+    except ValueError as exc:  # e.g. a CUDA device asked for but absent
+        raise InputError(f"{label}: {str(exc).splitlines()[0]}") from None
+
+
+def _same_config(schema: Any, recorded: Any, cfg: Any) -> bool:
+    """Recorded config == cfg, read through today's schema (fields added since take their defaults)."""
+    try:
+        return schema(**recorded).model_dump(mode="json") == cfg.model_dump(mode="json")
+    except (TypeError, ValueError):
+        return False
 
 
 def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None, calibrate_fn=None,
@@ -460,16 +472,17 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     work = (out_dir / f"{suite.name}-work").resolve()
-    profile = suite.profile
-    if suite.calibrate != "none":
-        if calibrate_fn is None:
-            raise InputError("calibrate: this osdsim has no calibrate command installed")
-        profile = str(calibrate_fn(work / "profile.yaml", quick=suite.calibrate == "quick"))
     try:
         fit_cfg = RealConfig(**suite.fit)
         held_cfg = RealConfig(**_merge(suite.fit, suite.heldout))
     except ValidationError as exc:
         raise InputError(f"{suite_path}: fit/heldout: {format_validation_error(exc)}") from None
+    profile = suite.profile
+    if suite.calibrate != "none":
+        if calibrate_fn is None:
+            raise InputError("calibrate: this osdsim has no calibrate command installed")
+        # The device the real runs use (a GPU suite calibrates the GPU).
+        profile = str(calibrate_fn(work / "profile.yaml", quick=suite.calibrate == "quick", device=held_cfg.device))
     s1, s1_reused = _recorded_or_run(fit_cfg, work / "S1", reuse, "fit run S1", progress, notice)
     k = int(fit_cfg.decode.k)
     try:

@@ -17,8 +17,11 @@ CLI = [sys.executable, "-c", "from osdsim.cli import main; main()"]
 
 
 def _interrupt_after(args, seconds, cwd):
+    # A shell that starts jobs in the background hands them SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt: restore the default disposition in the child.
     proc = subprocess.Popen([*CLI, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
+                            env={**os.environ, "COLUMNS": "200"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(seconds)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

@@ -52,3 +52,19 @@ def test_shipped_real_scenarios_validate():
     for p in paths:
         cfg = load_config(p)
         assert isinstance(cfg, RealConfig)
+
+
+def test_device_is_checked_before_any_work():
+    torch = pytest.importorskip("torch")
+    from pydantic import ValidationError
+
+    from osdsim.real.config import RealConfig
+    from osdsim.real.run import resolve_device
+
+    assert resolve_device(torch, "cpu").type == "cpu"
+    assert resolve_device(torch, "auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device(torch, "cuda:0")
+    with pytest.raises(ValidationError):
+        RealConfig(device="gpu")
