@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +158,13 @@ def _uses_drafts(strategy: str) -> bool:
     return strategy != "no-spec"
 
 
-def build_and_run(scenario: Scenario, requests: Requests | None = None, progress: ProgressFn | None = None) -> RawRun:
+def build_and_run(scenario: Scenario, requests: Requests | None = None, progress: ProgressFn | None = None,
+                  macro_steps: int | None = None) -> RawRun:
+    """Simulate `scenario`. macro_steps: decode iterations one event may cover (Replica._macro; the
+    results are the same for any value; 0 = one event per iteration; default 64, or the
+    OSDSIM_MACRO_STEPS environment variable, for A/B speed measurements)."""
+    if macro_steps is None:
+        macro_steps = int(os.environ.get("OSDSIM_MACRO_STEPS", "64"))
     strategy = scenario.strategy
     profile = load_scenario_profile(scenario)
     tp = scenario.hardware.tensor_parallel
@@ -271,6 +278,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         placement=placement,
         harvest_fraction=d.harvest_fraction,
         interference=d.interference,
+        macro_steps=macro_steps,
     )
     replicas: list[Replica] = []
     log_mode = scenario.report.iteration_log

@@ -24,6 +24,10 @@ from osdsim.cost.model import CostModel
 from osdsim.sim.distill import Distiller, DistillStats
 from osdsim.specdec import optimal_k, sample_geometric
 
+# Shortest stretch worth a macro step: below it, drawing and pricing ahead (and rewinding the
+# random stream when an arrival cuts the stretch) costs more than the events it saves.
+MACRO_MIN_STEPS = 4
+
 
 @dataclass
 class ReplicaConfig:
@@ -37,6 +41,7 @@ class ReplicaConfig:
     placement: str  # inline | harvest | dedicated | none
     harvest_fraction: float
     interference: float
+    macro_steps: int = 64  # decode iterations one event may cover between arrivals/finishes (0: off)
 
 
 class RequestTable:
@@ -196,6 +201,10 @@ class Replica:
         self.spec = cfg.draft_cost is not None
         self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
         self._harvest_rate = 0.0
+        # Macro steps (see _macro): decode-only stretches with i.i.d. geometric acceptance and α that
+        # cannot change mid-stretch (no trainer publishing asynchronously).
+        self._macro_len = float(cfg.macro_steps)  # moving average of iterations per macro step
+        self._macro_ok = cfg.macro_steps > 0 and (not self.spec or self._geometric) and cfg.placement != "dedicated"
         if cfg.draft_cost is not None:
             self._harvest_rate = cfg.draft_cost.peak_flops * cfg.draft_cost.eta_max * cfg.harvest_fraction
 
@@ -309,10 +318,10 @@ class Replica:
         rate = self._harvest_rate  # FLOP/s of the idle device that training may use (θ·η·F)
         remaining = sum(s.work_flops - s.progress_flops for d in self.distillers for s in d.pending)
         t0 = self.env.now
-        result = yield get | self.env.timeout(remaining / rate)
-        if get in result:
+        yield get | self.env.timeout(remaining / rate)
+        if get.triggered:  # an arrival (possibly at the same instant the work finished)
             spare = (self.env.now - t0) * rate
-            self.waiting.append(result[get])
+            self.waiting.append(get.value)
         else:
             # The pending work finished; grant it exactly (elapsed time can round to 0 at large t).
             spare = remaining
@@ -334,6 +343,9 @@ class Replica:
                 self._unreleased.clear()
             if self.n == 0:
                 yield from self._idle()
+                continue
+            if self._macro_ok and self.n_prefill == 0 and not self._harvest_pending():
+                yield from self._macro()
                 continue
             yield from self._iteration()
 
@@ -479,6 +491,135 @@ class Replica:
                       compute_s, spare, used, "serve"))
 
         finished = np.flatnonzero(out_left[:n] <= 0)
+        if finished.size:
+            self._finish(finished)
+
+    def _macro(self):
+        """Up to `macro_steps` decode iterations in one event, exactly as _iteration would run them.
+
+        While nothing is prefilling, nobody can be admitted (no arrival) and α is fixed, the batch only
+        decodes: its iteration times depend on the contexts alone, and its accepted lengths are the
+        same Exp(1) draws _iteration makes, row by row. So the stretch up to the first finish is drawn
+        and priced at once (CostModel.pass_times, bit-identical to pass_time), and the replica sleeps
+        until it ends — or, when a request arrives, until the end of the iteration in flight. The
+        random stream is rewound to exactly the rows used, so results equal the one-by-one path."""
+        cfg = self.cfg
+        env = self.env
+        n = self.n
+        b = n
+        spec = self.spec
+        out_left = self.out_left[:n]
+        # A request finishes within min(out_left) iterations (each emits ≥ 1 token), and recent
+        # stretches (cut by arrivals) say how far ahead drawing pays: draw no more than either.
+        m_max = min(cfg.macro_steps, int(out_left.min()), int(2.0 * self._macro_len) + 1)
+        if m_max < MACRO_MIN_STEPS:  # too short to pay for drawing ahead
+            yield from self._iteration()
+            return
+        c0 = int(np.add.reduce(self.ctx[:n]))
+        k = 0
+        if spec:
+            dom = self.dom[:n]
+            alpha_sum = float(np.add.reduce(self.alpha_by_domain[dom]))
+            k = cfg.k if cfg.k is not None else self._choose_k(b, alpha_sum / b, float(c0) / b)
+            rng_state = self.rng.bit_generator.state
+            e = self.rng.standard_exponential((m_max, n))
+            a = np.minimum(e * self._inv_neg_log_alpha[dom], k).astype(np.int64)  # [M, n]
+            step = a + 1
+        else:
+            step = np.ones((m_max, n), dtype=np.int64)
+        q = k + 1
+        cum = np.cumsum(step, axis=0)
+        any_done = (cum >= out_left).any(axis=1)
+        m = int(np.argmax(any_done)) + 1 if any_done.any() else m_max  # iterations up to the first finish
+        # Context at the start of each iteration (no cap applies before the finishing iteration).
+        c_sum = (c0 + np.concatenate(([0], np.cumsum(step[: m - 1].sum(axis=1))))).astype(float)
+        if spec and cfg.k is None:
+            # k: auto is cached per 256-token bucket of the mean context: stop where the bucket moves.
+            bucket = (c_sum / b).astype(np.int64) >> 8
+            moved = np.flatnonzero(bucket != bucket[0])
+            if moved.size:
+                m = int(moved[0])
+                c_sum = c_sum[:m]
+        emit = step[:m].copy()
+        last = cum[m - 1] >= out_left
+        if last.any():  # the finishing iteration emits no more than each request has left
+            emit[m - 1] = np.minimum(step[m - 1], out_left - (cum[m - 2] if m > 1 else 0))
+        per_iter = emit.sum(axis=1)  # tokens emitted per iteration
+
+        # Price every iteration (the same expressions as _iteration, element-wise).
+        duration = np.zeros(m)
+        flops = np.zeros(m)
+        nbytes = np.zeros(m)
+        compute_s = np.zeros(m)
+        if spec:
+            dc = cfg.draft_cost
+            weight_sets = 1 if len(self.distillers) <= 1 else int(np.unique(dom).size)
+            mean_extra = b * (k - 1) / 2.0
+            td, fd, bd, cd = dc.pass_times(b, b, c_sum + mean_extra, c_sum + mean_extra + b / 2.0, weight_sets)
+            duration += k * td
+            flops += k * fd
+            nbytes += k * bd
+            compute_s += k * cd
+        tt, ft, bt, ct = cfg.target_cost.pass_times(b * q, b * q, c_sum + 0.0, q * c_sum + b * q * q / 2.0 + 0.0)
+        duration += tt
+        flops += ft
+        nbytes += bt
+        compute_s += ct
+        t0 = env.now
+        ends = []
+        t = t0
+        for d in duration.tolist():
+            t += d
+            ends.append(t)
+        if t0 + (ends[-1] - t0) != ends[-1]:  # the clock could not land on the exact sum: step singly
+            if spec:
+                self.rng.bit_generator.state = rng_state
+            yield from self._iteration()
+            return
+
+        get = self.inbox.get()
+        yield env.timeout(ends[-1] - t0) | get
+        used = m
+        if get.triggered:  # an arrival (possibly at the same instant the stretch ended)
+            self.waiting.append(get.value)
+            now = env.now
+            used = next(j for j, end in enumerate(ends) if end >= now) + 1  # iterations begun by now
+            if ends[used - 1] > now:
+                yield env.timeout(ends[used - 1] - now)
+        else:
+            get.cancel()
+        self._macro_len = 0.8 * self._macro_len + 0.2 * used
+        if spec and used < m_max:  # rewind: consume exactly the rows used, as _iteration would
+            self.rng.bit_generator.state = rng_state
+            self.rng.standard_exponential((used, n))
+
+        # Outcomes of the iterations run (finishes only happen in the last one, when used == m).
+        emit = emit[:used]
+        tot = emit.sum(axis=0)
+        out_left -= tot
+        self.ctx[:n] += tot
+        self.s_emitted[:n] += tot
+        self.s_steps[:n] += used
+        alpha_mean = np.nan
+        if spec:
+            a = a[:used]
+            self.s_accepted[:n] += a.sum(axis=0)
+            self.s_proposed[:n] += k * used
+            self.s_rejections[:n] += (a < k).sum(axis=0)
+            alpha_mean = alpha_sum / b
+        harvest = self._harvest_rate and cfg.placement == "harvest"
+        start = t0
+        for j in range(used):
+            d = float(duration[j])
+            self.busy_s += d
+            spare = 0.0
+            if harvest:
+                spare = max(d - float(compute_s[j]), 0.0) * self._harvest_rate
+                self.stats.spare_flops_available += spare
+            self.log.add((start, d, b, 0, int(per_iter[j]), k, alpha_mean, float(flops[j]), float(nbytes[j]),
+                          float(compute_s[j]), spare, 0.0, "serve"))
+            start = ends[j]
+        finished = np.flatnonzero(out_left <= 0)
         if finished.size:
             self._finish(finished)
 
