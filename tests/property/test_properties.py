@@ -85,3 +85,29 @@ def test_invariants_on_random_scenarios(spec):
 @given(scenarios())
 def test_invariants_on_random_scenarios_long(spec):
     _check(spec)
+
+
+def _check_macro(spec: dict) -> None:
+    """Macro steps change nothing: the same request table and iteration log as one event per iteration."""
+    import numpy as np
+
+    from osdsim.sim.engine import build_and_run
+
+    sc = scenario_from_dict(spec, base_dir=REPO)
+    slow, fast = build_and_run(sc, macro_steps=0), build_and_run(sc, macro_steps=64)
+    for f in ("arrival", "admitted", "first_token", "finish", "accepted", "rejections", "steps", "emitted"):
+        assert np.array_equal(getattr(slow.table, f), getattr(fast.table, f), equal_nan=True), f
+    assert slow.iterations.equals(fast.iterations)
+
+
+@FAST
+@given(scenarios())
+def test_macro_steps_change_nothing_on_random_scenarios(spec):
+    _check_macro(spec)
+
+
+@pytest.mark.slow
+@SLOW
+@given(scenarios())
+def test_macro_steps_change_nothing_on_random_scenarios_long(spec):
+    _check_macro(spec)
