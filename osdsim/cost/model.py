@@ -174,6 +174,18 @@ class CostModel:
         """Hot path for the simulator: (time_s, flops, bytes, compute_s) of one pass, as price()."""
         if tokens <= 0:
             return 0.0, 0.0, 0.0, 0.0
+        return self._pass(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, max)
+
+    def pass_times(
+        self, tokens: float, logit_tokens: float, context_tokens: np.ndarray, attention_pairs: np.ndarray,
+        weight_sets: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """pass_time for one batch shape at many contexts (arrays): the same expressions, so every
+        element equals the scalar result bit for bit (the simulator's macro steps)."""
+        return self._pass(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, np.maximum)
+
+    def _pass(self, tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, maximum):
+        """The priced pass for scalars (maximum=max) or arrays of contexts (maximum=np.maximum)."""
         flops = (
             self._flops_per_token * tokens
             + self._flops_per_logit * logit_tokens
@@ -194,36 +206,7 @@ class CostModel:
         )
         compute_s = flops / (self.peak_flops * eta)
         memory_s = nbytes / self._eff_bw + kv_bytes * self._kv_extra_s_per_byte
-        time_s = max(compute_s, memory_s) + self._fixed_s + self._comm_fixed + self._comm_per_token * tokens
-        return time_s, flops, nbytes, compute_s
-
-    def pass_times(
-        self, tokens: float, logit_tokens: float, context_tokens: np.ndarray, attention_pairs: np.ndarray,
-        weight_sets: int = 1,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """pass_time for one batch shape at many contexts (arrays): the same operations in the same
-        order, so every element equals the scalar result bit for bit (the simulator's macro steps)."""
-        flops = (
-            self._flops_per_token * tokens
-            + self._flops_per_logit * logit_tokens
-            + self._flops_per_pair * attention_pairs
-        )
-        kv_bytes = self._kv_bytes_per_token * (context_tokens + tokens)
-        weights = weight_sets * self._weight_bytes
-        if tokens <= self._gemv_max:
-            weights *= tokens
-            eta = self._eta_max
-        else:
-            eta = self._eta_max * tokens / (tokens + self._t_half)
-        nbytes = (
-            weights
-            + kv_bytes
-            + self._act_bytes_per_token * tokens
-            + self._logit_bytes * logit_tokens
-        )
-        compute_s = flops / (self.peak_flops * eta)
-        memory_s = nbytes / self._eff_bw + kv_bytes * self._kv_extra_s_per_byte
-        time_s = np.maximum(compute_s, memory_s) + self._fixed_s + self._comm_fixed + self._comm_per_token * tokens
+        time_s = maximum(compute_s, memory_s) + self._fixed_s + self._comm_fixed + self._comm_per_token * tokens
         return time_s, flops, nbytes, compute_s
 
     # --- convenience shapes --------------------------------------------------------------------
