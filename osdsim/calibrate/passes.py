@@ -125,8 +125,9 @@ def cuda_plan(quick: bool) -> Plan:
     models = {"target": PRESETS["smollm2-135m"], "draft": PRESETS["smollm2-135m-l2"], "wide": wide}
     if quick:
         models = {"target": layer_variant(PRESETS["smollm2-135m"], 4), "draft": PRESETS["smollm2-135m-l2"]}
+    models["draft-h4k"] = DRAFT_H4K  # the reduced-head draft osdsim real serves (see cpu_plan)
     shapes: list[PassShape] = []
-    for m in models:
+    for m in (k for k in models if k != "draft-h4k"):
         shapes += _grid(m, "decode", "fit", (1, 8, 64), (256, 2048), (1,))
         shapes += _grid(m, "decode", "fit", (256,), (256,), (1,))
         shapes += _grid(m, "verify", "fit", (1, 16, 64), (512,), (3, 5, 9))
@@ -137,6 +138,9 @@ def cuda_plan(quick: bool) -> Plan:
         shapes += _grid(m, "prefill", "heldout", (1,), (0,), (256, 1024))
     shapes += _grid("draft", "train", "fit", (4, 16), (0,), (256,)) + _grid("draft", "train", "fit", (8,), (0,), (512,))
     shapes += _grid("draft", "train", "heldout", (8,), (0,), (256,)) + _grid("draft", "train", "heldout", (4,), (0,), (512,))
+    shapes += _grid("draft-h4k", "decode", "fit", (1, 8), (256, 2048), (1,))
+    shapes += _grid("draft-h4k", "verify", "fit", (1,), (512,), (3, 5))
+    shapes += _grid("draft-h4k", "decode", "heldout", (4,), (1024,), (1,))
     return Plan(
         models, ("bf16",), tuple(shapes), ("bf16",), (1, 16, 64, 256, 1024, 4096), 1e13, 2 << 30,
         (512, 4096), 10, 0.5,

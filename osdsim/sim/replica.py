@@ -588,7 +588,9 @@ class Replica:
                 yield env.timeout(ends[used - 1] - now)
         else:
             get.cancel()
-        self._macro_len = 0.8 * self._macro_len + 0.2 * used
+        # Only an arrival says how far ahead is worth drawing; a stretch that ran to its end (a finish
+        # or the cap) could have been as long as it was allowed to be.
+        self._macro_len = 0.8 * self._macro_len + 0.2 * (used if get.triggered else m_max)
         if spec and used < m_max:  # rewind: consume exactly the rows used, as _iteration would
             self.rng.bit_generator.state = rng_state
             self.rng.standard_exponential((used, n))
