@@ -76,3 +76,13 @@ def make_scenario():
         return scenario_from_dict(merge(BASE, update or {}), base_dir=base_dir or REPO)
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch at one thread for a module's tests (timings and reductions as the real runs use)."""
+    torch = pytest.importorskip("torch")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
+from osdsim.sim.distill import alpha_curve
+
 
 @dataclass(frozen=True)
 class CurveFit:
@@ -29,12 +31,9 @@ class CurveFit:
                 "tau_tokens": round(self.tau_tokens, 3), "source": source}
 
 
-def alpha_curve(n: np.ndarray, a0: float, ainf: float, tau: float) -> np.ndarray:
-    return ainf - (ainf - a0) * np.exp(-np.asarray(n, dtype=float) / tau)
-
-
 def fit_alpha_curve(n_tokens: np.ndarray, accepted: np.ndarray, rejections: np.ndarray) -> CurveFit:
-    """Weighted least squares of α̂_i = a_i/(a_i + r_i) on α(n_i); τ fitted in log space."""
+    """Weighted least squares of α̂_i = a_i/(a_i + r_i) on α(n_i) for one domain (fit_joint with one
+    domain, no transfer: each distinct n is a step)."""
     n = np.asarray(n_tokens, dtype=float)
     a = np.asarray(accepted, dtype=float)
     r = np.asarray(rejections, dtype=float)
@@ -42,26 +41,11 @@ def fit_alpha_curve(n_tokens: np.ndarray, accepted: np.ndarray, rejections: np.n
     n, a, r = n[m], a[m], r[m]
     if n.size < 3:
         raise ValueError("need at least 3 requests with examined draft positions to fit α(n)")
-    y = a / (a + r)
-    w = np.sqrt(a + r)
-    span = max(float(n.max()), 1.0)
-    k = max(3, n.size // 10)
-    a0_guess = float(np.clip(y[:k].mean(), 0.01, 0.99))
-    ainf_guess = float(np.clip(y[-k:].mean(), 0.01, 0.99))
-
-    def resid(p: np.ndarray) -> np.ndarray:
-        return w * (alpha_curve(n, p[0], p[1], np.exp(p[2])) - y)
-
-    best = None
-    for log_tau in np.log(span * np.array([0.05, 0.2, 0.5, 1.0, 3.0])):
-        sol = least_squares(resid, x0=[a0_guess, max(ainf_guess, a0_guess), log_tau],
-                            bounds=([0.0, 0.0, np.log(1e-3)], [1.0, 1.0, np.log(1e3 * span)]))
-        if best is None or sol.cost < best.cost:
-            best = sol
-    a0, ainf, log_tau = best.x
-    pred = alpha_curve(n, a0, ainf, np.exp(log_tau))
-    rmse = float(np.sqrt(np.average((pred - y) ** 2, weights=a + r)))
-    return CurveFit(float(a0), float(ainf), float(np.exp(log_tau)), rmse, int(n.size))
+    levels, obs_steps = np.unique(n, return_inverse=True)  # n of each observation = levels[obs_steps]
+    step_tokens = np.diff(levels, prepend=0.0)[:, None]  # [S, 1]; row 0 moves n from 0 to levels[0]
+    fit = fit_joint(["d"], step_tokens, np.zeros(n.size, dtype=int), obs_steps + 1, a / (a + r), a + r,
+                    fit_transfer=False)
+    return fit.curves["d"]
 
 
 def empirical_law(alpha_per_request: np.ndarray, lengths_per_request: list[list[int]], k: int, groups: int = 4) -> dict:
@@ -131,8 +115,7 @@ def fit_joint(
 
     def predict(p: np.ndarray) -> np.ndarray:
         a0, ainf, tau, t = unpack(p)
-        n = effective_tokens(step_tokens, t)[os_, od]
-        return ainf[od] - (ainf[od] - a0[od]) * np.exp(-n / tau[od])
+        return alpha_curve(effective_tokens(step_tokens, t)[os_, od], a0[od], ainf[od], tau[od])
 
     def resid(p: np.ndarray) -> np.ndarray:
         return w * (predict(p) - y)

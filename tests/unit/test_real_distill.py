@@ -13,15 +13,7 @@ from osdsim.real import distill as Dl  # noqa: E402
 from osdsim.real.models import layer_draft, tiny_llama  # noqa: E402
 from osdsim.real.specdec import DecodeParams, speculative_generate, target_generate  # noqa: E402
 
-pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _logits(seed: int, n: int = 5, v: int = 11) -> tuple[torch.Tensor, torch.Tensor]:

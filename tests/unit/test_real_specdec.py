@@ -21,15 +21,7 @@ from osdsim.real.specdec import (  # noqa: E402
 )
 from osdsim.real.stats import summarize  # noqa: E402
 
-pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
