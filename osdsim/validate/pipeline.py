@@ -464,8 +464,30 @@ def _same_config(schema: Any, recorded: Any, cfg: Any) -> bool:
         return False
 
 
+def calibrate_here(path: Path, quick: bool, device: str = "cpu", threads: int = 1) -> Path:
+    """Measure this device in-process (osdsim.calibrate's API) and write the profile to `path`."""
+    from osdsim.calibrate import devices
+    from osdsim.calibrate import run as cal
+
+    torch = cal.import_torch()
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"calibrate: device {device}: no CUDA device here")
+    info = cal.detect(torch, dev, threads)
+    name = devices.profile_name(info)
+    command = f"osdsim calibrate --device {dev} --threads {threads} --out {path} --force" + (" --quick" if quick else "")
+    old = torch.get_num_threads()
+    try:
+        outcome = cal.calibrate(cal.Options(dev, name, quick, threads, command))
+    finally:
+        torch.set_num_threads(old)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yaml_path, _, _ = cal.write_outputs(outcome, path, force=True)
+    return yaml_path
+
+
 def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None, calibrate_fn=None,
-                   reuse: bool = False, notice=None) -> ValidationResult:
+                   reuse: bool = False, notice=None, calibrate_given: bool = False) -> ValidationResult:
     from osdsim.api import simulate
     from osdsim.real.config import RealConfig
     from osdsim.scenario import scenario_from_dict
@@ -482,7 +504,8 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
         if calibrate_fn is None:
             raise InputError("calibrate: this osdsim has no calibrate command installed")
         # The device the real runs use (a GPU suite calibrates the GPU).
-        profile = str(calibrate_fn(work / "profile.yaml", quick=suite.calibrate == "quick", device=held_cfg.device))
+        profile = str(calibrate_fn(work / "profile.yaml", quick=suite.calibrate == "quick", device=held_cfg.device,
+                                   threads=int(held_cfg.threads)))
     s1, s1_reused = _recorded_or_run(fit_cfg, work / "S1", reuse, "fit run S1", progress, notice)
     k = int(fit_cfg.decode.k)
     try:
