@@ -230,31 +230,44 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print the checks 
 
 @app.command()
 def validate(
-    suite_file: Path = typer.Argument(..., help="Validation suite YAML (validate/*.yaml)."),
+    suite_file: Path | None = typer.Argument(
+        None, help="Validation suite YAML (validate/*.yaml); default: the suite for this device (see --list)."),
     out: Path | None = typer.Option(None, "--out", help="Report directory (default: validate/reports)."),
     calibrate_mode: str | None = typer.Option(None, "--calibrate", help="Override the suite: none | quick | full."),
     reuse: bool = typer.Option(False, "--reuse-runs", help="Re-predict from the real runs recorded in the work directory."),
     check: bool = typer.Option(False, "--check", help="Only check the suite file (schema, real-run configs, profile) and exit."),
+    list_: bool = typer.Option(False, "--list", help="List the shipped suites (name, device, description) and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table."),
 ) -> None:
-    """Fit on one real run, predict a held-out real run, run it, report predicted vs measured."""
+    """Fit on one real run, predict held-out real runs, run them, report predicted vs measured."""
     import os
     import platform
-    import subprocess
 
     from osdsim.validate.compare import exit_code, report_table, write_plots, write_report
-    from osdsim.validate.pipeline import load_suite, run_validation
+    from osdsim.validate.pipeline import calibrate_here, load_suite, run_validation
+    from osdsim.validate.suites import default_suite, list_suites
 
-    def calibrate_fn(path: Path, quick: bool, device: str = "cpu") -> Path:
-        cmd = [sys.executable, "-c", "from osdsim.cli import main; main()", "calibrate", "--device", device,
-               "--out", str(path), "--force", "--quiet"] + (["--quick"] if quick else [])
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise InputError(f"calibrate failed: {(r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else r.returncode}")
-        return path
+    if list_:
+        suites = list_suites()
+        if as_json:
+            sys.stdout.write(json.dumps([{"name": s.name, "file": str(s.path), "device": s.device, "kind": s.kind,
+                                          "description": s.description} for s in suites], indent=2) + "\n")
+            return
+        from rich.table import Table
 
+        t = Table(title="validation suites", title_justify="left")
+        for col in ("name", "device", "kind", "file", "description"):
+            t.add_column(col, overflow="fold")
+        for s in suites:
+            t.add_row(s.name, s.device, s.kind, str(s.path.relative_to(s.path.parents[1])), s.description)
+        Console().print(t)
+        return
     try:
+        if suite_file is None:
+            suite_file, why = default_suite()
+            if not quiet:
+                err_console.print(f"suite: [bold]{suite_file.name}[/bold] ({why}; give a suite file to choose another)")
         suite = load_suite(suite_file)
         if calibrate_mode is not None:
             if calibrate_mode not in ("none", "quick", "full"):
@@ -274,13 +287,13 @@ def validate(
         except ImportError:
             raise InputError("osdsim validate needs torch + transformers: bash scripts/install.sh real") from None
         notice = None if quiet else (lambda m: err_console.print(f"[yellow]{m}[/yellow]"))
-        result = run_validation(suite, suite_file, out_dir, progress=say, calibrate_fn=calibrate_fn, reuse=reuse,
-                                notice=notice)
+        result = run_validation(suite, suite_file, out_dir, progress=say, calibrate_fn=calibrate_here, reuse=reuse,
+                                notice=notice, calibrate_given=calibrate_mode is not None)
         device = platform.processor() or platform.machine()
         stem = out_dir / f"{suite.name}-{datetime.now().strftime('%Y%m%d')}"
         if not str(result.meta.get("device", "")).startswith("cuda"):
             result.meta["device"] = f"CPU {device}, {os.cpu_count()} cores"
-        result.meta["command"] = "osdsim validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else f"osdsim validate {suite_file}"
+        result.meta["command"] = ("osdsim validate " + " ".join(sys.argv[2:])) if len(sys.argv) > 2 else f"osdsim validate {suite_file}"
         if result.series:
             result.meta["plots"] = [p.name for p in write_plots(result.series, stem)]
         js, md = write_report(result.rows, result.meta, stem)

@@ -93,7 +93,7 @@ def write_report(rows: list[MetricRow], meta: dict, out_stem: Path) -> tuple[Pat
     console.print(report_table(rows, meta.get("title", "validation")))
     md = out_stem.with_suffix(".md")
     lines = [f"# {meta.get('title', 'validation')}", ""]
-    for k in ("suite", "device", "date", "command", "method"):
+    for k in ("suite", "device", "date", "command", "method", "profile_choice"):
         if k in meta:
             lines.append(f"- **{k}**: {meta[k]}")
     lines += ["", "```", console.export_text().rstrip(), "```", "",

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from osdsim.errors import InputError, atomic_write_text, format_validation_error
 from osdsim.scenario import load_model_file
 from osdsim.validate.compare import MetricRow
+from osdsim.validate.fingerprint import device_fingerprint, profile_differences
+from osdsim.validate.fingerprint import differences as fingerprint_differences
 from osdsim.validate.fit import empirical_law, fit_joint
 
 
@@ -52,6 +54,8 @@ class Suite(BaseModel):
     fit: dict = Field(..., description="Real-run config (osdsim real schema) of the fit run S1.")
     heldout: dict = Field(default_factory=dict, description="Overrides of `fit` for the held-out run S2.")
     alpha_window_requests: int = Field(16, ge=1)
+    on_other_device: Literal["calibrate", "refuse"] = Field(
+        "calibrate", description="A measured profile made on another device: calibrate this one first, or refuse.")
     tolerances: Tolerances = Field(default_factory=Tolerances)
 
 
@@ -436,24 +440,96 @@ def load_recorded(run_dir: Path) -> RecordedRun | None:
     return RecordedRun(summary, rows("requests.csv"), rows("steps.csv"), rows("updates.csv"), alpha)
 
 
-def _recorded_or_run(cfg: Any, run_dir: Path, reuse: bool, label: str, progress, notice) -> tuple[Any, bool]:
-    """A recorded run whose config equals `cfg` (with --reuse-runs), or a fresh real run."""
+def _recorded_or_run(cfg: Any, run_dir: Path, reuse: bool, label: str, progress, notice,
+                     runner: Any = None) -> tuple[Any, bool]:
+    """A recorded run whose config equals `cfg` and that was recorded on this device (with
+    --reuse-runs), or a fresh real run (stamped with this device's fingerprint)."""
     from osdsim.real.config import RealConfig
-    from osdsim.real.run import run_real
 
+    here = device_fingerprint(cfg.device, int(cfg.threads))
     if reuse:
         rec = load_recorded(run_dir)
-        if rec is not None and _same_config(RealConfig, rec.summary.get("config"), cfg):
-            return rec, True
-        why = "none recorded" if rec is None else "the recorded run has another config"
+        why = None
+        if rec is None:
+            why = "none recorded"
+        elif not _same_config(RealConfig, rec.summary.get("config"), cfg):
+            why = "the recorded run has another config"
+        else:
+            diff = fingerprint_differences(rec.summary.get("device_fingerprint"), here)
+            if not diff:
+                return rec, True
+            why = ("it was recorded on an unknown device (no device fingerprint)" if "device_fingerprint" not in rec.summary
+                   else f"it was recorded on another device ({'; '.join(diff)})")
         if notice:
             notice(f"--reuse-runs: {label}: {why} in {run_dir}; running it for real")
     if progress:
         progress(f"{label} (real)")
+    if runner is None:
+        from osdsim.real.run import run_real as runner
     try:
-        return run_real(cfg, run_dir), False
+        run = runner(cfg, run_dir)
     except ValueError as exc:  # e.g. a CUDA device asked for but absent
         raise InputError(f"{label}: {str(exc).splitlines()[0]}") from None
+    stamp_fingerprint(run, run_dir, here)
+    return run, False
+
+
+def stamp_fingerprint(run: Any, run_dir: Path, fp: dict) -> None:
+    """Record the device a run was made on in its summary (and summary.json) when the real side did not."""
+    import json
+
+    if isinstance(run.summary, dict) and "device_fingerprint" not in run.summary:
+        run.summary["device_fingerprint"] = fp
+        path = run_dir / "summary.json"
+        if path.is_file():
+            try:
+                doc = json.loads(path.read_text())
+            except ValueError:
+                return
+            doc["device_fingerprint"] = fp
+            atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+
+
+@dataclass
+class RealConfigLike:
+    """What resolve_profile needs of a real-run config (tests pass this instead of a RealConfig)."""
+
+    device: str = "cpu"
+    threads: int = 1
+
+
+def resolve_profile(suite: Suite, suite_path: Path, work: Path, cfg: Any, calibrate_fn, calibrate_given: bool,
+                    notice=None, progress=None) -> tuple[str, str]:
+    """(profile path, how it was chosen): the suite's profile, or a calibration of this device when the
+    suite calibrates or its measured profile was made on another device (refused with one line when
+    the suite or --calibrate none says not to calibrate)."""
+    from osdsim.cost.profile import load_profile, resolve_profile_path
+
+    mode = suite.calibrate
+    how = "suite profile"
+    if mode == "none":
+        if not suite.profile:
+            raise InputError(f"{suite_path}: profile: required unless calibrate is quick or full")
+        path = resolve_profile_path(suite.profile, suite_path.resolve().parent)  # type: ignore[arg-type]
+        diff = profile_differences(load_profile(path), device_fingerprint(cfg.device, int(cfg.threads)))
+        if not diff:
+            return str(path), f"{suite.profile} (measured on this device)"
+        where = "; ".join(diff)
+        if calibrate_given or suite.on_other_device == "refuse":
+            raise InputError(f"{path}: profile was measured on another device ({where}); "
+                             "calibrate this one (--calibrate full) or give a profile of this device")
+        if notice:
+            notice(f"profile {path.name} was measured on another device ({where}): calibrating this one (full grid)")
+        mode, how = "full", f"calibrated here (full grid): {path.name} was measured on another device ({where})"
+    else:
+        how = f"calibrated here ({mode} grid)"
+    if calibrate_fn is None:
+        raise InputError("calibrate: this osdsim has no calibrate command installed")
+    if progress:
+        progress(f"calibrating this device ({mode})")
+    # The device the real runs use (a GPU suite calibrates the GPU).
+    return str(calibrate_fn(work / "profile.yaml", quick=mode == "quick", device=cfg.device,
+                            threads=int(cfg.threads))), how
 
 
 def _same_config(schema: Any, recorded: Any, cfg: Any) -> bool:
@@ -464,8 +540,30 @@ def _same_config(schema: Any, recorded: Any, cfg: Any) -> bool:
         return False
 
 
+def calibrate_here(path: Path, quick: bool, device: str = "cpu", threads: int = 1) -> Path:
+    """Measure this device in-process (osdsim.calibrate's API) and write the profile to `path`."""
+    from osdsim.calibrate import devices
+    from osdsim.calibrate import run as cal
+
+    torch = cal.import_torch()
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"calibrate: device {device}: no CUDA device here")
+    info = cal.detect(torch, dev, threads)
+    name = devices.profile_name(info)
+    command = f"osdsim calibrate --device {dev} --threads {threads} --out {path} --force" + (" --quick" if quick else "")
+    old = torch.get_num_threads()
+    try:
+        outcome = cal.calibrate(cal.Options(dev, name, quick, threads, command))
+    finally:
+        torch.set_num_threads(old)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yaml_path, _, _ = cal.write_outputs(outcome, path, force=True)
+    return yaml_path
+
+
 def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None, calibrate_fn=None,
-                   reuse: bool = False, notice=None) -> ValidationResult:
+                   reuse: bool = False, notice=None, calibrate_given: bool = False) -> ValidationResult:
     from osdsim.api import simulate
     from osdsim.real.config import RealConfig
     from osdsim.scenario import scenario_from_dict
@@ -477,12 +575,8 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
         held_cfg = RealConfig(**_merge(suite.fit, suite.heldout))
     except ValidationError as exc:
         raise InputError(f"{suite_path}: fit/heldout: {format_validation_error(exc)}") from None
-    profile = suite.profile
-    if suite.calibrate != "none":
-        if calibrate_fn is None:
-            raise InputError("calibrate: this osdsim has no calibrate command installed")
-        # The device the real runs use (a GPU suite calibrates the GPU).
-        profile = str(calibrate_fn(work / "profile.yaml", quick=suite.calibrate == "quick", device=held_cfg.device))
+    profile, profile_how = resolve_profile(suite, suite_path, work, held_cfg, calibrate_fn, calibrate_given,
+                                           notice, progress)
     s1, s1_reused = _recorded_or_run(fit_cfg, work / "S1", reuse, "fit run S1", progress, notice)
     k = int(fit_cfg.decode.k)
     try:
@@ -512,6 +606,7 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
         "method": f"fit on S1 (seed {fit_cfg.seed}), predict held-out S2 (seed {held_cfg.seed}) as a closed-loop "
         "trace replay" + (f" (real runs {' and '.join(reused)} reused from the work directory)" if reused else ""),
         "profile": profile,
+        "profile_choice": profile_how,
         "fitted_acceptance": acc,
     }
     return ValidationResult(rows=rows, meta=meta, files={"work": work}, series=series)
