@@ -82,23 +82,11 @@ def _mean(xs: list[float]) -> float:
 
 
 def device_fingerprint_of(device: Any, threads: int) -> dict[str, Any]:
-    """What a recorded run was measured on: CPU model (and GPU name), torch threads."""
-    import platform
+    """What a recorded run was measured on (CPU model/family, GPU name, torch threads): the
+    validator's fingerprint, so `--reuse-runs` can tell another device's runs apart."""
+    from osdsim.validate.fingerprint import device_fingerprint
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    fp: dict[str, Any] = {"kind": getattr(device, "type", str(device)), "cpu": cpu, "threads": threads}
-    if getattr(device, "type", "") == "cuda":
-        import torch
-
-        fp["gpu"] = torch.cuda.get_device_name(device)
-    return fp
+    return device_fingerprint(str(device), threads)
 
 
 def resolve_device(torch: Any, name: str) -> Any:
@@ -441,6 +429,7 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         "target": {"id": pair.target_id, **model_spec(target)},
         "draft": {"desc": pair.draft_desc, **model_spec(draft)},
         "threads": cfg.threads,
+        "device_fingerprint": device_fingerprint_of(device, cfg.threads),
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "serve_dtype": serve_dtype,
         "draft_vocab": draft_vocab_size,

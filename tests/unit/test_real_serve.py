@@ -33,9 +33,10 @@ def pair():
     return target, layer_draft(target, 1)
 
 
-def _serve_all(target, draft, prompts, join_at, k=3, max_new=20, max_batch=3, chunk=16, greedy=True):
+def _serve_all(target, draft, prompts, join_at, k=3, max_new=20, max_batch=3, chunk=16, greedy=True,
+               eos=(2,)):
     """Run the server by iteration count: prompt j is queued at iteration join_at[j]."""
-    models = ServeModels(target, draft, 0, (2,), torch.device("cpu"))
+    models = ServeModels(target, draft, 0, eos, torch.device("cpu"))
     params = ServeParams(k, greedy, 1.0, max_new, "all", 8, max_batch, 10_000, chunk)
     server = BatchServer(models, params, torch.Generator().manual_seed(0))
     waiting, seqs, it = [], [], 0
@@ -269,3 +270,22 @@ def test_trace_file_arrivals_and_bad_traces(tmp_path):
     res = serve_real(cfg, tmp_path / "out")
     got = [(r.arrival_s, r.domain) for r in res.requests]
     assert got == [(round(0.05 * i, 2), "code" if i < 4 else "spider") for i in range(6)]
+
+
+@pytest.mark.slow
+def test_batched_greedy_exact_on_smollm2():
+    """SmolLM2-135M fp32, its 2-layer draft, real prompts of mixed lengths joining mid-flight:
+    every request emits exactly the target's own greedy tokens."""
+    from osdsim.real import data as D
+    from osdsim.real.models import load_pair
+
+    pair = load_pair("smollm2", "layers:2", "float32")
+    codec = pair.codec
+    queries = D.load_domain("spider")[:3] + D.load_domain("code")[:3]
+    prompts = [codec.chat_prompt(q.text, q.system) for q in queries]
+    prompts = [p[:200] for p in prompts]
+    seqs, _ = _serve_all(pair.target, pair.draft, prompts, [0, 0, 2, 3, 3, 6], max_new=24,
+                         max_batch=4, chunk=64, eos=tuple(codec.eos_ids))
+    for j, p in enumerate(prompts):
+        ref = target_generate(pair.target, p, 24, eos_ids=tuple(codec.eos_ids)).tokens
+        assert seqs[j].tokens == ref, j
