@@ -20,7 +20,7 @@ from osdsim.scenario import Acceptance, DomainAcceptance, Scenario, read_yaml
 from osdsim.sim.distill import Distiller, DistillStats, DraftState
 from osdsim.sim.replica import Replica, ReplicaConfig, RequestTable
 from osdsim.sim.workload import Requests, generate_requests
-from osdsim.specdec import EmpiricalLaw, sample_geometric
+from osdsim.specdec import EmpiricalLaw, GeometricLaw
 
 ProgressFn = Callable[[int, int], None]
 
@@ -160,7 +160,7 @@ def _uses_drafts(strategy: str) -> bool:
 
 def build_and_run(scenario: Scenario, requests: Requests | None = None, progress: ProgressFn | None = None,
                   macro_steps: int | None = None) -> RawRun:
-    """Simulate `scenario`. macro_steps: decode iterations one event may cover (Replica._macro; the
+    """Simulate `scenario`. macro_steps: iterations one event may cover (Replica._stretch; the
     results are the same for any value; 0 = one event per iteration; default 64, or the
     OSDSIM_MACRO_STEPS environment variable, for A/B speed measurements)."""
     if macro_steps is None:
@@ -207,7 +207,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
 
     # Acceptance law.
     law_name = "none"
-    sampler = sample_geometric
+    law = GeometricLaw()
     plateau = None
     if draft is not None:
         acc, dom_acc = acceptance_params(scenario)
@@ -219,7 +219,6 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
                 raise InputError(
                     f"speculation.k: {k_req} exceeds the k={law.k_file} the empirical law was measured with"
                 )
-            sampler = law.sample
             lo, hi = law.alpha_range
             law_name = f"empirical (alpha {lo:.2f}..{hi:.2f}, clamped outside)"
         a0 = np.array([dom_acc[d].alpha_0 for d in names])
@@ -288,7 +287,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
     shared = make_drafts(-1) if placement == "dedicated" else None
     for r in range(scenario.hardware.replicas):
         dists, states = shared if shared is not None else make_drafts(r)
-        rep = Replica(env, r, cfg, table, np.random.default_rng(seeds[r]), dists, states, sampler, stats, log_bin_s)
+        rep = Replica(env, r, cfg, table, np.random.default_rng(seeds[r]), dists, states, law, stats, log_bin_s)
         for s in dict.fromkeys(x for x in states if x is not None):
             s.listeners.append(rep.refresh_alpha)
         replicas.append(rep)
@@ -333,6 +332,10 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
     env.run(until=until)
 
     all_distillers = list(dict.fromkeys(x for rep in replicas for x in rep.distillers))
+    # Each replica sums the spare compute it offered; the total is added in replica order, so it does
+    # not depend on how events of different replicas interleave (stretches or single iterations).
+    for rep in replicas:
+        stats.spare_s_available += rep.spare_s
     # Training work and spare compute are simulated in device-seconds at full training speed; the
     # outputs give them as FLOP-equivalents of the training dtype (seconds × F_peak · η_max).
     flops_per_work_s = train_cost.peak_flops * train_cost.eta_max if train_cost is not None else 0.0

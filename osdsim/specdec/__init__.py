@@ -2,6 +2,7 @@
 
 from osdsim.specdec.acceptance import (
     EmpiricalLaw,
+    GeometricLaw,
     accepted_length_pmf,
     alpha_from_accepted_lengths,
     alpha_from_counts,
@@ -14,6 +15,7 @@ from osdsim.specdec.acceptance import (
 
 __all__ = [
     "EmpiricalLaw",
+    "GeometricLaw",
     "accepted_length_pmf",
     "alpha_from_accepted_lengths",
     "alpha_from_counts",

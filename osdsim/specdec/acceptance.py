@@ -83,6 +83,19 @@ def sample_geometric(rng: np.random.Generator, alpha: np.ndarray, k: int) -> np.
     return np.minimum(e * inv_neg_log_alpha, k).astype(np.int64)
 
 
+class GeometricLaw:
+    """i.i.d. acceptance at α: accepted lengths are truncated geometric (sample_geometric).
+
+    `stretch`: the law can draw many iterations at once. With a = min(⌊E·(−1/ln α)⌋, k), E ~ Exp(1)
+    i.i.d., the draws of m iterations are m·b exponentials in a row, whatever the α of each
+    sequence, so a simulator may draw a stretch ahead and rewind to the rows it used."""
+
+    stretch = True
+
+    def sample(self, rng: np.random.Generator, alpha: np.ndarray, k: int) -> np.ndarray:
+        return sample_geometric(rng, alpha, k)
+
+
 class EmpiricalLaw:
     """Accepted-length distributions measured at several α (a family indexed by α).
 
@@ -92,6 +105,8 @@ class EmpiricalLaw:
     nearest entry is used (and reported). Lengths are truncated at the scenario's k: a ≥ k → k,
     which is exact when k ≤ k_file because a step with larger k accepts at least as far.
     """
+
+    stretch = False  # draws depend on the per-iteration α brackets: one iteration at a time
 
     def __init__(self, alphas: np.ndarray, histograms: np.ndarray):
         order = np.argsort(alphas)
