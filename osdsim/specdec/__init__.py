@@ -11,6 +11,7 @@ from osdsim.specdec.acceptance import (
     optimal_k,
     sample_geometric,
     speedup,
+    windowed_alpha,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "optimal_k",
     "sample_geometric",
     "speedup",
+    "windowed_alpha",
 ]
