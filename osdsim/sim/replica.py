@@ -373,27 +373,15 @@ class Replica:
         return k
 
     def _stretch_cap(self) -> int:
-        """How many iterations the next event may cover (1: one iteration)."""
-        cfg = self.cfg
+        """How many iterations the next event may plan (1: one iteration)."""
         if not self._stretch_ok or self._harvest_pending():  # α or spare compute move mid-stretch
             return 1
-        n = self.n
-        out_left = self.out_left[:n]
-        if self.n_prefill:
-            decoding = self.pf_left[:n] == 0
-            out_left = out_left[decoding] if decoding.any() else out_left
-        # A decoding request finishes within out_left iterations (each emits ≥ 1 token), and recent
-        # stretches (cut by arrivals) say how far ahead drawing pays: plan no more than either.
-        m = min(cfg.macro_steps, int(out_left.min()) + self._pf_iters_bound(), int(2.0 * self._macro_len) + 1)
-        return m if m >= MACRO_MIN_STEPS else 1
-
-    def _pf_iters_bound(self) -> int:
-        """Extra iterations a stretch may need for prompts still prefilling (they emit nothing yet)."""
+        # Recent stretches (cut by arrivals) say how far ahead drawing pays; without prefill, a
+        # request also finishes within its out_left iterations (each emits ≥ 1 token).
+        m = min(self.cfg.macro_steps, int(2.0 * self._macro_len) + 1)
         if not self.n_prefill:
-            return 0
-        left = int(self.pf_left[: self.n].sum())
-        chunk = self.cfg.chunk_tokens
-        return left if not np.isfinite(chunk) else int(left // max(chunk, 1.0)) + self.n_prefill + 1
+            m = min(m, int(self.out_left[: self.n].min()))
+        return m if m >= MACRO_MIN_STEPS else 1
 
     def _plan_prefill(self, m_cap: int, k0: int, auto_k: bool):
         """Prefill chunks of up to m_cap iterations (deterministic: FIFO over the prefill budget left
@@ -548,14 +536,14 @@ class Replica:
         alpha_mean = [np.nan] * m
         wsets = [1] * m
         if spec:
-            shape = None  # (row whose decoding set it is, α mean, weight sets)
+            shape = None  # (decoding count, α mean, weight sets); the set only grows within a stretch
             for j in range(m):
                 if not b_list[j]:
                     continue
-                if shape is None or (dec is not None and not np.array_equal(dec[j], dec[shape[0]])):
+                if shape is None or b_list[j] != shape[0]:
                     sel = slice(None) if dec is None else dec[j]
                     ws = 1 if len(self.distillers) <= 1 else int(np.unique(dom[sel]).size)
-                    shape = (j, float(np.add.reduce(alpha_slot[sel])) / b_list[j], ws)
+                    shape = (b_list[j], float(np.add.reduce(alpha_slot[sel])) / b_list[j], ws)
                 alpha_mean[j], wsets[j] = shape[1], shape[2]
 
         duration, flops, nbytes, compute_s = self._price(m, b_list, k_list, c_sum, pf_tok, pf_ctx, pf_pairs,
@@ -611,7 +599,7 @@ class Replica:
         spare_took = None
         if harvesting:  # m == used == 1
             self.busy_s += duration[0]
-            spare = max(duration[0] - float(compute_s[0]), 0.0) * self._harvest_rate
+            spare = max(duration[0] - compute_s[0], 0.0) * self._harvest_rate
             self.spare_s += spare
             spare_took = (spare, self._harvest(spare, t0))
             a, step, _ = self._draw(1, dec, first, b_rows, k0, alpha_slot)
@@ -648,7 +636,7 @@ class Replica:
             self.s_rejections[:n] += rejected.sum(axis=0)
         # Book the iterations (in order, as one iteration at a time would) and log them.
         dur = duration[:used]
-        cs = compute_s[:used].tolist()
+        cs = compute_s[:used]
         if spare_took is not None:
             spares, took = [spare_took[0]], [spare_took[1]]
         else:
@@ -665,7 +653,7 @@ class Replica:
                     total += x
                 self.spare_s = total
         self.log.extend(zip([t0, *ends[: used - 1]], dur, b_list[:used], pf_tok[:used], per_iter[:used].tolist(),
-                            k_list[:used], alpha_mean[:used], flops[:used].tolist(), nbytes[:used].tolist(), cs,
+                            k_list[:used], alpha_mean[:used], flops[:used], nbytes[:used], cs,
                             spares, took, ["serve"] * used, strict=True))
         finished = np.flatnonzero(self.out_left[:n] <= 0)
         if finished.size:
@@ -728,28 +716,31 @@ class Replica:
         return m, c_sum, emit
 
     def _price(self, m, b_list, k_list, c_sum, pf_tok, pf_ctx, pf_pairs, n_comp, wsets):
-        """(duration, flops, bytes, compute_s) of m iterations: the draft's k passes (+ its prefill of
-        the chunks) and the target's verify + prefill pass. Rows without prefill that share a batch
-        shape are priced by one pass_times call; the expressions are those of pass_time, element-wise."""
+        """(duration, flops, bytes, compute_s) lists of m iterations: the draft's k passes (+ its
+        prefill of the chunks) and the target's verify + prefill pass. Rows without prefill that
+        share a batch shape are priced by one pass_times call; the expressions are those of
+        pass_time, element-wise (so every row equals pricing it alone, bit for bit)."""
         cfg = self.cfg
         dc = cfg.draft_cost
         tc = cfg.target_cost
-        duration = np.zeros(m)
-        flops = np.zeros(m)
-        nbytes = np.zeros(m)
-        compute_s = np.zeros(m)
-        if not any(pf_tok) and len(set(b_list)) == 1 and len(set(wsets)) == 1 and b_list[0]:
-            groups = {(b_list[0], k_list[0], wsets[0]): list(range(m))}  # one batch shape (no prefill)
+        if m > 1 and not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m and wsets.count(wsets[0]) == m:
+            groups = [((b_list[0], k_list[0], wsets[0]), None)]  # one batch shape, no prefill
         else:
-            groups = {}
-        for j in range(m if not groups else 0):
-            if pf_tok[j] or not b_list[j]:
-                groups.setdefault((-1, j, 0), []).append(j)  # priced alone
-            else:
-                groups.setdefault((b_list[j], k_list[j], wsets[j]), []).append(j)
-        for (b, k, ws), rows in groups.items():
-            if b < 0:  # one row with prefill chunks (or prefill only)
-                j = rows[0]
+            shapes: dict[tuple[int, int, int], list[int]] = {}
+            groups = []
+            for j in range(m):
+                if pf_tok[j] or not b_list[j] or m == 1:
+                    groups.append((None, j))  # priced alone
+                else:
+                    shapes.setdefault((b_list[j], k_list[j], wsets[j]), []).append(j)
+            groups.extend(shapes.items())
+        duration = [0.0] * m
+        flops = [0.0] * m
+        nbytes = [0.0] * m
+        compute_s = [0.0] * m
+        for shape, rows in groups:
+            if shape is None:  # one row (with prefill chunks, or prefill only, or m = 1)
+                j = rows
                 b, k, ws = b_list[j], k_list[j], wsets[j]
                 c = float(c_sum[j])
                 q = k + 1
@@ -774,26 +765,24 @@ class Replica:
                 nbytes[j] = by + bt
                 compute_s[j] = cs + ct
                 continue
-            idx = rows if len(rows) < m else slice(None)
-            c = c_sum[idx]
+            b, k, ws = shape
+            c = c_sum if rows is None else c_sum[rows]
             q = k + 1
-            dur = np.zeros(len(rows))
-            fl = np.zeros(len(rows))
-            by = np.zeros(len(rows))
-            cs = np.zeros(len(rows))
+            tt, ft, bt, ct = tc.pass_times(b * q, b * q, c + 0.0, q * c + b * q * q / 2.0 + 0.0)
             if k:
                 mean_extra = b * (k - 1) / 2.0
                 td, fd, bd, cd = dc.pass_times(b, b, c + mean_extra, c + mean_extra + b / 2.0, ws)
-                dur += k * td
-                fl += k * fd
-                by += k * bd
-                cs += k * cd
-            tt, ft, bt, ct = tc.pass_times(b * q, b * q, c + 0.0, q * c + b * q * q / 2.0 + 0.0)
-            duration[idx] = dur + tt
-            flops[idx] = fl + ft
-            nbytes[idx] = by + bt
-            compute_s[idx] = cs + ct
-        return duration.tolist(), flops, nbytes, compute_s
+                # 0.0 + k·draft + target: the order one iteration adds them in.
+                tt, ft, bt, ct = (0.0 + k * td) + tt, (0.0 + k * fd) + ft, (0.0 + k * bd) + bt, (0.0 + k * cd) + ct
+            else:
+                tt, ft, bt, ct = 0.0 + tt, 0.0 + ft, 0.0 + bt, 0.0 + ct
+            if rows is None:
+                duration, flops, nbytes, compute_s = tt.tolist(), ft.tolist(), bt.tolist(), ct.tolist()
+            else:
+                for col, vals in ((duration, tt), (flops, ft), (nbytes, bt), (compute_s, ct)):
+                    for j, v in zip(rows, vals.tolist(), strict=True):
+                        col[j] = v
+        return duration, flops, nbytes, compute_s
 
     def _joins_queue_now(self) -> bool:
         """Whether the request that just arrived mid-stretch (the queue's tail) can neither be admitted
