@@ -18,6 +18,7 @@ from osdsim.cost.profile import HardwareProfile, load_profile, resolve_profile_p
 from osdsim.errors import InputError, format_validation_error
 from osdsim.scenario import Acceptance, DomainAcceptance, Scenario, read_yaml
 from osdsim.sim.distill import Distiller, DistillStats, DraftState
+from osdsim.sim.placement import Dedicated, make_placement
 from osdsim.sim.replica import Replica, ReplicaConfig, RequestTable
 from osdsim.sim.workload import Requests, generate_requests
 from osdsim.specdec import EmpiricalLaw, GeometricLaw
@@ -252,7 +253,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
     alpha_rows: list[tuple] = []
     seeds = np.random.SeedSequence([scenario.seed, 0xACC]).spawn(scenario.hardware.replicas + 1)
     d = scenario.distill
-    placement = d.placement if strategy in ("osd", "osd-per-domain") else "none"
+    placement = make_placement(d.placement if strategy in ("osd", "osd-per-domain") else "none", stats, d)
     trainable_params = 0
     if draft is not None:
         trainable_params = draft.total_params if d.trainable == "all" else draft.dense_params
@@ -292,8 +293,6 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         k=None if scenario.speculation.k == "auto" else int(scenario.speculation.k),
         k_max=scenario.speculation.k_max,
         placement=placement,
-        harvest_fraction=d.harvest_fraction,
-        interference=d.interference,
         macro_steps=macro_steps,
     )
     replicas: list[Replica] = []
@@ -301,17 +300,17 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
     if log_mode == "auto":
         log_mode = "full" if len(req) <= FULL_LOG_MAX_REQUESTS else "binned"
     log_bin_s = None if log_mode == "full" else (scenario.report.time_bin_s or 1.0)
-    shared = make_drafts(SHARED_DRAFTS_REPLICA) if placement == "dedicated" else None
+    shared = make_drafts(SHARED_DRAFTS_REPLICA) if isinstance(placement, Dedicated) else None
     for r in range(scenario.hardware.replicas):
         dists, states = shared if shared is not None else make_drafts(r)
-        rep = Replica(env, r, cfg, table, np.random.default_rng(seeds[r]), dists, states, law, stats, log_bin_s)
+        rep = Replica(env, r, cfg, table, np.random.default_rng(seeds[r]), dists, states, law, log_bin_s)
         for s in dict.fromkeys(x for x in states if x is not None):
             s.listeners.append(rep.refresh_alpha)
         replicas.append(rep)
         env.process(rep.run())
 
     if shared is not None:
-        _start_dedicated_trainers(env, shared[0], d, stats)
+        placement.start(env, shared[0])  # type: ignore[union-attr]
 
     # Initial α snapshot of every draft (time 0).
     if draft is not None:
@@ -440,39 +439,3 @@ def _closed_loop(env: simpy.Environment, first_s: float, think_s: np.ndarray, ta
             if think_s[rid] > 0:
                 yield env.timeout(float(think_s[rid]))
         _route(rid, replicas, router, rng).submit(rid)
-
-
-def _start_dedicated_trainers(env: simpy.Environment, distillers: list, d, stats: DistillStats) -> None:
-    """Dedicated trainer GPUs: each draft's steps run there; weights reach replicas after a delay."""
-    for dist in dict.fromkeys(x for x in distillers if x is not None):
-        wake = {"event": env.event()}
-
-        def on_due(w=wake) -> None:
-            if not w["event"].triggered:
-                w["event"].succeed()
-
-        dist.on_due = on_due
-
-        def trainer(dist=dist, w=wake):
-            while True:
-                if not dist.pending:
-                    w["event"] = env.event()
-                    yield w["event"]
-                    continue
-                step = dist.pending.popleft()
-                dist.in_flight += 1
-                step.started_s = env.now
-                # Data-parallel over trainer GPUs (ideal scaling).
-                dur = step.cost.time_s / d.trainer_gpus
-                yield env.timeout(dur)
-                stats.busy_s += dur
-                stats.work_s_used += step.work_s
-                env.process(_publish(env, dist, step, d.sync_delay_s, dur))
-
-        env.process(trainer())
-
-
-def _publish(env: simpy.Environment, dist: Distiller, step, delay: float, dur: float):
-    if delay > 0:
-        yield env.timeout(delay)
-    dist.complete(step, env.now, dur)

@@ -25,7 +25,8 @@ import numpy as np
 import simpy
 
 from osdsim.cost.model import CostModel
-from osdsim.sim.distill import Distiller, DistillStats
+from osdsim.sim.distill import Distiller
+from osdsim.sim.placement import Placement
 from osdsim.specdec import optimal_k
 
 # Shortest stretch worth planning: below it, drawing and pricing ahead (and rewinding the
@@ -44,9 +45,7 @@ class ReplicaConfig:
     kv_capacity: int
     k: int | None  # None = auto
     k_max: int
-    placement: str  # inline | harvest | dedicated | none
-    harvest_fraction: float
-    interference: float
+    placement: Placement  # where due training steps run (osdsim.sim.placement)
     macro_steps: int = 64  # decode iterations one event may cover between arrivals/finishes (0: off)
 
 
@@ -171,7 +170,6 @@ class Replica:
         draft_for_domain: list[Distiller | None],
         alpha_source: list,  # per domain: the DraftState serving it (None without speculation)
         law,  # the accepted-length law: GeometricLaw or EmpiricalLaw (osdsim.specdec)
-        stats: DistillStats,
         log_bin_s: float | None = None,
     ):
         self.env = env
@@ -187,7 +185,6 @@ class Replica:
         self.alpha_by_domain = np.zeros(len(alpha_source))
         self.refresh_alpha()
         self.law = law
-        self.stats = stats
         self.log = IterationLog() if log_bin_s is None else BinnedIterationLog(log_bin_s)
         self.kv_free = cfg.kv_capacity
         self.busy_s = 0.0
@@ -214,15 +211,11 @@ class Replica:
         self.n_prefill = 0  # running sequences still prefilling
         self.spec = cfg.draft_cost is not None
         self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
-        self._harvest_rate = 0.0
+        self.placement = cfg.placement
         # Stretches (see _stretch): several iterations in one event when the law can draw them at
         # once and α cannot change mid-stretch (no trainer publishing asynchronously).
         self._macro_len = float(cfg.macro_steps)  # moving average of iterations per stretch
-        self._stretch_ok = cfg.macro_steps > 0 and (not self.spec or law.stretch) and cfg.placement != "dedicated"
-        if cfg.draft_cost is not None:
-            # Spare training work per second of spare device time, in the steps' own unit
-            # (device-seconds at full speed for the training dtype): the harvest fraction θ.
-            self._harvest_rate = cfg.harvest_fraction
+        self._stretch_ok = cfg.macro_steps > 0 and (not self.spec or law.stretch) and cfg.placement.stretch_ok
 
     # --- α view ------------------------------------------------------------------------------------
     def refresh_alpha(self) -> None:
@@ -281,49 +274,8 @@ class Replica:
             self.n_prefill += 1
 
     # --- training ------------------------------------------------------------------------------------
-    def _pending_steps(self):
-        for d in self.distillers:
-            if d.pending:
-                yield d
-
-    def _train_inline(self):
-        for dist in list(self._pending_steps()):
-            while dist.pending:
-                step = dist.pending.popleft()
-                dist.in_flight += 1
-                dur = step.cost.time_s
-                step.started_s = self.env.now
-                yield self.env.timeout(dur)
-                self.busy_s += dur
-                self.stats.busy_s += dur
-                self.stats.latency_cost_s += dur
-                self.stats.work_s_used += step.work_s
-                self.log.add((self.env.now - dur, dur, 0, 0, 0, 0, np.nan, step.cost.flops, step.cost.bytes,
-                              step.cost.compute_s, 0.0, step.work_s, "train"))
-                dist.complete(step, self.env.now, dur)
-
-    def _harvest(self, spare_s: float, since_s: float) -> float:
-        """Give spare work (device-seconds at full training speed, accrued since `since_s`) to pending
-        steps in FIFO order; returns the work used."""
-        used = 0.0
-        for dist in self.distillers:
-            while dist.pending and spare_s > 0:
-                step = dist.pending[0]
-                if step.started_s is None:
-                    step.started_s = max(since_s, step.due_s)
-                take = min(spare_s, step.work_s - step.progress_s)
-                step.progress_s += take
-                spare_s -= take
-                used += take
-                if step.progress_s >= step.work_s * (1 - 1e-12):
-                    dist.pending.popleft()
-                    dist.in_flight += 1
-                    dist.complete(step, self.env.now, self.env.now - step.started_s)
-        self.stats.work_s_used += used
-        return used
-
     def _harvest_pending(self) -> bool:
-        return self.cfg.placement == "harvest" and any(d.pending for d in self.distillers)
+        return self.placement.harvesting(self.distillers)
 
     def _idle(self):
         """Nothing to serve: wait for an arrival; harvest training uses the idle device meanwhile."""
@@ -332,27 +284,15 @@ class Replica:
             rid = yield get
             self.waiting.append(rid)
             return
-        rate = self._harvest_rate  # training work (full-speed device-seconds) per idle second: θ
-        remaining = sum(s.work_s - s.progress_s for d in self.distillers for s in d.pending)
-        t0 = self.env.now
-        yield get | self.env.timeout(remaining / rate)
-        if get.triggered:  # an arrival (possibly at the same instant the work finished)
-            spare = (self.env.now - t0) * rate
-            self.waiting.append(get.value)
-        else:
-            # The pending work finished; grant it exactly (elapsed time can round to 0 at large t).
-            spare = remaining
-            get.cancel()
-        self.spare_s += spare
-        self._harvest(spare, t0)
+        yield from self.placement.idle(self, get)
 
     # --- serving -------------------------------------------------------------------------------------
     def run(self):
         while True:
             self._drain_inbox()
             self._admit()
-            if self.cfg.placement == "inline" and any(d.pending for d in self.distillers):
-                yield from self._train_inline()
+            if self.placement.blocks_serving(self.distillers):
+                yield from self.placement.train(self)
                 continue
             if self._unreleased:
                 for rid in self._unreleased:
@@ -548,10 +488,8 @@ class Replica:
 
         duration, flops, nbytes, compute_s = self._price(m, b_list, k_list, c_sum, pf_tok, pf_ctx, pf_pairs,
                                                          n_comp, wsets)
-        if harvesting and cfg.interference > 0:  # m == 1
-            extra = duration[0] * cfg.interference
-            duration[0] += extra
-            self.stats.latency_cost_s += extra
+        if harvesting:  # m == 1
+            duration[0] += self.placement.slow_down(duration[0])
 
         t0 = env.now
         ends = []
@@ -599,9 +537,9 @@ class Replica:
         spare_took = None
         if harvesting:  # m == used == 1
             self.busy_s += duration[0]
-            spare = max(duration[0] - compute_s[0], 0.0) * self._harvest_rate
+            spare = max(duration[0] - compute_s[0], 0.0) * self.placement.spare_rate
             self.spare_s += spare
-            spare_took = (spare, self._harvest(spare, t0))
+            spare_took = (spare, self.placement.give(self.distillers, spare, t0, env.now))
             a, step, _ = self._draw(1, dec, first, b_rows, k0, alpha_slot)
             _, _, emit = self._extent(step, dec, alloc, b0)
         per_iter = emit.sum(axis=1)
@@ -645,8 +583,8 @@ class Replica:
                 busy += d
             self.busy_s = busy
             spares = took = [0.0] * used
-            if self._harvest_rate and cfg.placement == "harvest":
-                rate = self._harvest_rate
+            if self.placement.spare_rate:
+                rate = self.placement.spare_rate
                 spares = [max(d - c, 0.0) * rate for d, c in zip(dur, cs, strict=True)]
                 total = self.spare_s
                 for x in spares:
