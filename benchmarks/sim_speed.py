@@ -4,16 +4,26 @@ The fixed workload of issue 2 (Vidur's comparison point): Llama-2-70B, tensor pa
 A100-80G, Poisson arrivals, lognormal prompt/output lengths with means 1,147 / 211 tokens,
 10,000 requests, chunked prefill 512, batch cap 128, on 1 and 8 replicas; then the same with
 speculative decoding (static draft), and with OSD under a sharp shift (harvest placement).
+Then the operating point of issue 14: 1.0 request/s per replica with the request lengths of the
+Splitwise conversation trace (Vidur's processed_traces/splitwise_conv.csv, read from
+../shared/vidur-data/processed_traces or --trace-dir; skipped with a message when absent).
 Each configuration runs in a fresh subprocess (so peak RSS is its own), end to end: scenario
 load, simulation, and results written to disk (Parquet + summary.json; no plots).
 
     python benchmarks/sim_speed.py [--requests 10000] [--repeats 3] [--rate-per-replica 0.6]
+                                   [--only splitwise] [--baseline-src DIR]
+
+--baseline-src DIR runs every configuration also with the osdsim package found in DIR (e.g. an
+export of another commit: `git archive main | tar -x -C /tmp/base`), alternating the two per
+repeat, so a before/after comparison shares one run of the script (and its machine load).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -63,6 +73,34 @@ print(json.dumps({"wall_s": t3 - t0, "sim_s": t2 - t1, "write_s": t3 - t2, "even
 """
 
 
+REPO = Path(__file__).resolve().parents[1]
+TRACE_DIR = REPO.parent / "shared" / "vidur-data" / "processed_traces"
+SPLITWISE_RATE_PER_REPLICA = 1.0  # requests/s per replica (issue 14's operating point)
+
+
+def splitwise_lengths(trace_dir: Path, out_dir: Path) -> tuple[Path, Path] | None:
+    """Prompt and output length files (one `tokens` column) from splitwise_conv.csv, or None."""
+    src = trace_dir / "splitwise_conv.csv"
+    if not src.is_file():
+        return None
+    with src.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    paths = []
+    for name, col in (("prompt", "num_prefill_tokens"), ("output", "num_decode_tokens")):
+        path = out_dir / f"splitwise_conv_{name}.csv"
+        path.write_text("tokens\n" + "\n".join(str(int(float(r[col]))) for r in rows) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def splitwise_config(strategy: str, replicas: int, n: int, prompt_file: Path, output_file: Path) -> dict:
+    spec = config(strategy, replicas, n, False, SPLITWISE_RATE_PER_REPLICA)
+    lengths = {"prompt_tokens": {"kind": "empirical", "file": str(prompt_file)},
+               "output_tokens": {"kind": "empirical", "file": str(output_file)}}
+    spec["workload"]["domains"] = {d: lengths for d in spec["workload"]["domains"]}
+    return spec
+
+
 def config(strategy: str, replicas: int, n: int, shift: bool, rate_per_replica: float) -> dict:
     spec = json.loads(json.dumps(BASE))
     spec["strategy"] = strategy
@@ -85,26 +123,54 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate-per-replica", type=float, default=0.6,
                     help="arrivals per second per replica (0.6 ≈ 75%% busy without speculation)")
+    ap.add_argument("--trace-dir", type=Path, default=TRACE_DIR,
+                    help="folder holding Vidur's splitwise_conv.csv (default ../shared/vidur-data/processed_traces)")
+    ap.add_argument("--only", choices=("all", "reference", "splitwise"), default="all")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="also run each configuration with the osdsim package in this folder (A/B)")
     args = ap.parse_args()
+    sources = [("", REPO)] + ([("base ", args.baseline_src.resolve())] if args.baseline_src else [])
+    configs = []
+    if args.only in ("all", "reference"):
+        for strategy, shift in (("no-spec", False), ("static", False), ("osd", True)):
+            for replicas in (1, 8):
+                configs.append((strategy + (" +shift" if shift else ""), replicas,
+                                config(strategy, replicas, args.requests, shift, args.rate_per_replica)))
+    tmp_lengths = tempfile.TemporaryDirectory()
+    if args.only in ("all", "splitwise"):
+        files = splitwise_lengths(args.trace_dir, Path(tmp_lengths.name))
+        if files is None:
+            print(f"skipping the Splitwise operating point: {args.trace_dir / 'splitwise_conv.csv'} not found "
+                  "(pass --trace-dir)")
+        else:
+            for strategy in ("no-spec", "static"):
+                for replicas in (1, 8):
+                    configs.append((f"{strategy} splitwise", replicas,
+                                    splitwise_config(strategy, replicas, args.requests, *files)))
     rows = []
-    for strategy, shift in (("no-spec", False), ("static", False), ("osd", True)):
-        for replicas in (1, 8):
-            spec = config(strategy, replicas, args.requests, shift, args.rate_per_replica)
-            runs = []
-            for _ in range(args.repeats):
+    for name, replicas, spec in configs:
+        runs: dict[str, list[dict]] = {label: [] for label, _ in sources}
+        for _ in range(args.repeats):
+            for label, src in sources:  # alternate before/after: the same machine load for both
+                env = {**os.environ, "PYTHONPATH": str(src)}
                 with tempfile.TemporaryDirectory() as tmp:
                     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec), str(Path(tmp) / "out")],
-                                         check=True, capture_output=True, text=True)
-                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            wall = statistics.median(r["wall_s"] for r in runs)
-            r0 = runs[0]
-            rows.append((strategy + (" +shift" if shift else ""), replicas, r0["finished"], wall,
-                         r0["finished"] / wall, r0["events"] / statistics.median(r["sim_s"] for r in runs),
-                         max(r["peak_rss_mb"] for r in runs), r0["mean_batch"], r0["busy"]))
-    print(f"{'strategy':<14}{'replicas':>9}{'requests':>10}{'wall s':>9}{'req/s':>9}{'events/s':>10}"
+                                         capture_output=True, text=True, env=env, cwd=tmp)
+                if out.returncode:
+                    sys.exit(f"{label}{name} ({src}) failed:\n{out.stderr[-3000:]}")
+                runs[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for label, _ in sources:
+            rr = runs[label]
+            wall = statistics.median(r["wall_s"] for r in rr)
+            r0 = rr[0]
+            rows.append((label + name, replicas, r0["finished"], wall, r0["finished"] / wall,
+                         r0["events"] / statistics.median(r["sim_s"] for r in rr),
+                         max(r["peak_rss_mb"] for r in rr), r0["mean_batch"], r0["busy"]))
+    tmp_lengths.cleanup()
+    print(f"{'strategy':<24}{'replicas':>9}{'requests':>10}{'wall s':>9}{'req/s':>9}{'events/s':>10}"
           f"{'peak MB':>9}{'batch':>7}{'busy':>6}")
     for s, rep, n, wall, rps, eps, mem, batch, busy in rows:
-        print(f"{s:<14}{rep:>9}{n:>10}{wall:>9.2f}{rps:>9.0f}{eps:>10.0f}{mem:>9.0f}{batch:>7.1f}{busy:>6.2f}")
+        print(f"{s:<24}{rep:>9}{n:>10}{wall:>9.2f}{rps:>9.0f}{eps:>10.0f}{mem:>9.0f}{batch:>7.1f}{busy:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -336,22 +336,49 @@ def profile_diff(a: str = typer.Argument(...), b: str = typer.Argument(...)) -> 
     Console().print(diff_table(pa, pb))
 
 
-def _register_optional() -> None:
+OPTIONAL_COMMANDS = (
+    ("osdsim.real.cli", "real", "Run real online speculative decoding (torch + transformers)."),
+    ("osdsim.calibrate.cli", "calibrate", "Measure this device and fit the cost model into a profile."),
+)
+
+
+def _register_optional(commands=OPTIONAL_COMMANDS) -> None:
     """Commands whose code needs torch register lazily: their modules import no torch at load time,
-    so `osdsim run` works (and starts fast) without the `real` extra."""
+    so `osdsim run` works (and starts fast) without the `real` extra.
+
+    Only that side being absent from the installation (its module not found) leaves a command out.
+    Any other failure while importing it (a bug in the sub-CLI) registers the command as one that
+    reports the error and exits non-zero, so the command never vanishes silently and the other
+    commands keep working."""
     import importlib
 
-    for module, name, help_text in (
-        ("osdsim.real.cli", "real", "Run real online speculative decoding (torch + transformers)."),
-        ("osdsim.calibrate.cli", "calibrate", "Measure this device and fit the cost model into a profile."),
-    ):
+    for module, name, help_text in commands:
         try:
             mod = importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - that side may be absent or incomplete
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+                continue  # that side is not installed
+            _register_broken(name, help_text, module, exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - reported when the command is used
+            _register_broken(name, help_text, module, exc)
             continue
         fn = getattr(mod, name, None)
-        if fn is not None:
+        if fn is None:
+            _register_broken(name, help_text, module, AttributeError(f"{module} has no command function {name!r}"))
+        else:
             app.command(name, help=help_text)(fn)
+
+
+def _register_broken(name: str, help_text: str, module: str, exc: BaseException) -> None:
+    message = f"osdsim {name}: cannot load {module}: {type(exc).__name__}: {exc}"
+
+    def broken(ctx: typer.Context) -> None:
+        Console(stderr=True).print(message, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+    app.command(name, help=f"{help_text} [unavailable: {type(exc).__name__} while importing {module}]",
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(broken)
 
 
 _register_optional()

@@ -1,4 +1,4 @@
-"""Draft state (α dynamics) and the online distiller's buffer (DESIGN.md §4.3–4.4).
+"""Draft state (α dynamics) and the online distiller's buffer (docs/architecture.md, "α dynamics" and "Training placements").
 
 α per (draft, domain) moves with the distilled tokens n of that domain:
     α(n) = α_∞ − (α_∞ − α_0)·exp(−n/τ)

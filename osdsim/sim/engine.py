@@ -18,9 +18,10 @@ from osdsim.cost.profile import HardwareProfile, load_profile, resolve_profile_p
 from osdsim.errors import InputError, format_validation_error
 from osdsim.scenario import Acceptance, DomainAcceptance, Scenario, read_yaml
 from osdsim.sim.distill import Distiller, DistillStats, DraftState
+from osdsim.sim.placement import Dedicated, make_placement
 from osdsim.sim.replica import Replica, ReplicaConfig, RequestTable
 from osdsim.sim.workload import Requests, generate_requests
-from osdsim.specdec import EmpiricalLaw, sample_geometric
+from osdsim.specdec import EmpiricalLaw, GeometricLaw
 
 ProgressFn = Callable[[int, int], None]
 
@@ -103,6 +104,15 @@ def load_empirical_law(path: Path) -> EmpiricalLaw:
 EVENTS_PER_WALL_S = 50_000  # measured order of magnitude (benchmarks/sim_speed.py)
 BYTES_PER_REQUEST = 400  # request table + per-request DataFrame
 BYTES_PER_LOGGED_ITERATION = 200  # one tuple in the full iteration log + its DataFrame row
+# report.iteration_log: auto keeps the full per-iteration log up to this many requests, then bins it.
+FULL_LOG_MAX_REQUESTS = 200_000
+# expected_size: the output-token estimate feeds check_limits, which must only refuse runs that
+# certainly overrun, so the estimate is halved to stay a lower bound (lognormal clipping at
+# max_tokens, sampling spread) whatever the length kind.
+OUTPUT_ESTIMATE_LOWER_BOUND = 0.5
+PROGRESS_UPDATES = 200  # progress callbacks per run (at most)
+# The `replica` of α events of drafts shared by all replicas (dedicated trainer): not one replica.
+SHARED_DRAFTS_REPLICA = -1
 
 
 def expected_size(scenario: Scenario) -> tuple[int, float]:
@@ -125,7 +135,7 @@ def expected_size(scenario: Scenario) -> tuple[int, float]:
             means.append(min(o.mean_tokens, o.max_tokens or o.mean_tokens))
         elif isinstance(o, EmpiricalLength):
             means.append(float(read_length_file(scenario.resolve_path(o.file)).mean()))
-    return n, n * float(np.mean(means)) * 0.5  # lognormal clipping: stay a lower bound
+    return n, n * float(np.mean(means)) * OUTPUT_ESTIMATE_LOWER_BOUND
 
 
 def check_limits(scenario: Scenario, n: int, output_tokens: float) -> None:
@@ -145,7 +155,7 @@ def check_limits(scenario: Scenario, n: int, output_tokens: float) -> None:
             f"limits.max_events: {n:,} requests need at least {events:.3g} simulation events "
             f"(≈ {minutes:,.0f} min or more); raise limits.max_events ({lim.max_events:.3g}) or shorten the run"
         )
-    log_full = scenario.report.iteration_log == "full" or (scenario.report.iteration_log == "auto" and n <= 200_000)
+    log_full = scenario.report.iteration_log == "full" or (scenario.report.iteration_log == "auto" and n <= FULL_LOG_MAX_REQUESTS)
     mem = n * BYTES_PER_REQUEST + (min_iterations * BYTES_PER_LOGGED_ITERATION if log_full else 0.0)
     if mem / 1e9 > lim.max_memory_gb:
         raise InputError(
@@ -158,27 +168,11 @@ def _uses_drafts(strategy: str) -> bool:
     return strategy != "no-spec"
 
 
-def build_and_run(scenario: Scenario, requests: Requests | None = None, progress: ProgressFn | None = None,
-                  macro_steps: int | None = None) -> RawRun:
-    """Simulate `scenario`. macro_steps: decode iterations one event may cover (Replica._macro; the
-    results are the same for any value; 0 = one event per iteration; default 64, or the
-    OSDSIM_MACRO_STEPS environment variable, for A/B speed measurements)."""
-    if macro_steps is None:
-        macro_steps = int(os.environ.get("OSDSIM_MACRO_STEPS", "64"))
-    strategy = scenario.strategy
-    profile = load_scenario_profile(scenario)
+def _memory_and_costs(scenario: Scenario, profile: HardwareProfile, draft, n_drafts: int):
+    """(KV capacity in tokens, target, draft and training cost models). Weights must fit; the KV
+    capacity is what is left (or the scenario's number)."""
     tp = scenario.hardware.tensor_parallel
     target = scenario.target
-    draft = scenario.draft if _uses_drafts(strategy) else None
-    if requests is None:
-        check_limits(scenario, *expected_size(scenario))
-    req = requests if requests is not None else generate_requests(scenario)
-    check_limits(scenario, len(req), float(req.output_tokens.sum()))
-    names = req.domain_names
-    n_dom = len(names)
-
-    # Memory: weights must fit; KV capacity from what is left (or the scenario's number).
-    n_drafts = 0 if draft is None else (n_dom if strategy == "osd-per-domain" else 1)
     available, weights, kv_cap = memory_plan(
         target, [draft] * n_drafts if draft else [], profile, tp, scenario.hardware.gpu_memory_utilization
     )
@@ -192,7 +186,6 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         kv_cap = scenario.batching.kv_cache_tokens
     if kv_cap < 1:
         raise InputError(f"batching.kv_cache_tokens: no GPU memory left for the KV cache on {profile.name}")
-
     target_cost = CostModel(target, profile, tp)
     draft_cost = CostModel(draft, profile, tp) if draft is not None else None
     # Training may compute in another dtype than serving (e.g. fp32 master weights, bf16 serving),
@@ -204,31 +197,55 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
                   if value is not None and value != getattr(draft, key)}
         if change:
             train_cost = CostModel(draft.model_copy(update=change), profile, tp)
+    return kv_cap, target_cost, draft_cost, train_cost
 
-    # Acceptance law.
-    law_name = "none"
-    sampler = sample_geometric
-    plateau = None
-    if draft is not None:
-        acc, dom_acc = acceptance_params(scenario)
-        law_name = "geometric"
-        if acc.law == "empirical":
-            law = load_empirical_law(scenario.resolve_path(acc.empirical_file))  # type: ignore[arg-type]
-            k_req = scenario.speculation.k if scenario.speculation.k != "auto" else scenario.speculation.k_max
-            if k_req > law.k_file:
-                raise InputError(
-                    f"speculation.k: {k_req} exceeds the k={law.k_file} the empirical law was measured with"
-                )
-            sampler = law.sample
-            lo, hi = law.alpha_range
-            law_name = f"empirical (alpha {lo:.2f}..{hi:.2f}, clamped outside)"
-        a0 = np.array([dom_acc[d].alpha_0 for d in names])
-        ainf = np.array([dom_acc[d].plateau for d in names])
-        aoff = np.array([dom_acc[d].offline for d in names])
-        tau = np.array([dom_acc[d].tau_tokens for d in names])
-        transfer = acc.transfer
-        # The α each domain's stream converges to under this strategy (recovery targets).
-        plateau = {"static": a0, "offline": aoff}.get(strategy, ainf)
+
+def _acceptance_law(scenario: Scenario, draft, names: tuple[str, ...]):
+    """(law, its name for the summary, per-domain curves (α_0, α_∞, α_offline, τ, transfer) or None
+    without a draft)."""
+    if draft is None:
+        return GeometricLaw(), "none", None
+    acc, dom_acc = acceptance_params(scenario)
+    law = GeometricLaw()
+    law_name = "geometric"
+    if acc.law == "empirical":
+        law = load_empirical_law(scenario.resolve_path(acc.empirical_file))  # type: ignore[arg-type]
+        k_req = scenario.speculation.k if scenario.speculation.k != "auto" else scenario.speculation.k_max
+        if k_req > law.k_file:
+            raise InputError(
+                f"speculation.k: {k_req} exceeds the k={law.k_file} the empirical law was measured with"
+            )
+        lo, hi = law.alpha_range
+        law_name = f"empirical (alpha {lo:.2f}..{hi:.2f}, clamped outside)"
+    curves = tuple(np.array([getattr(dom_acc[d], f) for d in names]) for f in ("alpha_0", "plateau", "offline", "tau_tokens"))
+    return law, law_name, (*curves, acc.transfer)
+
+
+def build_and_run(scenario: Scenario, requests: Requests | None = None, progress: ProgressFn | None = None,
+                  macro_steps: int | None = None) -> RawRun:
+    """Simulate `scenario`. macro_steps: iterations one event may cover (Replica._stretch; the
+    results are the same for any value; 0 = one event per iteration; default 64, or the
+    OSDSIM_MACRO_STEPS environment variable, for A/B speed measurements)."""
+    if macro_steps is None:
+        macro_steps = int(os.environ.get("OSDSIM_MACRO_STEPS", "64"))
+    strategy = scenario.strategy
+    profile = load_scenario_profile(scenario)
+    draft = scenario.draft if _uses_drafts(strategy) else None
+    if requests is None:
+        check_limits(scenario, *expected_size(scenario))
+    req = requests if requests is not None else generate_requests(scenario)
+    check_limits(scenario, len(req), float(req.output_tokens.sum()))
+    names = req.domain_names
+    n_dom = len(names)
+
+    n_drafts = 0 if draft is None else (n_dom if strategy == "osd-per-domain" else 1)
+    kv_cap, target_cost, draft_cost, train_cost = _memory_and_costs(scenario, profile, draft, n_drafts)
+
+    law, law_name, curves = _acceptance_law(scenario, draft, names)
+    if curves is not None:
+        a0, ainf, aoff, tau, transfer = curves
+    # The α each domain's stream converges to under this strategy (served-α recovery targets).
+    plateau = None if curves is None else {"static": a0, "offline": aoff}.get(strategy, ainf)
 
     env = simpy.Environment()
     table = RequestTable(req.arrival_s.copy(), req.domain, req.prompt_tokens, req.output_tokens)
@@ -236,7 +253,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
     alpha_rows: list[tuple] = []
     seeds = np.random.SeedSequence([scenario.seed, 0xACC]).spawn(scenario.hardware.replicas + 1)
     d = scenario.distill
-    placement = d.placement if strategy in ("osd", "osd-per-domain") else "none"
+    placement = make_placement(d.placement if strategy in ("osd", "osd-per-domain") else "none", stats, d)
     trainable_params = 0
     if draft is not None:
         trainable_params = draft.total_params if d.trainable == "all" else draft.dense_params
@@ -276,26 +293,24 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         k=None if scenario.speculation.k == "auto" else int(scenario.speculation.k),
         k_max=scenario.speculation.k_max,
         placement=placement,
-        harvest_fraction=d.harvest_fraction,
-        interference=d.interference,
         macro_steps=macro_steps,
     )
     replicas: list[Replica] = []
     log_mode = scenario.report.iteration_log
     if log_mode == "auto":
-        log_mode = "full" if len(req) <= 200_000 else "binned"
+        log_mode = "full" if len(req) <= FULL_LOG_MAX_REQUESTS else "binned"
     log_bin_s = None if log_mode == "full" else (scenario.report.time_bin_s or 1.0)
-    shared = make_drafts(-1) if placement == "dedicated" else None
+    shared = make_drafts(SHARED_DRAFTS_REPLICA) if isinstance(placement, Dedicated) else None
     for r in range(scenario.hardware.replicas):
         dists, states = shared if shared is not None else make_drafts(r)
-        rep = Replica(env, r, cfg, table, np.random.default_rng(seeds[r]), dists, states, sampler, stats, log_bin_s)
+        rep = Replica(env, r, cfg, table, np.random.default_rng(seeds[r]), dists, states, law, log_bin_s)
         for s in dict.fromkeys(x for x in states if x is not None):
             s.listeners.append(rep.refresh_alpha)
         replicas.append(rep)
         env.process(rep.run())
 
     if shared is not None:
-        _start_dedicated_trainers(env, shared[0], d, stats)
+        placement.start(env, shared[0])  # type: ignore[union-attr]
 
     # Initial α snapshot of every draft (time 0).
     if draft is not None:
@@ -304,46 +319,19 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
             for s in rep.alpha_source:
                 if s is not None and id(s) not in seen:
                     seen.add(id(s))
-                    alpha_rows.append((0.0, -1 if shared is not None else r, s.draft_id, *s.alpha.tolist()))
+                    alpha_rows.append((0.0, SHARED_DRAFTS_REPLICA if shared is not None else r, s.draft_id, *s.alpha.tolist()))
 
-    # Arrivals and routing.
-    n_req = len(req)
-    all_done = env.event()
-    total = n_req
-    step = max(1, total // 200)
-
-    def on_done() -> None:
-        if progress is not None and (table.done % step == 0 or table.done == total):
-            progress(table.done, total)
-        if table.done >= total and not all_done.triggered:
-            all_done.succeed()
-
-    table.on_done = on_done
-    route_rng = np.random.default_rng(seeds[-1])
-    if req.think_s is not None:
-        env.process(_closed_loop(env, req.arrival_s[0] if n_req else 0.0, req.think_s, table, replicas,
-                                 scenario.router, route_rng))
-    else:
-        env.process(_arrivals(env, req.arrival_s, replicas, scenario.router, route_rng))
-    if n_req == 0:
-        all_done.succeed()
-    until = all_done
-    if scenario.limits.max_sim_time_s is not None:
-        until = all_done | env.timeout(scenario.limits.max_sim_time_s)
-    env.run(until=until)
+    _run_until_done(env, scenario, req, table, replicas, np.random.default_rng(seeds[-1]), progress)
 
     all_distillers = list(dict.fromkeys(x for rep in replicas for x in rep.distillers))
+    # Each replica sums the spare compute it offered; the total is added in replica order, so it does
+    # not depend on how events of different replicas interleave (stretches or single iterations).
+    for rep in replicas:
+        stats.spare_s_available += rep.spare_s
     # Training work and spare compute are simulated in device-seconds at full training speed; the
     # outputs give them as FLOP-equivalents of the training dtype (seconds × F_peak · η_max).
     flops_per_work_s = train_cost.peak_flops * train_cost.eta_max if train_cost is not None else 0.0
-    iters = []
-    for rep in replicas:
-        df = rep.log.frame()
-        df["spare_flops"] *= flops_per_work_s
-        df["train_work_flops"] *= flops_per_work_s
-        df.insert(0, "replica", rep.index)
-        iters.append(df)
-    iterations = pd.concat(iters, ignore_index=True) if iters else pd.DataFrame()
+    iterations = _iteration_frame(replicas, flops_per_work_s)
     alpha_cols = ["time_s", "replica", "draft_id", *[f"alpha_{n}" for n in names]]
     alpha_events = pd.DataFrame(alpha_rows, columns=alpha_cols)
     training = pd.DataFrame(stats.events, columns=["time_s", "draft_id", "kind", "tokens", "flops", "duration_s"])
@@ -367,6 +355,47 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
                "plateau_by_domain": plateau,
                "pending_steps": sum(len(x.pending) + x.in_flight for x in all_distillers)},
     )
+
+
+def _run_until_done(env: simpy.Environment, scenario: Scenario, req: Requests, table: RequestTable,
+                    replicas: list[Replica], route_rng: np.random.Generator, progress: ProgressFn | None) -> None:
+    """Start the arrivals (open loop, or a closed-loop client) and run until every request is done
+    (finished or rejected) or the scenario's time cap."""
+    n_req = len(req)
+    all_done = env.event()
+    total = n_req
+    step = max(1, total // PROGRESS_UPDATES)
+
+    def on_done() -> None:
+        if progress is not None and (table.done % step == 0 or table.done == total):
+            progress(table.done, total)
+        if table.done >= total and not all_done.triggered:
+            all_done.succeed()
+
+    table.on_done = on_done
+    if req.think_s is not None:
+        env.process(_closed_loop(env, req.arrival_s[0] if n_req else 0.0, req.think_s, table, replicas,
+                                 scenario.router, route_rng))
+    else:
+        env.process(_arrivals(env, req.arrival_s, replicas, scenario.router, route_rng))
+    if n_req == 0:
+        all_done.succeed()
+    until = all_done
+    if scenario.limits.max_sim_time_s is not None:
+        until = all_done | env.timeout(scenario.limits.max_sim_time_s)
+    env.run(until=until)
+
+
+def _iteration_frame(replicas: list[Replica], flops_per_work_s: float) -> pd.DataFrame:
+    """All replicas' iteration logs, spare and training work as FLOP-equivalents of the training dtype."""
+    iters = []
+    for rep in replicas:
+        df = rep.log.frame()
+        df["spare_flops"] *= flops_per_work_s
+        df["train_work_flops"] *= flops_per_work_s
+        df.insert(0, "replica", rep.index)
+        iters.append(df)
+    return pd.concat(iters, ignore_index=True) if iters else pd.DataFrame()
 
 
 def _arrivals(env: simpy.Environment, times: np.ndarray, replicas: list[Replica], router: str, rng):
@@ -410,39 +439,3 @@ def _closed_loop(env: simpy.Environment, first_s: float, think_s: np.ndarray, ta
             if think_s[rid] > 0:
                 yield env.timeout(float(think_s[rid]))
         _route(rid, replicas, router, rng).submit(rid)
-
-
-def _start_dedicated_trainers(env: simpy.Environment, distillers: list, d, stats: DistillStats) -> None:
-    """Dedicated trainer GPUs: each draft's steps run there; weights reach replicas after a delay."""
-    for dist in dict.fromkeys(x for x in distillers if x is not None):
-        wake = {"event": env.event()}
-
-        def on_due(w=wake) -> None:
-            if not w["event"].triggered:
-                w["event"].succeed()
-
-        dist.on_due = on_due
-
-        def trainer(dist=dist, w=wake):
-            while True:
-                if not dist.pending:
-                    w["event"] = env.event()
-                    yield w["event"]
-                    continue
-                step = dist.pending.popleft()
-                dist.in_flight += 1
-                step.started_s = env.now
-                # Data-parallel over trainer GPUs (ideal scaling).
-                dur = step.cost.time_s / d.trainer_gpus
-                yield env.timeout(dur)
-                stats.busy_s += dur
-                stats.work_s_used += step.work_s
-                env.process(_publish(env, dist, step, d.sync_delay_s, dur))
-
-        env.process(trainer())
-
-
-def _publish(env: simpy.Environment, dist: Distiller, step, delay: float, dur: float):
-    if delay > 0:
-        yield env.timeout(delay)
-    dist.complete(step, env.now, dur)

@@ -1,6 +1,6 @@
 """A serving replica as a SimPy process: continuous batching with (optional) speculative decoding.
 
-One iteration (DESIGN.md §4.2), for B decoding sequences and some prefill chunks:
+One iteration (docs/architecture.md, "One iteration"), for B decoding sequences and some prefill chunks:
     draft:  k sequential passes over B tokens (+ the draft's own prefill of this iteration's chunks)
     target: one pass over B·(k+1) verify tokens + the prefill chunks (chunked prefill, Sarathi)
 Each decoding sequence then emits a + 1 tokens, a drawn from the acceptance law at its α.
@@ -9,6 +9,10 @@ Without speculation the target pass carries B decode tokens and each sequence em
 Admission is FCFS, limited by `max_batch_size` and KV capacity; a request reserves KV for its
 prompt + output (+ k look-ahead slots) on admission, so there is no preemption.
 The running batch is kept as arrays (struct of arrays) so an iteration costs O(1) numpy calls.
+
+There is one iteration path, Replica._stretch: it plans m ≥ 1 iterations (prefill chunks are
+deterministic, acceptances are drawn at once when the law can draw a stretch), prices them with
+one pass_times call per batch shape, and applies them at once; m = 1 is the same code.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import numpy as np
 import simpy
 
 from osdsim.cost.model import CostModel
-from osdsim.sim.distill import Distiller, DistillStats
-from osdsim.specdec import optimal_k, sample_geometric
+from osdsim.sim.distill import Distiller
+from osdsim.sim.placement import Placement
+from osdsim.specdec import optimal_k
 
-# Shortest stretch worth a macro step: below it, drawing and pricing ahead (and rewinding the
+# Shortest stretch worth planning: below it, drawing and pricing ahead (and rewinding the
 # random stream when an arrival cuts the stretch) costs more than the events it saves.
 MACRO_MIN_STEPS = 4
+# Memory of the moving average of stretch lengths (only arrivals cut stretches): new = KEEP·old + (1 − KEEP)·last.
+MACRO_LEN_KEEP = 0.8
 
 
 @dataclass
@@ -38,9 +45,7 @@ class ReplicaConfig:
     kv_capacity: int
     k: int | None  # None = auto
     k_max: int
-    placement: str  # inline | harvest | dedicated | none
-    harvest_fraction: float
-    interference: float
+    placement: Placement  # where due training steps run (osdsim.sim.placement)
     macro_steps: int = 64  # decode iterations one event may cover between arrivals/finishes (0: off)
 
 
@@ -91,11 +96,15 @@ class IterationLog:
     def __init__(self) -> None:
         self.rows: list[tuple] = []
         self.add = self.rows.append  # one list append per iteration (hot path)
+        self.extend = self.rows.extend  # the iterations of one stretch
 
     def frame(self):
         import pandas as pd
 
-        df = pd.DataFrame.from_records(self.rows, columns=list(self.FIELDS))
+        if self.rows:  # column by column (from_records goes through object arrays)
+            df = pd.DataFrame({f: np.array(col) for f, col in zip(self.FIELDS, zip(*self.rows, strict=True), strict=True)})
+        else:
+            df = pd.DataFrame.from_records(self.rows, columns=list(self.FIELDS))
         serve = (df["kind"] == "serve").to_numpy()
         n = df["decode_seqs"].to_numpy(dtype=float)
         alpha = df["alpha_mean"].to_numpy(dtype=float)
@@ -114,6 +123,10 @@ class BinnedIterationLog:
     def __init__(self, width_s: float) -> None:
         self.width = width_s
         self.bins: dict[int, list[float]] = {}
+
+    def extend(self, recs) -> None:
+        for rec in recs:
+            self.add(rec)
 
     def add(self, rec: tuple) -> None:
         t, dur, n, _pf, emitted, k, alpha, flops, nbytes, _busy, spare, used, kind = rec
@@ -156,8 +169,7 @@ class Replica:
         rng: np.random.Generator,
         draft_for_domain: list[Distiller | None],
         alpha_source: list,  # per domain: the DraftState serving it (None without speculation)
-        sample_accepted: Callable[[np.random.Generator, np.ndarray, int], np.ndarray],
-        stats: DistillStats,
+        law,  # the accepted-length law: GeometricLaw or EmpiricalLaw (osdsim.specdec)
         log_bin_s: float | None = None,
     ):
         self.env = env
@@ -172,12 +184,11 @@ class Replica:
         self.alpha_source = alpha_source
         self.alpha_by_domain = np.zeros(len(alpha_source))
         self.refresh_alpha()
-        self.sample_accepted = sample_accepted
-        self._geometric = sample_accepted is sample_geometric
-        self.stats = stats
+        self.law = law
         self.log = IterationLog() if log_bin_s is None else BinnedIterationLog(log_bin_s)
         self.kv_free = cfg.kv_capacity
         self.busy_s = 0.0
+        self.spare_s = 0.0  # harvest: spare training work this replica offered (summed per replica, in order)
         self.outstanding = 0
         self._unreleased: list[int] = []  # finished request ids not yet handed back (closed loop)
         self._k_cache: dict[tuple[int, int, int], int] = {}
@@ -200,15 +211,11 @@ class Replica:
         self.n_prefill = 0  # running sequences still prefilling
         self.spec = cfg.draft_cost is not None
         self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
-        self._harvest_rate = 0.0
-        # Macro steps (see _macro): decode-only stretches with i.i.d. geometric acceptance and α that
-        # cannot change mid-stretch (no trainer publishing asynchronously).
-        self._macro_len = float(cfg.macro_steps)  # moving average of iterations per macro step
-        self._macro_ok = cfg.macro_steps > 0 and (not self.spec or self._geometric) and cfg.placement != "dedicated"
-        if cfg.draft_cost is not None:
-            # Spare training work per second of spare device time, in the steps' own unit
-            # (device-seconds at full speed for the training dtype): the harvest fraction θ.
-            self._harvest_rate = cfg.harvest_fraction
+        self.placement = cfg.placement
+        # Stretches (see _stretch): several iterations in one event when the law can draw them at
+        # once and α cannot change mid-stretch (no trainer publishing asynchronously).
+        self._macro_len = float(cfg.macro_steps)  # moving average of iterations per stretch
+        self._stretch_ok = cfg.macro_steps > 0 and (not self.spec or law.stretch) and cfg.placement.stretch_ok
 
     # --- α view ------------------------------------------------------------------------------------
     def refresh_alpha(self) -> None:
@@ -267,49 +274,8 @@ class Replica:
             self.n_prefill += 1
 
     # --- training ------------------------------------------------------------------------------------
-    def _pending_steps(self):
-        for d in self.distillers:
-            if d.pending:
-                yield d
-
-    def _train_inline(self):
-        for dist in list(self._pending_steps()):
-            while dist.pending:
-                step = dist.pending.popleft()
-                dist.in_flight += 1
-                dur = step.cost.time_s
-                step.started_s = self.env.now
-                yield self.env.timeout(dur)
-                self.busy_s += dur
-                self.stats.busy_s += dur
-                self.stats.latency_cost_s += dur
-                self.stats.work_s_used += step.work_s
-                self.log.add((self.env.now - dur, dur, 0, 0, 0, 0, np.nan, step.cost.flops, step.cost.bytes,
-                              step.cost.compute_s, 0.0, step.work_s, "train"))
-                dist.complete(step, self.env.now, dur)
-
-    def _harvest(self, spare_s: float, since_s: float) -> float:
-        """Give spare work (device-seconds at full training speed, accrued since `since_s`) to pending
-        steps in FIFO order; returns the work used."""
-        used = 0.0
-        for dist in self.distillers:
-            while dist.pending and spare_s > 0:
-                step = dist.pending[0]
-                if step.started_s is None:
-                    step.started_s = max(since_s, step.due_s)
-                take = min(spare_s, step.work_s - step.progress_s)
-                step.progress_s += take
-                spare_s -= take
-                used += take
-                if step.progress_s >= step.work_s * (1 - 1e-12):
-                    dist.pending.popleft()
-                    dist.in_flight += 1
-                    dist.complete(step, self.env.now, self.env.now - step.started_s)
-        self.stats.work_s_used += used
-        return used
-
     def _harvest_pending(self) -> bool:
-        return self.cfg.placement == "harvest" and any(d.pending for d in self.distillers)
+        return self.placement.harvesting(self.distillers)
 
     def _idle(self):
         """Nothing to serve: wait for an arrival; harvest training uses the idle device meanwhile."""
@@ -318,27 +284,15 @@ class Replica:
             rid = yield get
             self.waiting.append(rid)
             return
-        rate = self._harvest_rate  # training work (full-speed device-seconds) per idle second: θ
-        remaining = sum(s.work_s - s.progress_s for d in self.distillers for s in d.pending)
-        t0 = self.env.now
-        yield get | self.env.timeout(remaining / rate)
-        if get.triggered:  # an arrival (possibly at the same instant the work finished)
-            spare = (self.env.now - t0) * rate
-            self.waiting.append(get.value)
-        else:
-            # The pending work finished; grant it exactly (elapsed time can round to 0 at large t).
-            spare = remaining
-            get.cancel()
-        self.stats.spare_s_available += spare
-        self._harvest(spare, t0)
+        yield from self.placement.idle(self, get)
 
     # --- serving -------------------------------------------------------------------------------------
     def run(self):
         while True:
             self._drain_inbox()
             self._admit()
-            if self.cfg.placement == "inline" and any(d.pending for d in self.distillers):
-                yield from self._train_inline()
+            if self.placement.blocks_serving(self.distillers):
+                yield from self.placement.train(self)
                 continue
             if self._unreleased:
                 for rid in self._unreleased:
@@ -347,10 +301,7 @@ class Replica:
             if self.n == 0:
                 yield from self._idle()
                 continue
-            if self._macro_ok and self.n_prefill == 0 and not self._harvest_pending():
-                yield from self._macro()
-                continue
-            yield from self._iteration()
+            yield from self._stretch()
 
     def _choose_k(self, batch: int, alpha: float, ctx_mean: float) -> int:
         key = (batch, int(alpha * 100 + 0.5), int(ctx_mean) >> 8)
@@ -361,272 +312,426 @@ class Replica:
             self._k_cache[key] = k
         return k
 
-    def _iteration(self):
+    def _stretch_cap(self) -> int:
+        """How many iterations the next event may plan (1: one iteration)."""
+        if not self._stretch_ok or self._harvest_pending():  # α or spare compute move mid-stretch
+            return 1
+        # Recent stretches (cut by arrivals) say how far ahead drawing pays; without prefill, a
+        # request also finishes within its out_left iterations (each emits ≥ 1 token).
+        m = min(self.cfg.macro_steps, int(2.0 * self._macro_len) + 1)
+        if not self.n_prefill:
+            m = min(m, int(self.out_left[: self.n].min()))
+        return m if m >= MACRO_MIN_STEPS else 1
+
+    def _plan_prefill(self, m_cap: int, k0: int, auto_k: bool):
+        """Prefill chunks of up to m_cap iterations (deterministic: FIFO over the prefill budget left
+        after the decode/verify tokens). Stops early where the batch shape changes under k: auto (the
+        k chosen for the first iteration holds while the decoding set does) or where a request whose
+        only output token is the first one finishes. Returns the decoding and first-token masks and
+        the chunk sizes (rows × slots), and per row the prefill tokens, their context, their
+        attention pairs and the number of prompts completed (the expressions of one iteration, in
+        Python scalars; sums of ≤ 7 terms add left to right, as numpy does)."""
+        n = self.n
+        chunk = self.cfg.chunk_tokens
+        spec = self.spec
+        pf = np.flatnonzero(self.pf_left[:n])
+        slots = pf.tolist()
+        left = self.pf_left[pf].tolist()
+        ctxs = self.ctx[pf].tolist()
+        single_token = (self.out_left[pf] <= 1).tolist()
+        active = list(range(len(slots)))
+        b0 = n - len(active)
+        done_at = [m_cap] * len(slots)  # row where each prompt's prefill completes
+        cells_r, cells_s, cells_v = [], [], []
+        pf_tok, pf_ctx, pf_pairs, n_comp = [], [], [], []
+        m = 0
+        while m < m_cap:
+            b = n - len(active)
+            if m and auto_k and b != b0:
+                break
+            q = (k0 if spec and b else 0) + 1
+            budget = chunk - b * q
+            tok = comp = c_sum = 0
+            pairs = 0.0
+            ends_request = False
+            if active and budget > 0:
+                before = 0
+                terms = []
+                for p in active:
+                    lp = left[p]
+                    x = budget - before
+                    before += lp
+                    al = 0 if x <= 0 else (lp if x >= lp else int(x))
+                    terms.append(al * (ctxs[p] + al / 2.0))
+                    if al:
+                        tok += al
+                        c_sum += ctxs[p]
+                        left[p] = lp - al
+                        ctxs[p] += al
+                        cells_r.append(m)
+                        cells_s.append(slots[p])
+                        cells_v.append(al)
+                        if al == lp:
+                            comp += 1
+                            done_at[p] = m
+                            ends_request = ends_request or single_token[p]
+                if tok:
+                    if len(terms) <= 7:
+                        for t in terms:
+                            pairs += t
+                    else:
+                        pairs = float(np.add.reduce(np.array(terms)))
+                active = [p for p in active if left[p]]
+            pf_tok.append(tok)
+            pf_ctx.append(float(c_sum))
+            pf_pairs.append(pairs)
+            n_comp.append(comp)
+            m += 1
+            if ends_request:  # a request finishes with its first token
+                break
+            if not active:  # everyone decodes from here on
+                if not (auto_k and n != b0):
+                    rest = m_cap - m
+                    pf_tok.extend([0] * rest)
+                    pf_ctx.extend([0.0] * rest)
+                    pf_pairs.extend([0.0] * rest)
+                    n_comp.extend([0] * rest)
+                    m = m_cap
+                break
+        done = np.full(n, -1, dtype=np.int64)
+        done[pf] = done_at
+        rows = np.arange(m)[:, None]
+        dec = rows > done
+        first = rows == done
+        alloc = np.zeros((m, n), dtype=np.int64)
+        if cells_v:
+            alloc[cells_r, cells_s] = cells_v
+        return dec, first, alloc, pf_tok, pf_ctx, pf_pairs, n_comp
+
+    def _stretch(self):
+        """m ≥ 1 iterations in one event, exactly as m events of one iteration would run them.
+
+        Plan: while nobody can be admitted and α is fixed, what the batch does is known ahead: the
+        prefill chunks are deterministic, and the accepted lengths are i.i.d. draws, row by row. So
+        up to the first finish (or the stretch cap) the iterations are planned, their acceptances
+        drawn in one call (when the law can draw a stretch), priced (CostModel.pass_times,
+        bit-identical to pass_time) and applied at once; the replica sleeps until the stretch ends,
+        or, when a request arrives that could be admitted, until the end of the iteration in
+        flight (the random stream is rewound to exactly the rows used). m = 1 (no stretch) when the
+        law cannot draw a stretch, a training step is pending under harvest, or α may change
+        asynchronously (dedicated trainer)."""
         cfg = self.cfg
         env = self.env
         n = self.n
-        ctx = self.ctx[:n]
-        n_pf = self.n_prefill
-        if n_pf == 0:  # fast path: everyone decodes; slices are views, no fancy indexing
-            dec = slice(0, n)
-            b = n
+        spec = self.spec
+        auto_k = cfg.k is None
+        m_cap = self._stretch_cap()
+        ctx0 = self.ctx[:n]
+        dom = self.dom[:n]
+        alpha_slot = self.alpha_by_domain[dom] if spec else None
+
+        # Decoding set of the first iteration, and its k.
+        if self.n_prefill:
+            dec0 = self.pf_left[:n] == 0
+            b0 = int(np.count_nonzero(dec0))
         else:
-            dec = np.flatnonzero(self.pf_left[:n] == 0)
-            b = int(dec.size)
-        spec = self.spec and b > 0
-        ctx_dec = ctx[dec]
-        c_sum = float(np.add.reduce(ctx_dec)) if b else 0.0
-        k = 0
-        alpha = None
-        dom_dec = None
-        if spec:
-            dom_dec = self.dom[:n][dec]
-            alpha = self.alpha_by_domain[dom_dec]
-            k = cfg.k if cfg.k is not None else self._choose_k(b, float(np.add.reduce(alpha)) / b, c_sum / b)
-        q = k + 1
+            dec0 = None
+            b0 = n
+        k0 = 0
+        if spec and cfg.k is not None:
+            k0 = cfg.k
+        elif spec and b0:
+            a_dec = alpha_slot if dec0 is None else alpha_slot[dec0]
+            c_dec = ctx0 if dec0 is None else ctx0[dec0]
+            k0 = self._choose_k(b0, float(np.add.reduce(a_dec)) / b0, float(np.add.reduce(c_dec)) / b0)
 
-        # Prefill chunks: decode/verify tokens take the budget first, then FIFO prefill chunks.
-        pf_tokens = 0
-        pf_ctx = 0.0
-        pf_pairs = 0.0
-        n_complete = 0
-        pf_idx = alloc = None
-        if n_pf:
-            budget = cfg.chunk_tokens - b * q
-            if budget > 0:
-                pf_left = self.pf_left[:n]
-                pf_idx = np.flatnonzero(pf_left)
-                left = pf_left[pf_idx]
-                before = np.cumsum(left) - left
-                alloc = np.clip(budget - before, 0, left).astype(np.int64)
-                pf_tokens = int(alloc.sum())
-                if pf_tokens:
-                    c_pf = ctx[pf_idx]
-                    pf_ctx = float(c_pf[alloc > 0].sum())
-                    pf_pairs = float((alloc * (c_pf + alloc / 2.0)).sum())
-                    n_complete = int(np.count_nonzero(alloc == left))
+        # Plan the rows: decoding mask, first tokens, prefill chunks.
+        if self.n_prefill:
+            dec, first, alloc, pf_tok, pf_ctx, pf_pairs, n_comp = self._plan_prefill(m_cap, k0, auto_k)
+            m_plan = dec.shape[0]
+            b_rows = dec.sum(axis=1)
+        else:
+            m_plan = m_cap
+            dec = first = alloc = None
+            pf_tok = n_comp = [0] * m_plan
+            pf_ctx = pf_pairs = [0.0] * m_plan
+            b_rows = np.full(m_plan, n)
 
-        # Price the passes (the cost model only prices).
-        duration = flops = nbytes = compute_s = 0.0
-        if spec:
-            dc = cfg.draft_cost
-            weight_sets = 1 if len(self.distillers) <= 1 else int(np.unique(dom_dec).size)
-            mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
-            td, fd, bd, cd = dc.pass_time(b, b, c_sum + mean_extra, c_sum + mean_extra + b / 2.0, weight_sets)
-            duration += k * td
-            flops += k * fd
-            nbytes += k * bd
-            compute_s += k * cd
-            if pf_tokens:  # the draft prefills the same chunks to build its own KV cache
-                td, fd, bd, cd = dc.pass_time(pf_tokens, 0, pf_ctx, pf_pairs)
-                duration += td
-                flops += fd
-                nbytes += bd
-                compute_s += cd
-        tt, ft, bt, ct = cfg.target_cost.pass_time(
-            b * q + pf_tokens, b * q + n_complete, c_sum + pf_ctx, q * c_sum + b * q * q / 2.0 + pf_pairs
-        )
-        duration += tt
-        flops += ft
-        nbytes += bt
-        compute_s += ct
-
+        # Harvest with a step pending: one iteration, whose accepted lengths are drawn after the spare
+        # compute it offered was given to training (with the α that training left; behaviour kept
+        # from the one-iteration path).
         harvesting = self._harvest_pending()
-        if harvesting and cfg.interference > 0:
-            extra = duration * cfg.interference
-            duration += extra
-            self.stats.latency_cost_s += extra
+        if harvesting:
+            m = 1
+            a = emit = rng_state = None
+            c_sum = np.array([float(np.add.reduce(ctx0 if dec is None else ctx0[dec[0]]))])
+        else:
+            a, step, rng_state = self._draw(m_plan, dec, first, b_rows, k0, alpha_slot)
+            m, c_sum, emit = self._extent(step, dec, alloc, b0)
+
+        # Per-row batch shape: decoding count, k, α mean and draft weight sets (they change only
+        # where a prefill completes).
+        b_list = b_rows[:m].tolist()
+        k_list = [k0 if spec and b else 0 for b in b_list]
+        alpha_mean = [np.nan] * m
+        wsets = [1] * m
+        if spec:
+            shape = None  # (decoding count, α mean, weight sets); the set only grows within a stretch
+            for j in range(m):
+                if not b_list[j]:
+                    continue
+                if shape is None or b_list[j] != shape[0]:
+                    sel = slice(None) if dec is None else dec[j]
+                    ws = 1 if len(self.distillers) <= 1 else int(np.unique(dom[sel]).size)
+                    shape = (b_list[j], float(np.add.reduce(alpha_slot[sel])) / b_list[j], ws)
+                alpha_mean[j], wsets[j] = shape[1], shape[2]
+
+        duration, flops, nbytes, compute_s = self._price(m, b_list, k_list, c_sum, pf_tok, pf_ctx, pf_pairs,
+                                                         n_comp, wsets)
+        if harvesting:  # m == 1
+            duration[0] += self.placement.slow_down(duration[0])
 
         t0 = env.now
-        yield env.timeout(duration)
-        self.busy_s += duration
+        ends = []
+        t = t0
+        for d in duration:
+            t += d
+            ends.append(t)
+        if m > 1 and t0 + (ends[-1] - t0) != ends[-1]:  # the clock could not land on the exact sum
+            m = 1
+            ends = ends[:1]
 
-        # Spare compute of this iteration (harvest): θ·(duration − compute_s) device-seconds.
-        spare = used = 0.0
-        if self._harvest_rate and cfg.placement == "harvest":
-            spare = max(duration - compute_s, 0.0) * self._harvest_rate
-            self.stats.spare_s_available += spare
-            if harvesting:
-                used = self._harvest(spare, t0)
+        # Sleep to the stretch's end, or to the end of the iteration in flight when an arrival could
+        # be admitted (an arrival that can only join the queue changes nothing in the stretch).
+        end = env.timeout(ends[-1] - t0)
+        cut = False
+        if m == 1:
+            yield end
+        else:
+            while True:
+                get = self.inbox.get()
+                yield end | get
+                if not get.triggered:
+                    get.cancel()
+                    break
+                self.waiting.append(get.value)
+                if not self._joins_queue_now():
+                    cut = True
+                    break
+                if end.processed:
+                    break
+        used = m
+        if cut:
+            now = env.now
+            used = next(j for j, e_ in enumerate(ends) if e_ >= now) + 1  # iterations begun by now
+            if ends[used - 1] > now:
+                yield env.timeout(ends[used - 1] - now)
+        if m_cap > 1:
+            # Only an arrival says how far ahead is worth drawing; a stretch that ran to its end (a
+            # finish or the cap) could have been as long as it was allowed to be.
+            self._macro_len = MACRO_LEN_KEEP * self._macro_len + (1 - MACRO_LEN_KEEP) * (used if cut else m_cap)
+        if rng_state is not None and used < m_plan:  # rewind: consume exactly the rows used
+            self.rng.bit_generator.state = rng_state
+            self.rng.standard_exponential((used, n) if dec is None else int(b_rows[:used].sum()))
 
-        # Outcomes: prefill progress and first tokens.
-        emitted_total = 0
-        out_left = self.out_left
-        if pf_tokens:
-            pf_left = self.pf_left
-            pf_left[pf_idx] -= alloc
-            ctx[pf_idx] += alloc
-            done_pf = pf_idx[(pf_left[pf_idx] == 0) & (alloc > 0)]
-            if done_pf.size:
-                self.table.first_token[self.rid[done_pf]] = env.now
-                out_left[done_pf] -= 1
-                ctx[done_pf] += 1
-                self.s_emitted[done_pf] += 1
-                emitted_total += int(done_pf.size)
-                self.n_prefill -= int(done_pf.size)
+        spare_took = None
+        if harvesting:  # m == used == 1
+            self.busy_s += duration[0]
+            spare = max(duration[0] - compute_s[0], 0.0) * self.placement.spare_rate
+            self.spare_s += spare
+            spare_took = (spare, self.placement.give(self.distillers, spare, t0, env.now))
+            a, step, _ = self._draw(1, dec, first, b_rows, k0, alpha_slot)
+            _, _, emit = self._extent(step, dec, alloc, b0)
+        per_iter = emit.sum(axis=1)
 
-        # Decode/verify outcomes (slot counters; copied to the request table on finish).
-        alpha_mean = np.nan
-        if b:
-            if spec:
-                if self._geometric:
-                    e = self.rng.standard_exponential(b)
-                    a = np.minimum(e * self._inv_neg_log_alpha[dom_dec], k).astype(np.int64)
-                else:
-                    a = self.sample_accepted(self.rng, alpha, k)
-                emit = np.minimum(a + 1, out_left[:n][dec])
-                self.s_accepted[:n][dec] += a
-                self.s_proposed[:n][dec] += k
-                self.s_rejections[:n][dec] += a < k
-                alpha_mean = float(np.add.reduce(alpha)) / b
-                out_left[:n][dec] -= emit
-                ctx[dec] += emit
-                self.s_emitted[:n][dec] += emit
-                emitted_total += int(np.add.reduce(emit))
+        # Outcomes of the iterations run (finishes only happen in the last one, when used == m).
+        emit = emit[:used]
+        tot = emit.sum(axis=0)
+        ctx = self.ctx[:n]
+        self.out_left[:n] -= tot
+        ctx += tot
+        self.s_emitted[:n] += tot
+        if dec is None:
+            self.s_steps[:n] += used
+        else:
+            self.s_steps[:n] += dec[:used].sum(axis=0)
+            pf_used = alloc[:used].sum(axis=0)
+            self.pf_left[:n] -= pf_used
+            ctx += pf_used
+            rows, slots = np.nonzero(first[:used])
+            if slots.size:
+                self.table.first_token[self.rid[slots]] = np.asarray(ends)[rows]
+                self.n_prefill -= int(slots.size)
+        if a is not None:
+            a = a[:used]
+            self.s_accepted[:n] += a.sum(axis=0)
+            rejected = a < k0
+            if dec is None:
+                self.s_proposed[:n] += k0 * used
             else:
-                out_left[:n][dec] -= 1
-                ctx[dec] += 1
-                self.s_emitted[:n][dec] += 1
-                emitted_total += b
-            self.s_steps[:n][dec] += 1
-
-        self.log.add((t0, duration, b, pf_tokens, emitted_total, k, alpha_mean, flops, nbytes,
-                      compute_s, spare, used, "serve"))
-
-        finished = np.flatnonzero(out_left[:n] <= 0)
+                self.s_proposed[:n] += k0 * dec[:used].sum(axis=0)
+                rejected &= dec[:used]
+            self.s_rejections[:n] += rejected.sum(axis=0)
+        # Book the iterations (in order, as one iteration at a time would) and log them.
+        dur = duration[:used]
+        cs = compute_s[:used]
+        if spare_took is not None:
+            spares, took = [spare_took[0]], [spare_took[1]]
+        else:
+            busy = self.busy_s
+            for d in dur:
+                busy += d
+            self.busy_s = busy
+            spares = took = [0.0] * used
+            if self.placement.spare_rate:
+                rate = self.placement.spare_rate
+                spares = [max(d - c, 0.0) * rate for d, c in zip(dur, cs, strict=True)]
+                total = self.spare_s
+                for x in spares:
+                    total += x
+                self.spare_s = total
+        self.log.extend(zip([t0, *ends[: used - 1]], dur, b_list[:used], pf_tok[:used], per_iter[:used].tolist(),
+                            k_list[:used], alpha_mean[:used], flops[:used], nbytes[:used], cs,
+                            spares, took, ["serve"] * used, strict=True))
+        finished = np.flatnonzero(self.out_left[:n] <= 0)
         if finished.size:
             self._finish(finished)
 
-    def _macro(self):
-        """Up to `macro_steps` decode iterations in one event, exactly as _iteration would run them.
-
-        While nothing is prefilling, nobody can be admitted (no arrival) and α is fixed, the batch only
-        decodes: its iteration times depend on the contexts alone, and its accepted lengths are the
-        same Exp(1) draws _iteration makes, row by row. So the stretch up to the first finish is drawn
-        and priced at once (CostModel.pass_times, bit-identical to pass_time), and the replica sleeps
-        until it ends — or, when a request arrives, until the end of the iteration in flight. The
-        random stream is rewound to exactly the rows used, so results equal the one-by-one path."""
-        cfg = self.cfg
-        env = self.env
+    def _draw(self, m_plan, dec, first, b_rows, k0, alpha_slot):
+        """Accepted lengths a (rows × slots; 0 off the decoding set), tokens each slot emits per row
+        before the finishing cap (a + 1 decoding, 1 for a first token), and the random stream's state
+        before the draw when it may need rewinding. All planned rows are drawn at once, rows in order
+        and decoding slots in slot order: the stream one iteration at a time would consume."""
         n = self.n
-        b = n
-        spec = self.spec
-        out_left = self.out_left[:n]
-        # A request finishes within min(out_left) iterations (each emits ≥ 1 token), and recent
-        # stretches (cut by arrivals) say how far ahead drawing pays: draw no more than either.
-        m_max = min(cfg.macro_steps, int(out_left.min()), int(2.0 * self._macro_len) + 1)
-        if m_max < MACRO_MIN_STEPS:  # too short to pay for drawing ahead
-            yield from self._iteration()
-            return
-        c0 = int(np.add.reduce(self.ctx[:n]))
-        k = 0
-        if spec:
-            dom = self.dom[:n]
-            alpha_sum = float(np.add.reduce(self.alpha_by_domain[dom]))
-            k = cfg.k if cfg.k is not None else self._choose_k(b, alpha_sum / b, float(c0) / b)
-            rng_state = self.rng.bit_generator.state
-            e = self.rng.standard_exponential((m_max, n))
-            a = np.minimum(e * self._inv_neg_log_alpha[dom], k).astype(np.int64)  # [M, n]
-            step = a + 1
-        else:
-            step = np.ones((m_max, n), dtype=np.int64)
-        q = k + 1
+        if not self.spec or int(b_rows[:m_plan].sum()) == 0:
+            step = np.ones((m_plan, n), dtype=np.int64) if dec is None else (dec[:m_plan] | first[:m_plan]).astype(np.int64)
+            return None, step, None
+        rng_state = None
+        if self.law.stretch:
+            rng_state = self.rng.bit_generator.state if m_plan > 1 else None
+            inv = self._inv_neg_log_alpha[self.dom[:n]]
+            if dec is None:
+                e = self.rng.standard_exponential((m_plan, n))
+            else:
+                e = np.zeros((m_plan, n))
+                e[dec[:m_plan]] = self.rng.standard_exponential(int(b_rows[:m_plan].sum()))
+            a = np.minimum(e * inv, k0).astype(np.int64)
+        else:  # a law that cannot draw a stretch: m_plan == 1
+            a = np.zeros((1, n), dtype=np.int64)
+            sel = slice(None) if dec is None else dec[0]
+            a[0, sel] = self.law.sample(self.rng, alpha_slot[sel], k0)
+        step = a + 1
+        if dec is not None:
+            step = np.where(dec[:m_plan], step, first[:m_plan])
+        return a, step, rng_state
+
+    def _extent(self, step, dec, alloc, b0):
+        """(m, context sums per row, tokens emitted per row and slot): the stretch runs to its first
+        finish, and under k: auto to where the 256-token bucket of the mean context moves."""
+        n = self.n
+        out0 = self.out_left[:n]
+        ctx0 = self.ctx[:n]
+        m_plan = step.shape[0]
         cum = np.cumsum(step, axis=0)
-        any_done = (cum >= out_left).any(axis=1)
-        m = int(np.argmax(any_done)) + 1 if any_done.any() else m_max  # iterations up to the first finish
-        # Context at the start of each iteration (no cap applies before the finishing iteration).
-        c_sum = (c0 + np.concatenate(([0], np.cumsum(step[: m - 1].sum(axis=1))))).astype(float)
-        if spec and cfg.k is None:
-            # k: auto is cached per 256-token bucket of the mean context: stop where the bucket moves.
-            bucket = (c_sum / b).astype(np.int64) >> 8
+        any_done = (cum >= out0).any(axis=1)
+        m = int(np.argmax(any_done)) + 1 if any_done.any() else m_plan
+        # Context sum of the decoding sequences at the start of each row (exact integers).
+        if dec is None:
+            c_sum = (int(np.add.reduce(ctx0)) + np.concatenate(([0], np.cumsum(step[: m - 1].sum(axis=1))))).astype(float)
+        else:
+            grow = step[: m - 1] + alloc[: m - 1]
+            ctx_rows = ctx0 + np.concatenate((np.zeros((1, n), dtype=np.int64), np.cumsum(grow, axis=0)))
+            c_sum = np.where(dec[:m], ctx_rows, 0).sum(axis=1).astype(float)
+        if self.spec and self.cfg.k is None and m > 1 and b0:
+            bucket = (c_sum / b0).astype(np.int64) >> 8
             moved = np.flatnonzero(bucket != bucket[0])
             if moved.size:
                 m = int(moved[0])
                 c_sum = c_sum[:m]
         emit = step[:m].copy()
-        last = cum[m - 1] >= out_left
-        if last.any():  # the finishing iteration emits no more than each request has left
-            emit[m - 1] = np.minimum(step[m - 1], out_left - (cum[m - 2] if m > 1 else 0))
-        per_iter = emit.sum(axis=1)  # tokens emitted per iteration
+        if any_done[m - 1]:  # the finishing iteration emits no more than each request has left
+            emit[m - 1] = np.minimum(step[m - 1], out0 - (cum[m - 2] if m > 1 else 0))
+        return m, c_sum, emit
 
-        # Price every iteration (the same expressions as _iteration, element-wise).
-        duration = np.zeros(m)
-        flops = np.zeros(m)
-        nbytes = np.zeros(m)
-        compute_s = np.zeros(m)
-        if spec:
-            dc = cfg.draft_cost
-            weight_sets = 1 if len(self.distillers) <= 1 else int(np.unique(dom).size)
-            mean_extra = b * (k - 1) / 2.0
-            td, fd, bd, cd = dc.pass_times(b, b, c_sum + mean_extra, c_sum + mean_extra + b / 2.0, weight_sets)
-            duration += k * td
-            flops += k * fd
-            nbytes += k * bd
-            compute_s += k * cd
-        tt, ft, bt, ct = cfg.target_cost.pass_times(b * q, b * q, c_sum + 0.0, q * c_sum + b * q * q / 2.0 + 0.0)
-        duration += tt
-        flops += ft
-        nbytes += bt
-        compute_s += ct
-        t0 = env.now
-        ends = []
-        t = t0
-        for d in duration.tolist():
-            t += d
-            ends.append(t)
-        if t0 + (ends[-1] - t0) != ends[-1]:  # the clock could not land on the exact sum: step singly
-            if spec:
-                self.rng.bit_generator.state = rng_state
-            yield from self._iteration()
-            return
-
-        get = self.inbox.get()
-        yield env.timeout(ends[-1] - t0) | get
-        used = m
-        if get.triggered:  # an arrival (possibly at the same instant the stretch ended)
-            self.waiting.append(get.value)
-            now = env.now
-            used = next(j for j, end in enumerate(ends) if end >= now) + 1  # iterations begun by now
-            if ends[used - 1] > now:
-                yield env.timeout(ends[used - 1] - now)
+    def _price(self, m, b_list, k_list, c_sum, pf_tok, pf_ctx, pf_pairs, n_comp, wsets):
+        """(duration, flops, bytes, compute_s) lists of m iterations: the draft's k passes (+ its
+        prefill of the chunks) and the target's verify + prefill pass. Rows without prefill that
+        share a batch shape are priced by one pass_times call; the expressions are those of
+        pass_time, element-wise (so every row equals pricing it alone, bit for bit)."""
+        cfg = self.cfg
+        dc = cfg.draft_cost
+        tc = cfg.target_cost
+        if m > 1 and not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m and wsets.count(wsets[0]) == m:
+            groups = [((b_list[0], k_list[0], wsets[0]), None)]  # one batch shape, no prefill
         else:
-            get.cancel()
-        # Only an arrival says how far ahead is worth drawing; a stretch that ran to its end (a finish
-        # or the cap) could have been as long as it was allowed to be.
-        self._macro_len = 0.8 * self._macro_len + 0.2 * (used if get.triggered else m_max)
-        if spec and used < m_max:  # rewind: consume exactly the rows used, as _iteration would
-            self.rng.bit_generator.state = rng_state
-            self.rng.standard_exponential((used, n))
+            shapes: dict[tuple[int, int, int], list[int]] = {}
+            groups = []
+            for j in range(m):
+                if pf_tok[j] or not b_list[j] or m == 1:
+                    groups.append((None, j))  # priced alone
+                else:
+                    shapes.setdefault((b_list[j], k_list[j], wsets[j]), []).append(j)
+            groups.extend(shapes.items())
+        duration = [0.0] * m
+        flops = [0.0] * m
+        nbytes = [0.0] * m
+        compute_s = [0.0] * m
+        for shape, rows in groups:
+            if shape is None:  # one row (with prefill chunks, or prefill only, or m = 1)
+                j = rows
+                b, k, ws = b_list[j], k_list[j], wsets[j]
+                c = float(c_sum[j])
+                q = k + 1
+                dur = fl = by = cs = 0.0
+                if k:  # the draft decodes (spec and b > 0)
+                    mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
+                    td, fd, bd, cd = dc.pass_time(b, b, c + mean_extra, c + mean_extra + b / 2.0, ws)
+                    dur += k * td
+                    fl += k * fd
+                    by += k * bd
+                    cs += k * cd
+                    if pf_tok[j]:  # the draft prefills the same chunks to build its own KV cache
+                        td, fd, bd, cd = dc.pass_time(pf_tok[j], 0, pf_ctx[j], pf_pairs[j])
+                        dur += td
+                        fl += fd
+                        by += bd
+                        cs += cd
+                tt, ft, bt, ct = tc.pass_time(b * q + pf_tok[j], b * q + n_comp[j], c + pf_ctx[j],
+                                              q * c + b * q * q / 2.0 + pf_pairs[j])
+                duration[j] = dur + tt
+                flops[j] = fl + ft
+                nbytes[j] = by + bt
+                compute_s[j] = cs + ct
+                continue
+            b, k, ws = shape
+            c = c_sum if rows is None else c_sum[rows]
+            q = k + 1
+            tt, ft, bt, ct = tc.pass_times(b * q, b * q, c + 0.0, q * c + b * q * q / 2.0 + 0.0)
+            if k:
+                mean_extra = b * (k - 1) / 2.0
+                td, fd, bd, cd = dc.pass_times(b, b, c + mean_extra, c + mean_extra + b / 2.0, ws)
+                # 0.0 + k·draft + target: the order one iteration adds them in.
+                tt, ft, bt, ct = (0.0 + k * td) + tt, (0.0 + k * fd) + ft, (0.0 + k * bd) + bt, (0.0 + k * cd) + ct
+            else:
+                tt, ft, bt, ct = 0.0 + tt, 0.0 + ft, 0.0 + bt, 0.0 + ct
+            if rows is None:
+                duration, flops, nbytes, compute_s = tt.tolist(), ft.tolist(), bt.tolist(), ct.tolist()
+            else:
+                for col, vals in ((duration, tt), (flops, ft), (nbytes, bt), (compute_s, ct)):
+                    for j, v in zip(rows, vals.tolist(), strict=True):
+                        col[j] = v
+        return duration, flops, nbytes, compute_s
 
-        # Outcomes of the iterations run (finishes only happen in the last one, when used == m).
-        emit = emit[:used]
-        tot = emit.sum(axis=0)
-        out_left -= tot
-        self.ctx[:n] += tot
-        self.s_emitted[:n] += tot
-        self.s_steps[:n] += used
-        alpha_mean = np.nan
-        if spec:
-            a = a[:used]
-            self.s_accepted[:n] += a.sum(axis=0)
-            self.s_proposed[:n] += k * used
-            self.s_rejections[:n] += (a < k).sum(axis=0)
-            alpha_mean = alpha_sum / b
-        harvest = self._harvest_rate and cfg.placement == "harvest"
-        start = t0
-        for j in range(used):
-            d = float(duration[j])
-            self.busy_s += d
-            spare = 0.0
-            if harvest:
-                spare = max(d - float(compute_s[j]), 0.0) * self._harvest_rate
-                self.stats.spare_s_available += spare
-            self.log.add((start, d, b, 0, int(per_iter[j]), k, alpha_mean, float(flops[j]), float(nbytes[j]),
-                          float(compute_s[j]), spare, 0.0, "serve"))
-            start = ends[j]
-        finished = np.flatnonzero(out_left <= 0)
-        if finished.size:
-            self._finish(finished)
+    def _joins_queue_now(self) -> bool:
+        """Whether the request that just arrived mid-stretch (the queue's tail) can neither be admitted
+        nor rejected before the stretch's next finish, so one iteration at a time would only have
+        queued it. At the stretch's start _admit stopped: the batch was full, or the queue's head did
+        not fit in the free KV (and fits the capacity). Until a finish neither changes."""
+        if self.n >= self.cfg.max_batch or len(self.waiting) > 1:
+            return True
+        rid = self.waiting[-1]
+        need = int(self.table.prompt[rid] + self.table.output[rid]) + self.lookahead
+        return self.kv_free < need <= self.cfg.kv_capacity
 
     def _finish(self, finished: np.ndarray) -> None:
         t = self.table

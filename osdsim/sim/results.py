@@ -10,6 +10,7 @@ import pandas as pd
 
 from osdsim.sim.engine import RawRun
 from osdsim.sim.replica import AGG_COLUMNS
+from osdsim.specdec import alpha_from_counts
 
 PCTS = (50, 90, 99)
 
@@ -65,7 +66,7 @@ def request_frame(run: RawRun) -> pd.DataFrame:
     e2e = t.finish - t.arrival
     with np.errstate(divide="ignore", invalid="ignore"):
         tpot = np.where(t.output > 1, (t.finish - t.first_token) / (t.output - 1), np.nan)
-        alpha_meas = t.accepted / (t.accepted + t.rejections)
+        alpha_meas = alpha_from_counts(t.accepted, t.rejections)
         tokens_per_step = np.where(t.steps > 0, (t.output - 1) / t.steps, np.nan)
     return pd.DataFrame(
         {
@@ -173,17 +174,21 @@ def _phase_rows(req: pd.DataFrame, run: RawRun, baseline: pd.DataFrame | None) -
 
 
 def _alpha(df: pd.DataFrame) -> float:
-    acc = df["accepted_tokens"].sum()
-    rej = df["rejections"].sum()
-    return acc / (acc + rej) if acc + rej > 0 else float("nan")
+    """Pooled α̂ of a set of requests (osdsim.specdec.alpha_from_counts)."""
+    return alpha_from_counts(df["accepted_tokens"].sum(), df["rejections"].sum())
 
 
-def recovery(req: pd.DataFrame, run: RawRun, window: int, tol: float) -> list[dict]:
-    """Per shift boundary: requests and seconds until the served α is back near its target.
+def served_alpha_recovery(req: pd.DataFrame, run: RawRun, window: int, tol: float) -> list[dict]:
+    """The simulator's recovery metric ("served-α recovery"; summary key `recovery`), per shift
+    boundary: requests and seconds until the *served* α is back near its target.
 
-    The served α of each request is the draft's α for it at its first step (`alpha_model`); a trailing
-    mean over `window` requests (arrival order) is compared with target = min(pre-shift level,
-    the new phase's plateau); recovered at the first request where it is ≥ target − tol.
+    The served α of each request is the draft's model α for it at admission (`alpha_model`, not a
+    measured acceptance); its trailing mean over `window` requests (arrival order, restarted at the
+    shift) is compared with target = min(mean served α of the `window` requests before the shift,
+    the new phase's plateau α_∞); recovered at the first request where it is ≥ target − tol.
+    Distinct from the validator's metric (osdsim.validate: requests until the pooled *measured* α̂
+    of the last `window` requests regains its pre-shift level), which compares real and simulated
+    acceptances; see docs/architecture.md, "Definitions".
     """
     r = run.requests
     if len(r.phase_names) < 2 or not req["alpha_model"].notna().any():
@@ -298,7 +303,7 @@ def summarise(run: RawRun, baseline: pd.DataFrame | None = None) -> Result:
         },
         "training": training,
         "phases": _phase_rows(req, run, baseline),
-        "recovery": recovery(req, run, sc.report.alpha_window_requests, sc.report.recovery_tolerance),
+        "recovery": served_alpha_recovery(req, run, sc.report.alpha_window_requests, sc.report.recovery_tolerance),
     }
     return Result(
         strategy=run.strategy,

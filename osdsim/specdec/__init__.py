@@ -2,6 +2,7 @@
 
 from osdsim.specdec.acceptance import (
     EmpiricalLaw,
+    GeometricLaw,
     accepted_length_pmf,
     alpha_from_accepted_lengths,
     alpha_from_counts,
@@ -10,10 +11,12 @@ from osdsim.specdec.acceptance import (
     optimal_k,
     sample_geometric,
     speedup,
+    windowed_alpha,
 )
 
 __all__ = [
     "EmpiricalLaw",
+    "GeometricLaw",
     "accepted_length_pmf",
     "alpha_from_accepted_lengths",
     "alpha_from_counts",
@@ -22,4 +25,5 @@ __all__ = [
     "optimal_k",
     "sample_geometric",
     "speedup",
+    "windowed_alpha",
 ]

@@ -50,10 +50,28 @@ def optimal_k(alpha: float, c: float, k_max: int = 99) -> int:
     return int(ks[int(np.argmax(gains))])
 
 
-def alpha_from_counts(accepted: float, rejections: float) -> float:
-    """α̂ = accepted / (accepted + rejections); NaN when nothing was examined."""
-    total = accepted + rejections
-    return float(accepted / total) if total > 0 else float("nan")
+def alpha_from_counts(accepted, rejections):
+    """α̂ = accepted / (accepted + rejections); NaN when nothing was examined.
+
+    Scalars give a float; arrays give the element-wise estimate (one per request, say)."""
+    if np.ndim(accepted) == 0 and np.ndim(rejections) == 0:
+        total = accepted + rejections
+        return float(accepted / total) if total > 0 else float("nan")
+    acc = np.asarray(accepted)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return acc / (acc + np.asarray(rejections))
+
+
+def windowed_alpha(accepted: np.ndarray, rejections: np.ndarray, window: int) -> np.ndarray:
+    """Pooled α̂ over a trailing window: element i is Σa / (Σa + Σrejections) over items
+    max(0, i − window + 1) … i (fewer at the start; NaN where nothing was examined). The one
+    windowed α of the project: items are requests in arrival order for the validator's curves."""
+    acc = np.concatenate(([0.0], np.cumsum(np.asarray(accepted, dtype=float))))
+    rej = np.concatenate(([0.0], np.cumsum(np.asarray(rejections, dtype=float))))
+    hi = np.arange(1, acc.size)
+    lo = np.maximum(hi - int(window), 0)
+    a = acc[hi] - acc[lo]
+    return alpha_from_counts(a, rej[hi] - rej[lo])
 
 
 def alpha_from_accepted_lengths(lengths: np.ndarray, k: int) -> float:
@@ -83,6 +101,19 @@ def sample_geometric(rng: np.random.Generator, alpha: np.ndarray, k: int) -> np.
     return np.minimum(e * inv_neg_log_alpha, k).astype(np.int64)
 
 
+class GeometricLaw:
+    """i.i.d. acceptance at α: accepted lengths are truncated geometric (sample_geometric).
+
+    `stretch`: the law can draw many iterations at once. With a = min(⌊E·(−1/ln α)⌋, k), E ~ Exp(1)
+    i.i.d., the draws of m iterations are m·b exponentials in a row, whatever the α of each
+    sequence, so a simulator may draw a stretch ahead and rewind to the rows it used."""
+
+    stretch = True
+
+    def sample(self, rng: np.random.Generator, alpha: np.ndarray, k: int) -> np.ndarray:
+        return sample_geometric(rng, alpha, k)
+
+
 class EmpiricalLaw:
     """Accepted-length distributions measured at several α (a family indexed by α).
 
@@ -92,6 +123,8 @@ class EmpiricalLaw:
     nearest entry is used (and reported). Lengths are truncated at the scenario's k: a ≥ k → k,
     which is exact when k ≤ k_file because a step with larger k accepts at least as far.
     """
+
+    stretch = False  # draws depend on the per-iteration α brackets: one iteration at a time
 
     def __init__(self, alphas: np.ndarray, histograms: np.ndarray):
         order = np.argsort(alphas)

@@ -155,8 +155,9 @@ def test_binned_iteration_log_gives_the_same_summary(make_scenario):
     {"batching": {"max_batch_size": 2, "chunked_prefill_tokens": 64}},
 ])
 def test_macro_steps_give_exactly_the_one_iteration_at_a_time_results(make_scenario, update):
-    """Replica._macro covers decode-only stretches in one event: every request's times and
-    outcomes and every iteration record must equal the one-event-per-iteration path bit for bit."""
+    """Replica._stretch covers several iterations (prefill chunks included) in one event: every
+    request's times and outcomes and every iteration record must equal one event per iteration
+    (macro_steps=0: the same code with m = 1) bit for bit."""
     from osdsim.sim.engine import build_and_run
 
     sc = make_scenario(merge({"workload": {"num_requests": 400}}, update))
