@@ -23,6 +23,7 @@ class MetricRow:
     kind: str = "rel"  # 'score': `predicted` holds a comparison statistic itself (RMSE, KS, median error)
     unit: str = ""
     measured_ci: tuple[float, float] | None = None  # 95% bootstrap interval of the measured value
+    gate: bool = True  # False: shown for information, never fails the report
 
     @property
     def error(self) -> float | None:
@@ -79,14 +80,17 @@ def report_table(rows: list[MetricRow], title: str) -> Table:
         measured = _fmt(r.measured, r.unit)
         if r.measured_ci is not None:
             measured += f" [{r.measured_ci[0]:.3g}, {r.measured_ci[1]:.3g}]"
-        t.add_row(r.name, _fmt(r.predicted, r.unit), measured, _err(r), _tol(r),
-                  "[green]pass[/green]" if r.passed else "[bold red]FAIL[/bold red]")
+        verdict = ("[green]pass[/green]" if r.passed else "[bold red]FAIL[/bold red]") if r.gate else (
+            "[dim]info (within)[/dim]" if r.passed else "[dim]info (outside)[/dim]")
+        t.add_row(r.name, _fmt(r.predicted, r.unit), measured, _err(r), _tol(r), verdict)
     return t
 
 
 def write_report(rows: list[MetricRow], meta: dict, out_stem: Path) -> tuple[Path, Path]:
     """`<stem>.json` and `<stem>.md`, written atomically."""
-    doc = json_safe({**meta, "passed": all(r.passed for r in rows), "metrics": [r.as_dict() for r in rows]})
+    gated = [r for r in rows if r.gate]
+    doc = json_safe({**meta, "passed": bool(gated) and all(r.passed for r in gated),
+                     "metrics": [r.as_dict() for r in rows]})
     js = out_stem.with_suffix(".json")
     atomic_write_text(js, json.dumps(doc, indent=2, default=str, allow_nan=False) + "\n")
     console = Console(record=True, width=140, file=io.StringIO())
@@ -98,7 +102,8 @@ def write_report(rows: list[MetricRow], meta: dict, out_stem: Path) -> tuple[Pat
             lines.append(f"- **{k}**: {meta[k]}")
     lines += ["", "```", console.export_text().rstrip(), "```", "",
               f"Result: **{'PASS' if doc['passed'] else 'FAIL'}** "
-              f"({sum(r.passed for r in rows)}/{len(rows)} metrics within tolerance)", ""]
+              f"({sum(r.passed for r in gated)}/{len(gated)} metrics within tolerance"
+              + (f"; {len(rows) - len(gated)} information rows not counted" if len(rows) > len(gated) else "") + ")", ""]
     for plot in meta.get("plots", []):
         lines += [f"![{plot}]({plot})", ""]
     for note in meta.get("notes", []):
@@ -149,4 +154,5 @@ def write_plots(series: dict, out_stem: Path) -> list[Path]:
 
 
 def exit_code(rows: list[MetricRow]) -> int:
-    return 0 if rows and all(r.passed for r in rows) else 1
+    gated = [r for r in rows if r.gate]
+    return 0 if gated and all(r.passed for r in gated) else 1

@@ -56,6 +56,8 @@ class Suite(BaseModel):
     alpha_window_requests: int = Field(16, ge=1)
     on_other_device: Literal["calibrate", "refuse"] = Field(
         "calibrate", description="A measured profile made on another device: calibrate this one first, or refuse.")
+    costs: Literal["serving", "microbenchmark"] = Field(
+        "serving", description="Profile the verdict uses: corrected on the fit run's own passes, or calibrate's alone.")
     tolerances: Tolerances = Field(default_factory=Tolerances)
 
 
@@ -409,6 +411,39 @@ def _predicted_pass_times(sim: Any, k: int) -> tuple[float, float]:
     return k * draft.decode_time(1, ctx), target.decode_time(1, ctx, tokens_per_seq=k + 1)
 
 
+# --- serving-fitted pass costs (issue 12, 5a) ---------------------------------------------------------
+def serving_fitted_profile(s1: Any, k: int, profile: str, acc_file: Path, law_file: Path, work: Path,
+                           suite_path: Path, twin_fn: Any = None) -> tuple[Path, Any]:
+    """The profile corrected on S1's own recorded passes (costfit.fit_pass_costs), and its training
+    time scaled by S1's measured / twin-predicted training-step time; written to the work directory."""
+    from osdsim.api import simulate
+    from osdsim.cost.profile import load_profile
+    from osdsim.scenario import scenario_from_dict
+    from osdsim.sim.engine import load_scenario_profile
+    from osdsim.validate import costfit
+
+    twin_fn = twin_fn or (lambda prof: twin_scenario(s1.summary, s1.requests, prof, acc_file, law_file,
+                                                     work / "S1-trace.csv", work))
+    sc = scenario_from_dict(twin_fn(profile), base_dir=suite_path.resolve().parent, source="twin scenario of S1")
+    micro = load_scenario_profile(sc)
+    fit, corrected = costfit.fit_pass_costs(costfit.recorded_passes(s1, k), sc.draft, sc.target, micro)
+    out = work / "profile-serving.yaml"
+    note = (f"Pass costs corrected on {fit.passes} recorded serving passes of the fit run: roofline x{fit.scale:.3f}, "
+            f"kernel overhead {fit.kernel_overhead_s_per_layer * 1e6:.1f} us/layer, pass overhead "
+            f"{fit.pass_overhead_s * 1e3:.3f} ms ({sc.draft.dtype}).")
+    costfit.write_profile(corrected, out, note)
+    real_train = [x for x in (_num(u.get("train_s")) for u in s1.updates) if math.isfinite(x) and x > 0]
+    if real_train and sc.strategy != "no-spec":
+        sim = simulate(scenario_from_dict(twin_fn(str(out)), base_dir=suite_path.resolve().parent, source="twin of S1"))
+        done = sim.training[sim.training["kind"] == "done"]["duration_s"]
+        if len(done) and float(done.mean()) > 0:
+            fit.train_factor = float(np.mean(real_train)) / float(done.mean())
+            corrected = costfit.scale_training(load_profile(out), sc.distill.train_dtype or sc.draft.dtype,
+                                               fit.train_factor)
+            costfit.write_profile(corrected, out, note + f" Training steps x{fit.train_factor:.3f} (S1 measured / predicted).")
+    return out, fit
+
+
 # --- the whole method ------------------------------------------------------------------------------
 @dataclass
 class RecordedRun:
@@ -586,17 +621,34 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
     acc_file, law_file = work / "acceptance.yaml", work / "accepted_lengths.yaml"
     atomic_write_text(acc_file, yaml.safe_dump(acc, sort_keys=False))
     atomic_write_text(law_file, yaml.safe_dump(law, sort_keys=False))
+    if progress:
+        progress("fitting pass costs on S1's recorded passes")
+    serving_path, cost_fit = serving_fitted_profile(s1, k, profile, acc_file, law_file, work, suite_path)
+    serving_profile = str(serving_path)
     s2, s2_reused = _recorded_or_run(held_cfg, work / "S2", reuse, "held-out run S2", progress, notice)
     if progress:
         progress("simulating S2")
-    twin = twin_scenario(s2.summary, s2.requests, profile, acc_file, law_file, work / "S2-trace.csv", work)
-    atomic_write_text(work / "twin-scenario.yaml", yaml.safe_dump(twin, sort_keys=False))
-    sc = scenario_from_dict(twin, base_dir=suite_path.resolve().parent, source="twin scenario")
-    sim = simulate(sc)
-    sim.scenario = sc
-    nospec = simulate(sc.model_copy(update={"strategy": "no-spec"}))
+    variants = {"serving": serving_profile, "microbenchmark": profile}
+    main_costs = suite.costs
+    results = {}
+    for label, prof_path in variants.items():
+        twin = twin_scenario(s2.summary, s2.requests, prof_path, acc_file, law_file, work / "S2-trace.csv", work)
+        if label == main_costs:
+            atomic_write_text(work / "twin-scenario.yaml", yaml.safe_dump(twin, sort_keys=False))
+        sc = scenario_from_dict(twin, base_dir=suite_path.resolve().parent, source="twin scenario")
+        sim = simulate(sc)
+        sim.scenario = sc
+        nospec = simulate(sc.model_copy(update={"strategy": "no-spec"}))
+        results[label] = (sim, nospec)
     series: dict = {}
+    sim, nospec = results[main_costs]
     rows = compare_runs(s2, sim, suite, int(held_cfg.decode.k), nospec=nospec, series=series)
+    other = "microbenchmark" if main_costs == "serving" else "serving"
+    o_sim, o_nospec = results[other]
+    rows += [MetricRow(f"{other} profile: {r.name}", r.predicted, r.measured, r.tolerance, r.kind, r.unit,
+                       r.measured_ci, gate=False)
+             for r in compare_runs(s2, o_sim, suite, int(held_cfg.decode.k), nospec=o_nospec)
+             if not r.name.startswith("α")]
     reused = [name for name, r in (("S1", s1_reused), ("S2", s2_reused)) if r]
     meta = {
         "title": f"osdsim validate: {suite.name}",
@@ -607,6 +659,10 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
         "trace replay" + (f" (real runs {' and '.join(reused)} reused from the work directory)" if reused else ""),
         "profile": profile,
         "profile_choice": profile_how,
+        "costs": f"the {main_costs} profile gates the result; rows named '{other} profile: …' are the same "
+                 f"comparison with the {other} profile, for information",
+        "serving_fitted_costs": cost_fit.as_dict(),
+        "serving_profile": str(serving_profile),
         "fitted_acceptance": acc,
     }
     return ValidationResult(rows=rows, meta=meta, files={"work": work}, series=series)
