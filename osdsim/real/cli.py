@@ -46,6 +46,9 @@ def real(
     target: Annotated[str | None, typer.Option("--target", help="Target: 'smollm2', a HF dir or a .gguf.")] = None,
     draft: Annotated[str | None, typer.Option("--draft", help="Draft: 'layers:L' or a HF dir.")] = None,
     requests_per_phase: Annotated[int | None, typer.Option("--requests-per-phase", help="Override the stream length.")] = None,
+    rate: Annotated[float | None, typer.Option("--rate", help="Serving mode: Poisson arrivals at this rate (requests/s).")] = None,
+    placement: Annotated[str | None, typer.Option("--placement", help="Serving mode: training inline | harvest | dedicated.")] = None,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", help="Serving mode: max sequences per batch.")] = None,
 ) -> None:
     """Serve a shifting query stream with real speculative decoding and online distillation."""
     from osdsim.real.config import load_config
@@ -70,6 +73,27 @@ def real(
         if requests_per_phase < 1:
             raise _fail("--requests-per-phase must be >= 1")
         updates["stream"] = cfg.stream.model_copy(update={"requests_per_phase": requests_per_phase})
+    serve_updates: dict[str, Any] = {}
+    if rate is not None:
+        serve_updates.update(arrival="poisson", rate_per_s=rate)
+    if placement is not None:
+        serve_updates["placement"] = placement
+    if max_batch is not None:
+        serve_updates["max_batch_size"] = max_batch
+    if serve_updates:
+        from osdsim.real.config import RealConfig, ServeCfg
+
+        base = cfg.serve.model_dump() if cfg.serve is not None else {}
+        try:
+            updates["serve"] = ServeCfg(**{**base, **serve_updates})
+        except ValidationError as e:
+            raise _fail(_validation_line(scenario, e).replace(f"{scenario}: ", f"{scenario}: serve.", 1)) from None
+        try:
+            cfg = RealConfig(**{**cfg.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump") else v)
+                                                        for k, v in updates.items()}})
+        except ValidationError as e:
+            raise _fail(_validation_line(scenario, e)) from None
+        updates = {}
     if updates:
         cfg = cfg.model_copy(update=updates)
     out_dir = out or Path("runs") / cfg.name
@@ -99,8 +123,10 @@ def real(
                 task = bar.add_task("run", total=None, info="loading models and held-out answers")
 
                 def progress(done: int, total: int, info: dict[str, Any]) -> None:
+                    extra = (f"updates={info['updates']}" if "updates" in info
+                             else f"batch={info['batch']} waiting={info['waiting']}")
                     bar.update(task, completed=done, total=total,
-                               info=f"{info['domain']} α={_fmt(info['alpha'], 2)} updates={info['updates']}")
+                               info=f"{info['domain']} α={_fmt(info['alpha'], 2)} {extra}")
 
                 result = run_real(cfg, out_dir, progress)
         else:
@@ -121,9 +147,35 @@ def real(
     _print_table(result.summary, out_dir)
 
 
+def _print_serve_table(summary: dict[str, Any], out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    tr = summary["training"]
+    t = Table(title=f"real OSD server: {summary['name']} ({summary['requests']} requests, "
+                    f"{summary['iterations']} iterations, placement {summary['placement']})")
+    for col in ("phase", "requests", "α stream", "tokens/step", "held-out α (start→end)"):
+        t.add_column(col)
+    for ph in summary["phases"]:
+        held = ", ".join(f"{d} {_fmt(ph['alpha_heldout_start'].get(d, float('nan')), 2)}→{_fmt(a, 2)}"
+                         for d, a in ph["alpha_heldout_end"].items())
+        t.add_row(ph["name"], str(ph["requests"]), _fmt(ph["acceptance"]["alpha"]),
+                  _fmt(ph["acceptance"]["tokens_per_step"], 2), held)
+    console = Console(file=sys.stdout)
+    console.print(t)
+    console.print(f"mean batch {_fmt(summary['mean_batch'], 2)}; training steps due {tr['steps_due']}, done "
+                  f"{tr['steps_done']}, skipped {tr['steps_skipped']}, pending {tr['steps_pending_at_end']}; "
+                  f"idle s used {_fmt(tr['idle_s_used'], 1)} of {_fmt(tr['idle_s_available'], 1)}; "
+                  f"stream {_fmt(summary['stream_s'], 1)} s; wrote {out_dir}")
+
+
 def _print_table(summary: dict[str, Any], out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    if summary.get("mode") == "serve":
+        _print_serve_table(summary, out_dir)
+        return
 
     t = Table(title=f"real OSD: {summary['name']} ({summary['requests']} requests, {summary['updates']} updates)")
     for col in ("phase", "α stream", "tokens/step", "held-out α (own domain)", "speedup", "incl. training"):

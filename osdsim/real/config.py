@@ -88,6 +88,32 @@ class EvalCfg(_Strict):
     every_updates: int = Field(2, ge=1, description="Held-out α every this many updates.")
 
 
+class ServeCfg(_Strict):
+    """Serving mode: open-loop arrivals, continuous batching, training placed inline / in idle
+    windows / in a trainer process (absent: the batch-1 closed loop)."""
+
+    arrival: Literal["poisson", "trace"] = Field("poisson", description="Arrival process (wall clock).")
+    rate_per_s: float | None = Field(None, gt=0, description="Poisson arrival rate, requests/s (arrival: poisson).")
+    trace_file: str | None = Field(
+        None, description="CSV with arrival_s, domain and optional uid or prompt columns (arrival: trace).")
+    max_batch_size: int = Field(8, ge=1, description="Sequences running at once (prefilling + decoding).")
+    kv_token_budget: int = Field(8192, ge=16, description="Σ (prompt + max_new_tokens) of admitted requests.")
+    chunked_prefill_tokens: int = Field(256, ge=1, description="Prefill tokens per iteration (chunked prefill).")
+    placement: Literal["inline", "harvest", "dedicated"] = Field(
+        "harvest", description="inline: a due step blocks serving; harvest: idle windows only, one "
+        "minibatch per unit; dedicated: a trainer process publishing new draft weights.")
+    max_pending_steps: int = Field(4, ge=1, description="Due steps queued; beyond this the oldest is skipped.")
+    trainer_threads: int = Field(1, ge=1, description="dedicated: torch threads of the trainer process.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeCfg:
+        if self.arrival == "poisson" and self.rate_per_s is None:
+            raise ValueError("serve.rate_per_s: required when serve.arrival is poisson (requests/s > 0)")
+        if self.arrival == "trace" and not self.trace_file:
+            raise ValueError("serve.trace_file: required when serve.arrival is trace")
+        return self
+
+
 class RealConfig(_Strict):
     name: str = "real"
     seed: int = 0
@@ -103,6 +129,7 @@ class RealConfig(_Strict):
     offline: OfflineCfg = OfflineCfg()
     baseline: BaselineCfg = BaselineCfg()
     eval: EvalCfg = EvalCfg()
+    serve: ServeCfg | None = Field(None, description="Serving mode (batched, open loop); absent: batch-1 closed loop.")
 
     @model_validator(mode="after")
     def _check(self) -> RealConfig:
@@ -114,6 +141,8 @@ class RealConfig(_Strict):
         unknown = sorted(named - set(DOMAINS))
         if unknown:
             raise ValueError(f"unknown domain(s) {unknown}; known: {list(DOMAINS)}")
+        if self.serve is not None and self.distill.enabled and self.distill.sample_source != "teacher":
+            raise ValueError("distill.sample_source: serving mode labels with the verify pass only (teacher)")
         if self.stream.shape == "smooth" and self.stream.phases is None and len(self.stream.domains) < 2:
             raise ValueError("a smooth stream needs at least two domains")
         return self

@@ -262,6 +262,12 @@ class DistillConfig:
     p_student: float = 0.5  # mix_token / mix_request probability of the student
 
 
+def distill_config(cfg: Any) -> DistillConfig:
+    """The trainer's settings from a run config's `distill` section (osdsim.real.config.DistillCfg):
+    the same fields, less what only the server reads (enabled, positions)."""
+    return DistillConfig(**cfg.model_dump(exclude={"enabled", "positions"}))
+
+
 @dataclass
 class UpdateRecord:
     update: int
@@ -321,37 +327,99 @@ class OnlineDistiller:
         self.label_s += time.perf_counter() - t0
         return sample
 
-    def request_done(self, sample: DistillSample | None) -> UpdateRecord | None:
-        """Add the request's sample; run an update when `update_interval` requests have passed."""
+    def add_sample(self, sample: DistillSample | None) -> list[DistillSample] | None:
+        """Add the request's sample; when `update_interval` requests have passed, return the
+        snapshot a due step trains on (the caller decides when and where it runs)."""
         self.requests_seen += 1
         if sample is not None and sample.n_positions > 0:
             self.buffer.append(sample)
         if self.requests_seen % self.cfg.update_interval != 0 or not self.buffer:
             return None
-        rec = self.update()
+        samples = list(self.buffer)
         if not self.cfg.window_requests:
             self.buffer.clear()  # OSD: the buffer is emptied after each update
-        return rec
+        return samples
 
-    def update(self) -> UpdateRecord:
-        t0 = time.perf_counter()
-        samples = list(self.buffer)
-        first, last = train_epochs(
-            self.draft, samples, self.optimizer, None, self.cfg.epochs_per_update,
-            self.cfg.batch_size, self.cfg.loss, self.cfg.beta, self.pad_id, self.cfg.grad_clip,
-            self.generator,
-        )
+    def request_done(self, sample: DistillSample | None) -> UpdateRecord | None:
+        """Add the request's sample; run an update inline when one is due (batch-1 mode)."""
+        samples = self.add_sample(sample)
+        return None if samples is None else self.update(samples)
+
+    def job(self, samples: list[DistillSample]) -> TrainJob:
+        """A due step over `samples`, to be run one minibatch (unit) at a time."""
+        return TrainJob(self.draft, self.optimizer, samples, self.cfg, self.pad_id, self.generator)
+
+    def finish(self, job: TrainJob, train_s: float) -> UpdateRecord:
+        first, last = job.losses()
         rec = UpdateRecord(
             update=len(self.updates) + 1,
             requests_seen=self.requests_seen,
-            samples=len(samples),
-            positions=sum(s.n_positions for s in samples),
+            samples=len(job.samples),
+            positions=sum(s.n_positions for s in job.samples),
             loss_before=first,
             loss_after=last,
-            train_s=time.perf_counter() - t0,
+            train_s=train_s,
         )
         self.updates.append(rec)
         return rec
+
+    def update(self, samples: list[DistillSample] | None = None) -> UpdateRecord:
+        t0 = time.perf_counter()
+        job = self.job(list(self.buffer) if samples is None else samples)
+        while not job.done:
+            job.run_unit()
+        return self.finish(job, time.perf_counter() - t0)
+
+
+class TrainJob:
+    """One distillation step: `epochs` shuffled passes over a snapshot of samples, in minibatches.
+
+    A unit is one minibatch (forward, backward, AdamW step): the smallest piece of training a
+    server can run in an idle window and stop after. The shuffles are drawn when an epoch starts
+    (as `train_epochs`), so running every unit back to back is exactly `train_epochs`.
+    """
+
+    def __init__(self, draft: Any, optimizer: torch.optim.Optimizer, samples: list[DistillSample],
+                 cfg: DistillConfig, pad_id: int, generator: torch.Generator) -> None:
+        self.draft, self.optimizer, self.samples, self.cfg = draft, optimizer, samples, cfg
+        self.pad_id, self.generator = pad_id, generator
+        self.epoch, self.order, self.cursor = 0, [], 0
+        self.epoch_losses: list[list[float]] = []
+        self.units_done = 0
+        per_epoch = -(-len(samples) // cfg.batch_size)
+        self.units_total = per_epoch * cfg.epochs_per_update
+
+    @property
+    def done(self) -> bool:
+        return self.units_done >= self.units_total
+
+    def run_unit(self) -> float:
+        """Train on the next minibatch; returns its loss."""
+        if self.cursor >= len(self.order):
+            self.order = torch.randperm(len(self.samples), generator=self.generator).tolist()
+            self.cursor = 0
+            self.epoch_losses.append([])
+        batch = [self.samples[j] for j in self.order[self.cursor : self.cursor + self.cfg.batch_size]]
+        self.cursor += self.cfg.batch_size
+        self.draft.train()
+        try:
+            loss = batch_loss(self.draft, batch, self.cfg.loss, self.cfg.beta, self.pad_id)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable_parameters(self.draft), self.cfg.grad_clip)
+            self.optimizer.step()
+        finally:
+            self.draft.eval()
+        value = float(loss.detach())
+        self.epoch_losses[-1].append(value)
+        self.units_done += 1
+        return value
+
+    def losses(self) -> tuple[float, float]:
+        """(mean loss of the first epoch's minibatches, of the last epoch's)."""
+        means = [sum(x) / len(x) for x in self.epoch_losses if x]
+        return (means[0], means[-1]) if means else (float("nan"), float("nan"))
 
 
 def train_epochs(

@@ -472,13 +472,17 @@ class SubsetHeadLM:
     def device(self) -> Any:
         return self.weight.device
 
-    def __call__(self, input_ids: Any, cache: Any = None, use_cache: bool = True) -> _Logits:
+    def head(self, hidden: Any) -> Any:
+        """Hidden states [..., H] -> logits [..., V] with −inf outside the kept vocabulary."""
         torch = _torch()
-        hidden = self.base.model(input_ids=input_ids, cache=cache, use_cache=use_cache).last_hidden_state
-        small = hidden @ self.weight.T  # [B, n, S]
+        small = hidden @ self.weight.T  # [..., S]
         full = torch.full((*small.shape[:-1], self.vocab_size), float("-inf"), dtype=small.dtype, device=small.device)
         full[..., self.vocab_ids] = small
-        return _Logits(full)
+        return full
+
+    def __call__(self, input_ids: Any, cache: Any = None, use_cache: bool = True) -> _Logits:
+        hidden = self.base.model(input_ids=input_ids, cache=cache, use_cache=use_cache).last_hidden_state
+        return _Logits(self.head(hidden))
 
 
 def frequent_token_ids(token_lists: list[list[int]], n: int, vocab_size: int,

@@ -72,8 +72,21 @@ def _phases(cfg: RealConfig) -> list[Any]:
     return smooth_phases(s.domains, s.requests_per_phase)
 
 
+# A query whose text is longer than this many characters per allowed prompt token is skipped
+# before tokenising (no tokenizer packs more than ~8 characters into one token).
+PROMPT_CHARS_PER_TOKEN_MAX = 8
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def device_fingerprint_of(device: Any, threads: int) -> dict[str, Any]:
+    """What a recorded run was measured on (CPU model/family, GPU name, torch threads): the
+    validator's fingerprint, so `--reuse-runs` can tell another device's runs apart."""
+    from osdsim.validate.fingerprint import device_fingerprint
+
+    return device_fingerprint(str(device), threads)
 
 
 def resolve_device(torch: Any, name: str) -> Any:
@@ -85,8 +98,63 @@ def resolve_device(torch: Any, name: str) -> Any:
     return torch.device(name)
 
 
-def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | None = None) -> RealRunResult:
-    """Run the configured OSD stream for real; write outputs to out_dir (if given)."""
+@dataclass
+class Prepared:
+    """The stages both modes share: models loaded and placed, data split, serving copies, held-out
+    answers, and the held-out α evaluator (rows collected in `alpha_rows`)."""
+
+    cfg: RealConfig
+    torch: Any
+    pair: Any
+    codec: Any
+    target: Any
+    draft: Any  # the trained (master) draft
+    device: Any
+    phases: list[Any]
+    domains: list[str]
+    splits: dict[str, Any]
+    stream: Any
+    s_target: Any
+    s_draft: Any  # serving copy of the draft (maybe the master itself)
+    s_draft_call: Any  # what proposes: s_draft or a reduced-head view of it
+    vocab_ids: Any
+    draft_vocab_size: int
+    serve_dtype: str
+    heldout: dict[str, Any]
+    ids_of: Callable[[Any], list[int]]
+    short: Callable[[Any], bool]
+    answers_for: Callable[[str, list[Any]], list[Any]]
+    load_s: float
+    heldout_s: float
+    generator: Any
+    alpha_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def sync_serving(self) -> None:
+        """Publish the master draft's trainable weights to the serving draft."""
+        from osdsim.real.models import SubsetHeadLM, sync_trainable
+
+        if self.s_draft is not self.draft:
+            sync_trainable(self.draft, self.s_draft)
+        if isinstance(self.s_draft_call, SubsetHeadLM):
+            self.s_draft_call.refresh()
+
+    def eval_heldout(self, label: str, request_index: int, update: int, model: Any,
+                     time_s: float | None = None) -> dict[str, float]:
+        from osdsim.real import distill as Dl
+
+        vals = {d: Dl.teacher_forced_alpha(model, self.heldout[d], self.codec.pad_id, vocab_ids=self.vocab_ids)
+                for d in self.domains}
+        for d, a in vals.items():
+            row: dict[str, Any] = {"label": label, "request_index": request_index}
+            if time_s is not None:
+                row["time_s"] = round(time_s, 6)
+            row.update(update=update, domain=d, alpha_heldout=round(a, 5))
+            self.alpha_rows.append(row)
+        return vals
+
+
+def prepare(cfg: RealConfig, separate_serving_draft: bool = False) -> Prepared:
+    """Load models, split data, build serving copies and held-out answers (the shared stages)."""
     import torch
 
     from osdsim.real import data as D
@@ -96,14 +164,9 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         cache_root,
         frequent_token_ids,
         load_pair,
-        model_spec,
         serving_copy,
-        sync_trainable,
     )
-    from osdsim.real.specdec import DecodeParams, speculative_generate, target_generate
-    from osdsim.real.stats import summarize
 
-    t_run = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -123,7 +186,8 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         return prompt_ids[q.uid]
 
     def short(q: Any) -> bool:
-        return len(q.text) <= 8 * cfg.stream.max_prompt_tokens and len(ids_of(q)) <= cfg.stream.max_prompt_tokens
+        return (len(q.text) <= PROMPT_CHARS_PER_TOKEN_MAX * cfg.stream.max_prompt_tokens
+                and len(ids_of(q)) <= cfg.stream.max_prompt_tokens)
 
     splits = {d: D.split_domain(D.load_domain(d), cfg.stream.heldout_per_domain, cfg.seed, short)
               for d in domains}
@@ -131,10 +195,9 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
 
     # --- serving models: optional low-precision copies and a reduced-vocabulary draft head -------
     serve_dtype = cfg.models.serve_dtype or cfg.models.dtype
-    if serve_dtype != cfg.models.dtype:
-        s_target, s_draft = serving_copy(target, serve_dtype), serving_copy(draft, serve_dtype)
-    else:
-        s_target, s_draft = target, draft
+    s_target = serving_copy(target, serve_dtype) if serve_dtype != cfg.models.dtype else target
+    s_draft = (serving_copy(draft, serve_dtype)
+               if serve_dtype != cfg.models.dtype or separate_serving_draft else draft)
     s_draft_call: Any = s_draft
     vocab_ids = None
     draft_vocab_size = int(draft.config.vocab_size)
@@ -144,16 +207,9 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         s_draft_call = SubsetHeadLM(s_draft, vocab_ids)
         draft_vocab_size = int(vocab_ids.numel())
 
-    def sync_serving() -> None:
-        if s_draft is not draft:
-            sync_trainable(draft, s_draft)
-        if isinstance(s_draft_call, SubsetHeadLM):
-            s_draft_call.refresh()
-
     # --- held-out answers (cached per model, domain, prompt set) --------------------------------
     dc = cfg.decode
-    answers_root = cache_root() / "answers"
-    cache = Dl.AnswerCache(answers_root)
+    cache = Dl.AnswerCache(cache_root() / "answers")
 
     def answers_for(domain: str, queries: list[Any]) -> list[tuple[list[int], list[int]]]:
         prompts = [ids_of(q) for q in queries]
@@ -169,16 +225,38 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
     t0 = time.perf_counter()
     heldout = {d: answers_for(d, splits[d].heldout) for d in domains}
     heldout_s = time.perf_counter() - t0
+    return Prepared(
+        cfg=cfg, torch=torch, pair=pair, codec=codec, target=target, draft=draft, device=device,
+        phases=phases, domains=domains, splits=splits, stream=stream, s_target=s_target,
+        s_draft=s_draft, s_draft_call=s_draft_call, vocab_ids=vocab_ids,
+        draft_vocab_size=draft_vocab_size, serve_dtype=serve_dtype, heldout=heldout, ids_of=ids_of,
+        short=short, answers_for=answers_for, load_s=load_s, heldout_s=heldout_s, generator=gen,
+    )
 
-    alpha_rows: list[dict[str, Any]] = []
 
-    def eval_heldout(label: str, request_index: int, update: int, model: Any) -> dict[str, float]:
-        vals = {d: Dl.teacher_forced_alpha(model, heldout[d], codec.pad_id, vocab_ids=vocab_ids)
-                for d in domains}
-        for d, a in vals.items():
-            alpha_rows.append({"label": label, "request_index": request_index, "update": update,
-                               "domain": d, "alpha_heldout": round(a, 5)})
-        return vals
+def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | None = None) -> RealRunResult:
+    """Run the configured OSD stream for real; write outputs to out_dir (if given).
+    A config with a `serve` section runs the batched server (`osdsim.real.serve.serve_real`)."""
+    if cfg.serve is not None:
+        from osdsim.real.serve import serve_real
+
+        return serve_real(cfg, out_dir, progress)
+    from osdsim.real import data as D
+    from osdsim.real import distill as Dl
+    from osdsim.real.models import model_spec
+    from osdsim.real.specdec import DecodeParams, speculative_generate, target_generate
+    from osdsim.real.stats import summarize
+
+    t_run = time.perf_counter()
+    prep = prepare(cfg)
+    torch, pair, codec, target, draft, device = (prep.torch, prep.pair, prep.codec, prep.target,
+                                                 prep.draft, prep.device)
+    phases, domains, splits, stream = prep.phases, prep.domains, prep.splits, prep.stream
+    s_target, s_draft_call, ids_of, short = prep.s_target, prep.s_draft_call, prep.ids_of, prep.short
+    answers_for, gen, dc = prep.answers_for, prep.generator, cfg.decode
+    serve_dtype, draft_vocab_size, load_s, heldout_s = (prep.serve_dtype, prep.draft_vocab_size,
+                                                        prep.load_s, prep.heldout_s)
+    sync_serving, eval_heldout, alpha_rows = prep.sync_serving, prep.eval_heldout, prep.alpha_rows
 
     initial = eval_heldout("initial", 0, 0, draft)
 
@@ -221,12 +299,7 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         dcfg = cfg.distill
         distiller = Dl.OnlineDistiller(
             draft=draft, target=target, pad_id=codec.pad_id, generator=gen, eos_ids=codec.eos_ids,
-            cfg=Dl.DistillConfig(
-                loss=dcfg.loss, beta=dcfg.beta, sample_source=dcfg.sample_source,
-                update_interval=dcfg.update_interval, window_requests=dcfg.window_requests,
-                lr=dcfg.lr, weight_decay=dcfg.weight_decay, epochs_per_update=dcfg.epochs_per_update,
-                batch_size=dcfg.batch_size, teacher_topk=dcfg.teacher_topk, p_student=dcfg.p_student,
-            ),
+            cfg=Dl.distill_config(dcfg),
         )
 
     baseline_idx: set[int] = set()
@@ -356,6 +429,7 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         "target": {"id": pair.target_id, **model_spec(target)},
         "draft": {"desc": pair.draft_desc, **model_spec(draft)},
         "threads": cfg.threads,
+        "device_fingerprint": device_fingerprint_of(device, cfg.threads),
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "serve_dtype": serve_dtype,
         "draft_vocab": draft_vocab_size,

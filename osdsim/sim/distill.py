@@ -72,9 +72,12 @@ class TrainingStep:
     requests: int
     tokens_by_domain: np.ndarray  # loss-bearing tokens per domain
     seq_tokens: float  # Σ l_j over buffered sequences (prompt + output)
-    cost: PassCost  # priced on one device at full speed
-    work_flops: float  # FLOP-equivalent work: cost.time_s · F_peak · η_max (device-seconds × rate)
-    progress_flops: float = 0.0
+    cost: PassCost  # priced on one device at full speed, in the training dtype
+    # Work in device-seconds at full speed for this step's own dtype (= cost.time_s): the one unit
+    # every placement measures training in. Harvest offers spare device time in the same unit
+    # (θ · idle seconds), so no peak FLOP/s of either dtype enters the exchange.
+    work_s: float
+    progress_s: float = 0.0
     started_s: float | None = None
 
 
@@ -86,8 +89,10 @@ class DistillStats:
     tokens_trained: float = 0.0
     tokens_skipped: float = 0.0
     train_flops: float = 0.0  # FLOPs of finished steps (3× forward)
-    work_flops_used: float = 0.0  # FLOP-equivalent work consumed by training (harvest: ≤ spare)
-    spare_flops_available: float = 0.0  # harvest: spare FLOPs offered by the replica
+    # Work and spare compute in device-seconds at full training speed (TrainingStep.work_s); the
+    # summary reports them as FLOP-equivalents of the training dtype (× F_peak · η_max of its cost).
+    work_s_used: float = 0.0  # training work consumed (harvest: ≤ spare)
+    spare_s_available: float = 0.0  # harvest: spare device time offered by the replicas (θ · idle s)
     latency_cost_s: float = 0.0  # serving time lost to training (inline blocking, interference)
     busy_s: float = 0.0  # device time spent training (inline/dedicated)
     events: list[tuple] = field(default_factory=list)  # (time_s, draft_id, kind, tokens, flops, duration_s)
@@ -159,7 +164,6 @@ class Distiller:
         self._num_domains = num_domains
         self._buf_tokens = np.zeros(num_domains)
         self._buf_requests = 0
-        self._peak = cost.peak_flops
 
     def add_request(self, domain: int, prompt: int, output: int, target_supplied: int, now: float) -> None:
         loss_tokens = target_supplied if self.tokens_mode == "target" else output
@@ -196,7 +200,7 @@ class Distiller:
             tokens_by_domain=tokens,
             seq_tokens=float(sum(seqs)),
             cost=cost,
-            work_flops=cost.time_s * self._peak * self.cost.eta_max,
+            work_s=cost.time_s,
         )
         self._buf_tokens[:] = 0
         self._buf_requests = 0

@@ -333,9 +333,14 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
     env.run(until=until)
 
     all_distillers = list(dict.fromkeys(x for rep in replicas for x in rep.distillers))
+    # Training work and spare compute are simulated in device-seconds at full training speed; the
+    # outputs give them as FLOP-equivalents of the training dtype (seconds × F_peak · η_max).
+    flops_per_work_s = train_cost.peak_flops * train_cost.eta_max if train_cost is not None else 0.0
     iters = []
     for rep in replicas:
         df = rep.log.frame()
+        df["spare_flops"] *= flops_per_work_s
+        df["train_work_flops"] *= flops_per_work_s
         df.insert(0, "replica", rep.index)
         iters.append(df)
     iterations = pd.concat(iters, ignore_index=True) if iters else pd.DataFrame()
@@ -358,6 +363,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         kv_capacity_tokens=int(kv_cap),
         k_setting=k_setting,
         extra={"peak_flops": target_cost.peak_flops, "bandwidth": target_cost.bandwidth,
+               "train_flops_per_work_s": flops_per_work_s,
                "plateau_by_domain": plateau,
                "pending_steps": sum(len(x.pending) + x.in_flight for x in all_distillers)},
     )
@@ -430,7 +436,7 @@ def _start_dedicated_trainers(env: simpy.Environment, distillers: list, d, stats
                 dur = step.cost.time_s / d.trainer_gpus
                 yield env.timeout(dur)
                 stats.busy_s += dur
-                stats.work_flops_used += step.work_flops
+                stats.work_s_used += step.work_s
                 env.process(_publish(env, dist, step, d.sync_delay_s, dur))
 
         env.process(trainer())

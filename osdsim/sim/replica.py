@@ -206,7 +206,9 @@ class Replica:
         self._macro_len = float(cfg.macro_steps)  # moving average of iterations per macro step
         self._macro_ok = cfg.macro_steps > 0 and (not self.spec or self._geometric) and cfg.placement != "dedicated"
         if cfg.draft_cost is not None:
-            self._harvest_rate = cfg.draft_cost.peak_flops * cfg.draft_cost.eta_max * cfg.harvest_fraction
+            # Spare training work per second of spare device time, in the steps' own unit
+            # (device-seconds at full speed for the training dtype): the harvest fraction θ.
+            self._harvest_rate = cfg.harvest_fraction
 
     # --- α view ------------------------------------------------------------------------------------
     def refresh_alpha(self) -> None:
@@ -281,28 +283,29 @@ class Replica:
                 self.busy_s += dur
                 self.stats.busy_s += dur
                 self.stats.latency_cost_s += dur
-                self.stats.work_flops_used += step.work_flops
+                self.stats.work_s_used += step.work_s
                 self.log.add((self.env.now - dur, dur, 0, 0, 0, 0, np.nan, step.cost.flops, step.cost.bytes,
-                              step.cost.compute_s, 0.0, step.work_flops, "train"))
+                              step.cost.compute_s, 0.0, step.work_s, "train"))
                 dist.complete(step, self.env.now, dur)
 
-    def _harvest(self, spare_flops: float, since_s: float) -> float:
-        """Give spare FLOPs (accrued since `since_s`) to pending steps in FIFO order; returns FLOPs used."""
+    def _harvest(self, spare_s: float, since_s: float) -> float:
+        """Give spare work (device-seconds at full training speed, accrued since `since_s`) to pending
+        steps in FIFO order; returns the work used."""
         used = 0.0
         for dist in self.distillers:
-            while dist.pending and spare_flops > 0:
+            while dist.pending and spare_s > 0:
                 step = dist.pending[0]
                 if step.started_s is None:
                     step.started_s = max(since_s, step.due_s)
-                take = min(spare_flops, step.work_flops - step.progress_flops)
-                step.progress_flops += take
-                spare_flops -= take
+                take = min(spare_s, step.work_s - step.progress_s)
+                step.progress_s += take
+                spare_s -= take
                 used += take
-                if step.progress_flops >= step.work_flops * (1 - 1e-12):
+                if step.progress_s >= step.work_s * (1 - 1e-12):
                     dist.pending.popleft()
                     dist.in_flight += 1
                     dist.complete(step, self.env.now, self.env.now - step.started_s)
-        self.stats.work_flops_used += used
+        self.stats.work_s_used += used
         return used
 
     def _harvest_pending(self) -> bool:
@@ -315,8 +318,8 @@ class Replica:
             rid = yield get
             self.waiting.append(rid)
             return
-        rate = self._harvest_rate  # FLOP/s of the idle device that training may use (θ·η·F)
-        remaining = sum(s.work_flops - s.progress_flops for d in self.distillers for s in d.pending)
+        rate = self._harvest_rate  # training work (full-speed device-seconds) per idle second: θ
+        remaining = sum(s.work_s - s.progress_s for d in self.distillers for s in d.pending)
         t0 = self.env.now
         yield get | self.env.timeout(remaining / rate)
         if get.triggered:  # an arrival (possibly at the same instant the work finished)
@@ -326,7 +329,7 @@ class Replica:
             # The pending work finished; grant it exactly (elapsed time can round to 0 at large t).
             spare = remaining
             get.cancel()
-        self.stats.spare_flops_available += spare
+        self.stats.spare_s_available += spare
         self._harvest(spare, t0)
 
     # --- serving -------------------------------------------------------------------------------------
@@ -438,11 +441,11 @@ class Replica:
         yield env.timeout(duration)
         self.busy_s += duration
 
-        # Spare compute of this iteration (harvest): (1 − u)·duration·F·η·θ, u = compute_s/duration.
+        # Spare compute of this iteration (harvest): θ·(duration − compute_s) device-seconds.
         spare = used = 0.0
         if self._harvest_rate and cfg.placement == "harvest":
             spare = max(duration - compute_s, 0.0) * self._harvest_rate
-            self.stats.spare_flops_available += spare
+            self.stats.spare_s_available += spare
             if harvesting:
                 used = self._harvest(spare, t0)
 
@@ -617,7 +620,7 @@ class Replica:
             spare = 0.0
             if harvest:
                 spare = max(d - float(compute_s[j]), 0.0) * self._harvest_rate
-                self.stats.spare_flops_available += spare
+                self.stats.spare_s_available += spare
             self.log.add((start, d, b, 0, int(per_iter[j]), k, alpha_mean, float(flops[j]), float(nbytes[j]),
                           float(compute_s[j]), spare, 0.0, "serve"))
             start = ends[j]

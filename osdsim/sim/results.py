@@ -248,8 +248,8 @@ def summarise(run: RawRun, baseline: pd.DataFrame | None = None) -> Result:
         "steps_pending_at_end": int(run.extra.get("pending_steps", 0)),
         "tokens_trained": _r(st.tokens_trained),
         "train_flops": _r(st.train_flops),
-        "train_work_flops_used": _r(st.work_flops_used),
-        "spare_flops_available": _r(st.spare_flops_available),
+        "train_work_flops_used": _r(st.work_s_used * run.extra["train_flops_per_work_s"]),
+        "spare_flops_available": _r(st.spare_s_available * run.extra["train_flops_per_work_s"]),
         "latency_cost_s": _r(st.latency_cost_s),
         "training_busy_s": _r(st.busy_s),
     }

@@ -91,6 +91,38 @@ def test_harvest_at_near_zero_load_trains_at_the_spare_rate(make_scenario):
     assert t["train_work_flops_used"] <= t["spare_flops_available"] * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("train_dtype", [None, "fp32"])
+def test_harvest_step_on_an_idle_device_takes_its_full_speed_time_over_theta(make_scenario, train_dtype):
+    """Spare compute and training work are in one unit whatever the training dtype: on an idle
+    replica a harvest step takes exactly its inline (full-speed) time / θ. With fp32 training under
+    bf16 serving (19.5 vs 312 TFLOP/s on an A100) the spare rate must be the fp32 device's, not the
+    serving dtype's (which finished the step 16× too soon)."""
+    theta = 0.5
+    extra = {} if train_dtype is None else {"train_dtype": train_dtype}
+
+    def durations(placement):
+        sc = make_scenario(sharp({}, n1=10, n2=20, rate=0.01, placement=placement, update_interval_requests=2,
+                                 harvest_fraction=theta, interference=0.0, **extra))
+        res = simulate(sc)
+        ev = res.training[res.training["kind"] == "done"]
+        assert len(ev) == 9
+        return ev["duration_s"].to_numpy(), res.summary["training"]
+
+    inline, _ = durations("inline")
+    harvest, t = durations("harvest")
+    assert harvest == pytest.approx(inline / theta, rel=1e-9)
+    prof = load_profile(resolve_profile_path("a100-80g"))
+    draft = PRESETS["llama-160m"]
+    if train_dtype is not None:
+        draft = draft.model_copy(update={"dtype": train_dtype})
+    cost = CostModel(draft, prof).training_step(200.0, 2 * 100.0**2, draft.total_params)
+    assert inline == pytest.approx(np.full(9, cost.time_s), rel=1e-12)
+    # FLOP-equivalent work of the training dtype: the used work is the 9 steps' full-speed time.
+    used = 9 * cost.time_s * prof.peak_flops(draft.dtype) * CostModel(draft, prof).eta_max
+    assert t["train_work_flops_used"] == pytest.approx(used, rel=1e-5)
+    assert t["train_work_flops_used"] <= t["spare_flops_available"] * (1 + 1e-9)
+
+
 def test_harvest_at_saturation_trains_almost_nothing(make_scenario):
     # Long prompts with large prefill chunks and k = 8 verify passes keep the GPU compute-bound.
     heavy = {"prompt_tokens": {"kind": "fixed", "value_tokens": 3000},

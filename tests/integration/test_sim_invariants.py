@@ -1,6 +1,7 @@
 """Invariants that every simulation must keep, and determinism."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,14 +10,27 @@ from osdsim.api import compare, simulate
 from tests.conftest import merge
 
 
-def check_invariants(res, arrived: int) -> None:
+def check_invariants(res, arrived: int, complete: bool = True) -> None:
+    """complete: the run had no time cap, so every request must have finished or been rejected."""
     req = res.requests
     assert len(req) == arrived
-    # Every request finishes or is reported unfinished/rejected, never lost.
-    assert (req["finished"] | req["rejected"] | req["finish_s"].isna()).all()
+    # Each request ends in exactly one state. A rejected request was never admitted nor served.
+    assert not (req["finished"] & req["rejected"]).any()
+    rej = req[req["rejected"]]
+    assert rej["admitted_s"].isna().all() and (rej["emitted_tokens"] == 0).all()
+    if complete:  # nothing lost: finished or rejected, nothing else
+        assert (req["finished"] | req["rejected"]).all()
     fin = req[req["finished"]]
     # Emitted tokens equal requested output tokens.
     assert (fin["emitted_tokens"] == fin["output_tokens"]).all()
+    # Conservation between what the replicas served (iteration log) and what the requests received
+    # (request table): a request lost from a batch or served / finished twice breaks the equality.
+    it = res.iterations
+    if complete and not it.empty:
+        assert int(it["emitted_tokens"].sum()) == int(req["emitted_tokens"].sum())
+        if "decode_seqs" in it:
+            serve = it[it["kind"] == "serve"]
+            assert int(serve["decode_seqs"].sum()) == int(req["steps"].sum())
     # Accepted never exceeds proposed; causality of timestamps.
     assert (req["accepted_tokens"] <= req["proposed_tokens"]).all()
     assert (fin["admitted_s"] >= fin["arrival_s"]).all()
@@ -49,6 +63,30 @@ def test_invariants_hold(make_scenario, strategy, router, replicas):
     assert res.summary["requests"]["finished"] == 200
     if replicas > 1:
         assert res.requests["replica"].nunique() == replicas
+
+
+def test_check_invariants_catches_a_lost_or_double_counted_request(make_scenario):
+    res = simulate(make_scenario({"workload": {"rate_per_s": 20.0}}))
+    check_invariants(res, 200)
+
+    def broken(edit):
+        req = res.requests.copy()
+        it = res.iterations.copy()
+        edit(req, it)
+        return SimpleNamespace(requests=req, iterations=it, timeseries=res.timeseries, summary=res.summary)
+
+    def lose(req, it):  # a request that never finished and was not rejected
+        req.loc[7, ["finish_s", "finished", "emitted_tokens"]] = [np.nan, False, 0]
+
+    def served_twice(req, it):  # one decode iteration booked twice
+        it.loc[len(it)] = it[it["emitted_tokens"] > 0].iloc[0]
+
+    def finished_and_rejected(req, it):
+        req.loc[3, "rejected"] = True
+
+    for edit in (lose, served_twice, finished_and_rejected):
+        with pytest.raises(AssertionError):
+            check_invariants(broken(edit), 200)
 
 
 def test_requests_too_long_for_kv_are_reported_not_lost(make_scenario):
@@ -126,5 +164,5 @@ def test_macro_steps_give_exactly_the_one_iteration_at_a_time_results(make_scena
     for f in ("arrival", "admitted", "first_token", "finish", "accepted", "rejections", "steps", "emitted", "proposed"):
         assert np.array_equal(getattr(slow.table, f), getattr(fast.table, f), equal_nan=True), f
     assert slow.iterations.equals(fast.iterations)
-    assert slow.stats.spare_flops_available == fast.stats.spare_flops_available
+    assert slow.stats.spare_s_available == fast.stats.spare_s_available
     assert slow.busy_s == fast.busy_s
