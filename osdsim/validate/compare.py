@@ -129,6 +129,8 @@ def write_plots(series: dict, out_stem: Path) -> list[Path]:
         atomic_write_bytes(path, buf.getvalue())
         return path
 
+    if "load" in series:
+        return _load_plots(series["load"], out_stem, save, plt)
     written = []
     w = series.get("window", 1)
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -150,6 +152,53 @@ def write_plots(series: dict, out_stem: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     written.append(save(fig, out_stem.with_name(out_stem.name + "-latency.png")))
+    return written
+
+
+def _load_plots(runs: list[dict], out_stem: Path, save, plt) -> list[Path]:
+    """Per held-out run (one column each, titled by arrival rate and placement): latency CDFs, α over
+    time, training steps done vs time; measured black, predicted orange."""
+    n = max(len(runs), 1)
+    title = [f"{r['label']} ({r['rate']} req/s, {r['placement']})" for r in runs]
+    written = []
+    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 6.4), squeeze=False)
+    for j, r in enumerate(runs):
+        for i, (key, xlabel) in enumerate((("e2e", "end-to-end latency (s)"), ("ttft", "time to first token (s)"))):
+            ax = axes[i][j]
+            for side, color in (("measured", "black"), ("predicted", "tab:orange")):
+                x = sorted(v for v in r[f"{key}_{side}"] if math.isfinite(v))
+                if x:
+                    ax.step(x, [(q + 1) / len(x) for q in range(len(x))], where="post", label=side, color=color)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("fraction of requests")
+            if i == 0:
+                ax.set_title(title[j], fontsize=9)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(save(fig, out_stem.with_name(out_stem.name + "-latency.png")))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for j, r in enumerate(runs):
+        ax = axes[0][j]
+        ax.plot(r["alpha_t_measured"], r["alpha_measured"], color="black", label="measured")
+        ax.plot(r["alpha_t_predicted"], r["alpha_predicted"], color="tab:orange", label="predicted")
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("α, last 8 requests")
+        ax.set_title(title[j], fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(save(fig, out_stem.with_name(out_stem.name + "-alpha.png")))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for j, r in enumerate(runs):
+        ax = axes[0][j]
+        for side, color in (("measured", "black"), ("predicted", "tab:orange")):
+            t = r[f"train_done_{side}"]
+            ax.step([0.0, *t], list(range(len(t) + 1)), where="post", color=color, label=side)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("training steps done")
+        ax.set_title(title[j], fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(save(fig, out_stem.with_name(out_stem.name + "-training.png")))
     return written
 
 

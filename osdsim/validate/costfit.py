@@ -16,8 +16,8 @@ separately by the ratio of measured to twin-predicted training-step time (train_
 training dtype's block). The corrected profile is a YAML file the twin reads like any other.
 
 Batch-1 runs record steps.csv (draft_s over the step's proposed passes, verify_s) with contexts
-from requests.csv; batched serve runs record iterations.csv (draft_s over k passes of the batch,
-verify_s over verify_tokens with context_tokens).
+from requests.csv; batched serve runs record iterations.csv (prefill_s over prefill_tokens of
+prefill_rows, draft_s over the batch's draft passes, verify_s over verify_tokens with context_tokens).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ def _num(x: Any) -> float:
 
 @dataclass
 class Pass:
-    """One measured group of passes of one model: each pass as (tokens, logits, context, pairs)."""
+    """One measured group of passes: each pass as (model, (tokens, logits, context, pairs)) with
+    model 'draft' or 'target'."""
 
-    model: str  # draft | target
-    shapes: list[tuple[float, float, float, float]]
+    shapes: list[tuple[str, tuple[float, float, float, float]]]
     measured_s: float
-    kind: str  # draft step | verify
+    kind: str  # draft step | verify | prefill
 
 
 def passes_batch1(requests: list[dict], steps: list[dict], k: int) -> list[Pass]:
@@ -64,29 +64,35 @@ def passes_batch1(requests: list[dict], steps: list[dict], k: int) -> list[Pass]
         g = int(_num(st.get("proposed", k))) if str(st.get("proposed", "")) not in ("", "nan") else k
         d, v = _num(st["draft_s"]), _num(st["verify_s"])
         if g > 0 and d > 0:
-            out.append(Pass("draft", [(1, 1, ctx + j, ctx + j + 0.5) for j in range(g)], d, "draft step"))
+            out.append(Pass([("draft", (1, 1, ctx + j, ctx + j + 0.5)) for j in range(g)], d, "draft step"))
         if v > 0:
             q = g + 1
-            out.append(Pass("target", [(q, q, ctx, q * (ctx + q / 2.0))], v, "verify"))
+            out.append(Pass([("target", (q, q, ctx, q * (ctx + q / 2.0)))], v, "verify"))
     return out
 
 
 def passes_batched(iterations: list[dict]) -> list[Pass]:
-    """A serve run's passes: per iteration k draft passes over its decoding rows and one verify pass
-    over verify_tokens (Σ γ_i + 1) with context_tokens cached (the simulator prices them alike)."""
+    """A serve run's passes: per iteration its prefill chunks (a target and a draft pass over
+    prefill_tokens), the draft passes over its decoding rows and one verify pass over verify_tokens
+    (Σ γ_i + 1) with context_tokens cached (the simulator prices them alike)."""
     out = []
     for it in iterations:
+        pf, pr, ps = _num(it.get("prefill_tokens")), _num(it.get("prefill_rows")), _num(it.get("prefill_s"))
+        if pf > 0 and pr > 0 and ps > 0:
+            shape = (pf, pr, 0.0, pf * pf / (2.0 * pr))
+            out.append(Pass([("target", shape), ("draft", shape)], ps, "prefill"))
         b = int(_num(it["batch_size"]) or 0)
         if b <= 0:
             continue
-        k = int(_num(it["k"]) or 0)
         c = _num(it["context_tokens"])
         d, v, vt = _num(it["draft_s"]), _num(it["verify_s"]), _num(it["verify_tokens"])
+        # Draft passes actually run: the longest row's γ (rows near their end draft fewer than k).
+        k = min(int(_num(it["k"]) or 0), int(math.ceil(max(vt - b, 0) / b))) if math.isfinite(vt) else 0
         if k > 0 and d > 0:
-            out.append(Pass("draft", [(b, b, c + b * j, c + b * j + b / 2.0) for j in range(k)], d, "draft step"))
+            out.append(Pass([("draft", (b, b, c + b * j, c + b * j + b / 2.0)) for j in range(k)], d, "draft step"))
         if v > 0 and vt > 0:
             q = vt / b
-            out.append(Pass("target", [(vt, vt, c, q * c + b * q * q / 2.0)], v, "verify"))
+            out.append(Pass([("target", (vt, vt, c, q * c + b * q * q / 2.0))], v, "verify"))
     return out
 
 
@@ -98,8 +104,7 @@ def recorded_passes(run: Any, k: int) -> list[Pass]:
 
 
 def price(p: Pass, models: dict) -> float:
-    cm = models[p.model]
-    return float(sum(cm.pass_time(*s)[0] for s in p.shapes))
+    return float(sum(models[m].pass_time(*s)[0] for m, s in p.shapes))
 
 
 def ape(passes: list[Pass], models: dict) -> dict[str, float]:
@@ -143,8 +148,8 @@ def fit_pass_costs(passes: list[Pass], draft_spec, target_spec, profile) -> tupl
     rows, y = [], []
     for p in passes:
         n = len(p.shapes)
-        roof = price(p, models) - n * fixed[p.model]
-        rows.append([roof / p.measured_s, n * layers[p.model] / p.measured_s, n / p.measured_s])
+        roof = price(p, models) - sum(fixed[m] for m, _ in p.shapes)
+        rows.append([roof / p.measured_s, sum(layers[m] for m, _ in p.shapes) / p.measured_s, n / p.measured_s])
         y.append(1.0)
     a, y = np.array(rows), np.array(y)
     lo, hi = [0.05, 0.0, 0.0], [20.0, np.inf, np.inf]

@@ -61,8 +61,16 @@ class Suite(BaseModel):
     tolerances: Tolerances = Field(default_factory=Tolerances)
 
 
-def load_suite(path: Path) -> Suite:
-    suite = load_model_file(path, Suite, "validation suite")
+def load_suite(path: Path) -> Any:
+    """A batch-1 Suite, or a LoadSuite (osdsim.validate.load) when the file has `runs:`."""
+    from osdsim.validate.load import LoadSuite
+
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        raw = None
+    schema = LoadSuite if isinstance(raw, dict) and "runs" in raw else Suite
+    suite = load_model_file(path, schema, "validation suite")
     if suite.calibrate not in ("none", "quick", "full"):
         raise InputError(f"{path}: calibrate: must be none, quick or full (got {suite.calibrate!r})")
     if suite.profile is None and suite.calibrate == "none":
@@ -70,10 +78,17 @@ def load_suite(path: Path) -> Suite:
     return suite
 
 
-def check_suite(suite: Suite, suite_path: Path) -> None:
+def check_suite(suite: Any, suite_path: Path) -> None:
     """Everything that can be checked without running: real-run configs and the profile."""
     from osdsim.cost.profile import load_profile, resolve_profile_path
     from osdsim.real.config import RealConfig
+    from osdsim.validate.load import LoadSuite, run_configs
+
+    if isinstance(suite, LoadSuite):
+        run_configs(suite, suite_path)
+        if suite.profile:
+            load_profile(resolve_profile_path(suite.profile, suite_path.resolve().parent))
+        return
 
     for label, data in (("fit", suite.fit), ("heldout", _merge(suite.fit, suite.heldout))):
         try:
@@ -185,13 +200,13 @@ def twin_trace_rows(requests: list[dict]) -> list[str]:
 
 
 def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: Path, law_file: Path,
-                  trace_file: Path, workdir: Path) -> dict:
+                  trace_file: Path, workdir: Path, trace_rows: list[str] | None = None) -> dict:
     cfg = summary["config"]
     train_dtype = cfg["models"]["dtype"]
     dtype = summary.get("serve_dtype") or cfg["models"].get("serve_dtype") or train_dtype
     draft_vocab = summary.get("draft_vocab") or None
     doms = sorted({r["domain"] for r in requests})
-    atomic_write_text(trace_file, "\n".join(twin_trace_rows(requests)) + "\n")
+    atomic_write_text(trace_file, "\n".join(trace_rows or twin_trace_rows(requests)) + "\n")
     # Phases by request index, as the real stream was built.
     phase_rows = sorted(requests, key=lambda r: int(r["request_index"]))
     bounds = []
@@ -599,6 +614,10 @@ def calibrate_here(path: Path, quick: bool, device: str = "cpu", threads: int = 
 
 def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None, calibrate_fn=None,
                    reuse: bool = False, notice=None, calibrate_given: bool = False) -> ValidationResult:
+    from osdsim.validate.load import LoadSuite, run_load_validation
+
+    if isinstance(suite, LoadSuite):
+        return run_load_validation(suite, suite_path, out_dir, progress, calibrate_fn, reuse, notice, calibrate_given)
     from osdsim.api import simulate
     from osdsim.real.config import RealConfig
     from osdsim.scenario import scenario_from_dict

@@ -56,10 +56,15 @@ def test_fit_recovers_a_known_correction_and_removes_the_error(s, t_layer, t_pas
 
 def test_batched_iterations_are_priced_as_the_simulator_prices_them():
     prof = _profile()
-    its = [{"batch_size": 4, "k": 3, "context_tokens": 800, "draft_s": 0.02, "verify_s": 0.05, "verify_tokens": 16}]
-    (d, v) = costfit.passes_batched(its)
-    assert len(d.shapes) == 3 and d.shapes[0] == (4, 4, 800, 802.0)
-    assert v.shapes == [(16, 16, 800, 4 * 800 + 4 * 16 / 2)]
+    its = [{"batch_size": 4, "k": 3, "context_tokens": 800, "draft_s": 0.02, "verify_s": 0.05, "verify_tokens": 16},
+           {"batch_size": 1, "k": 3, "context_tokens": 80, "draft_s": 3e-6, "verify_s": 0.01, "verify_tokens": 1}]
+    (d, v, v1) = costfit.passes_batched(its)  # no draft pass when every row drafts 0 tokens
+    assert v1.kind == "verify" and v1.shapes == [("target", (1, 1, 80, 80.5))]
+    assert len(d.shapes) == 3 and d.shapes[0] == ("draft", (4, 4, 800, 802.0))
+    assert v.shapes == [("target", (16, 16, 800, 4 * 800 + 4 * 16 / 2))]
+    (p,) = costfit.passes_batched([{"batch_size": 0, "k": 3, "context_tokens": 0, "draft_s": 0, "verify_s": 0,
+                                    "verify_tokens": 0, "prefill_tokens": 64, "prefill_rows": 2, "prefill_s": 0.01}])
+    assert p.kind == "prefill" and [m for m, _ in p.shapes] == ["target", "draft"]
     tm = CostModel(TARGET, prof)
     assert costfit.price(v, {"target": tm}) == pytest.approx(tm.decode_time(4, 200, 4), rel=1e-9)
 
