@@ -303,7 +303,8 @@ class BatchServer:
                 n = min(s.prefill_left, budget)
                 chunk = s.prompt[s.prefilled : s.prefilled + n]
                 s.tcache = prefill_single(m.target, chunk, s.tcache)
-                s.dcache = prefill_single(m.draft, chunk, s.dcache)
+                if p.k > 0:  # k = 0: target-only batched decoding, the draft is never run
+                    s.dcache = prefill_single(m.draft, chunk, s.dcache)
                 s.prefilled += n
                 budget -= n
                 pf_tokens += n
@@ -314,7 +315,8 @@ class BatchServer:
             self.prefilling.remove(s)
             s.n_t = s.n_d = len(s.prompt) - 1
             self.kv_t.add_row(s.tcache, s.n_t, m.device)
-            self.kv_d.add_row(s.dcache, s.n_d, m.device)
+            if p.k > 0:
+                self.kv_d.add_row(s.dcache, s.n_d, m.device)
             s.tcache = s.dcache = None
             s.teacher = _TeacherAcc(p.teacher_topk)
             self.rows.append(s)
@@ -327,10 +329,10 @@ class BatchServer:
             return rec, [], []
         context = sum(len(s.seq) for s in self.rows)
         # 2. k draft passes over the running batch (row i drafts γ_i tokens)
-        gammas = [min(p.k, p.max_new_tokens - len(s.tokens) - 1) for s in self.rows]
+        gammas = [max(min(p.k, p.max_new_tokens - len(s.tokens) - 1), 0) for s in self.rows]
         xs: list[list[int]] = [[] for _ in self.rows]
         qs: list[list[torch.Tensor]] = [[] for _ in self.rows]
-        for j in range(max(gammas)):
+        for j in range(max(gammas, default=0)):
             blocks = []
             for i, s in enumerate(self.rows):
                 if j < gammas[i]:
@@ -395,7 +397,8 @@ class BatchServer:
             self.kv_t.drop_newest(i, g - n)  # target now holds seq + x_1..x_n
             s.n_t = len(s.seq) + n
             keep = len(s.seq) + min(n, max(g - 1, 0))
-            self.kv_d.drop_newest(i, max(s.n_d - keep, 0))
+            if p.k > 0:
+                self.kv_d.drop_newest(i, max(s.n_d - keep, 0))
             s.n_d = min(s.n_d, keep)
             s.seq.extend(new)
             s.tokens.extend(new)
@@ -415,7 +418,8 @@ class BatchServer:
         if finished:
             keep_rows = [i for i, s in enumerate(self.rows) if not s.done]
             self.kv_t.keep_rows(keep_rows)
-            self.kv_d.keep_rows(keep_rows)
+            if p.k > 0:
+                self.kv_d.keep_rows(keep_rows)
             self.rows = [self.rows[i] for i in keep_rows]
         self.kv_t.maybe_compact()
         self.kv_d.maybe_compact()

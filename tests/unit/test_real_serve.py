@@ -67,6 +67,17 @@ def _prompts(n, seed=0):
     return [torch.randint(3, 500, (L,), generator=g).tolist() for L in lengths]
 
 
+def test_batched_target_only_decoding_is_exact(pair):
+    """k = 0: the server decodes with the target alone (the no-speculation baseline)."""
+    target, draft = pair
+    prompts = _prompts(5, seed=2)
+    seqs, server = _serve_all(target, draft, prompts, [0, 1, 1, 2, 5], k=0)
+    for j, p in enumerate(prompts):
+        assert seqs[j].tokens == target_generate(target, p, 20, eos_ids=(2,)).tokens
+        assert all(st.proposed == 0 for st in seqs[j].steps)
+    assert server.kv_d.rows == 0  # the draft never ran
+
+
 @pytest.mark.parametrize("compact", [False, True])
 def test_batched_greedy_exact_with_mid_flight_joins(pair, monkeypatch, compact):
     target, draft = pair
