@@ -89,9 +89,9 @@ def run_configs(suite: LoadSuite, suite_path: Path) -> tuple[Any, list[tuple[str
         if r.label in seen:
             raise InputError(f"{suite_path}: runs: label {r.label!r} given twice")
         seen.add(r.label)
-        cfg = build(f"runs[{r.label}]", _merge(base, r.overrides))
+        cfg = build(f"run {r.label!r}", _merge(base, r.overrides))
         if cfg.serve is None:
-            raise InputError(f"{suite_path}: runs[{r.label}]: a held-out run needs a serve: section")
+            raise InputError(f"{suite_path}: run {r.label!r}: a held-out run needs a serve: section")
         runs.append((r.label, cfg))
     return fit, runs
 

@@ -61,3 +61,18 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     assert s1.stat().st_mtime_ns == before
     doc = json.loads(next(tmp_path.glob("cpu-load-quick-2*.json")).read_text())
     assert "reused" in doc["method"] and "S1" in doc["method"]
+
+
+def test_bad_load_suite_exits_2_in_one_line(tmp_path):
+    import yaml
+
+    doc = yaml.safe_load((REPO / "validate" / "cpu-load.yaml").read_text())
+    doc["profile"] = str(REPO / "calibration" / "cpu-amd-epyc.yaml")
+    for override, field in (({"rate_per_s": -1}, "rate_per_s"), ({"placement": "gpu"}, "placement"),
+                            ({"max_batch_size": 0}, "max_batch_size")):
+        bad = {**doc, "runs": [{"label": "bad", "overrides": {"serve": override}}]}
+        p = tmp_path / "s.yaml"
+        p.write_text(yaml.safe_dump(bad))
+        r = runner.invoke(app, ["validate", str(p), "--check"])
+        assert r.exit_code == 2, r.output
+        assert field in r.output and "run 'bad'" in r.output and len(r.output.strip().splitlines()) <= 3

@@ -158,7 +158,7 @@ def test_load_suite_bad_input_names_the_run_and_field(tmp_path):
     for bad, msg in (({"serve": {"placement": "elsewhere"}}, "placement"), ({"serve": {"rate_per_s": 0}}, "rate_per_s"),
                      ({"serve": {"max_batch_size": 0}}, "max_batch_size")):
         d = {**doc, "runs": [{"label": "x", "overrides": bad}]}
-        with pytest.raises(InputError, match=rf"runs\[x\].*{msg}"):
+        with pytest.raises(InputError, match=rf"run 'x': .*{msg}"):
             load.run_configs(load.LoadSuite(**d), tmp_path / "s.yaml")
     d = {**doc, "heldout": {**doc["heldout"], "serve": None}, "runs": [{"label": "x"}]}
     with pytest.raises(InputError, match="needs a serve"):
