@@ -393,12 +393,12 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
         rows += r_rows
         series.append(s)
         entries.append((label, real, twin))
-        stem = f"{suite.name}-{label}"
+        tdir = out_dir / f"{suite.name}-traces"
         meas = serve_run_trace(run_dir, f"measured: {label}", pid=1)
         pred = sim_trace(twin.result, f"predicted: {label}", pid=2)
-        traces.append(write_trace(meas, out_dir / f"{stem}-measured.trace.json"))
-        traces.append(write_trace(pred, out_dir / f"{stem}-predicted.trace.json"))
-        traces.append(write_trace(combine(meas, pred), out_dir / f"{stem}-side-by-side.trace.json"))
+        traces.append(write_trace(meas, tdir / f"{label}-measured.trace.json"))
+        traces.append(write_trace(pred, tdir / f"{label}-predicted.trace.json"))
+        traces.append(write_trace(combine(meas, pred), tdir / f"{label}-side-by-side.trace.json"))
     rows += fall_behind_rows(entries, suite.tolerances)
     meta = {
         "title": f"osdsim validate: {suite.name}",
@@ -411,8 +411,12 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
                    + (f" (real runs {', '.join(reused)} reused)" if reused else "")),
         "profile": profile, "profile_choice": profile_how, "serving_profile": str(serving_path),
         "costs": suite.costs, "serving_fitted_costs": cost_fit.as_dict(), "fitted_acceptance": acc,
-        "traces": [p.name for p in traces],
-        "notes": load_notes(),
+        "traces": [p.relative_to(out_dir).as_posix() for p in traces],
+        "notes": load_notes() + [
+            f"Pass costs fitted on S1's {cost_fit.passes} recorded passes: median |error| per pass kind with the "
+            f"microbenchmark profile {P._fmt_errs(cost_fit.before)}; serving-fitted (in sample) "
+            f"{P._fmt_errs(cost_fit.after)}; training time x{cost_fit.train_factor:.3f}. The twins use the "
+            f"{suite.costs} profile."],
     }
     return P.ValidationResult(rows=rows, meta=meta, files={"work": work}, series={"load": series})
 
@@ -422,8 +426,8 @@ def load_notes() -> list[str]:
         "Known differences of the twin: the simulator reserves prompt + actual output tokens of KV per "
         "request, the server prompt + max_new_tokens (kv_token_budget); the simulator's harvest also "
         "trains in the spare compute inside serving iterations, the server only in idle windows.",
-        "Traces: open a *-side-by-side.trace.json (the measured run and its prediction as two processes) "
-        "in ui.perfetto.dev or chrome://tracing; *-measured / *-predicted hold each alone.",
+        "Traces (in <suite>-traces/): open a <run>-side-by-side.trace.json (the measured run and its "
+        "prediction as two processes) in ui.perfetto.dev or chrome://tracing; -measured / -predicted hold each alone.",
     ]
 
 

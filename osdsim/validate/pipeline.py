@@ -740,6 +740,15 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
              for r in compare_runs(s2, o_sim, suite, int(held_cfg.decode.k), nospec=o_nospec)
              if not r.name.startswith("α")]
     reused = [name for name, r in (("S1", s1_reused), ("S2", s2_reused)) if r]
+    traces = []
+    if len(sim.iterations) and "kind" in sim.iterations and not (sim.iterations["kind"] == "bin").any():
+        from osdsim.validate.trace import sim_trace, write_trace
+
+        # The batch-1 real run records no per-iteration clock (only per-request start/finish), so only
+        # the prediction has a timeline here; served runs (load suites) write both.
+        traces.append(write_trace(sim_trace(sim, f"predicted: {suite.name} S2"),
+                                  out_dir / f"{suite.name}-traces" / "S2-predicted.trace.json")
+                      .relative_to(out_dir).as_posix())
     meta = {
         "title": f"osdsim validate: {suite.name}",
         "suite": str(suite_path),
@@ -754,6 +763,7 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
         "serving_fitted_costs": cost_fit.as_dict(),
         "serving_profile": str(serving_profile),
         "fitted_acceptance": acc,
+        "traces": traces,
         "notes": notes + [f"Pass costs: microbenchmark-only median |error| per pass kind on S1 "
                           f"{_fmt_errs(cost_fit.before)}; serving-fitted (in sample) {_fmt_errs(cost_fit.after)}."],
     }

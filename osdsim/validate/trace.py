@@ -145,5 +145,6 @@ def combine(*traces: dict) -> dict:
 
 
 def write_trace(trace: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(trace, separators=(",", ":")) + "\n")
     return path

@@ -50,7 +50,7 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     for p in ("latency", "alpha", "training"):
         assert next(tmp_path.glob(f"cpu-load-quick-2*-{p}.png")).stat().st_size > 1000
     for label in ("harvest-low", "harvest-high", "dedicated"):
-        tr = json.loads((tmp_path / f"cpu-load-quick-{label}-side-by-side.trace.json").read_text())
+        tr = json.loads((tmp_path / "cpu-load-quick-traces" / f"{label}-side-by-side.trace.json").read_text())
         assert {e["pid"] for e in tr["traceEvents"]} == {1, 2}
     # Re-predict from the recorded runs (same device, same configs): nothing runs again.
     s1 = tmp_path / "cpu-load-quick-work" / "S1" / "requests.csv"
