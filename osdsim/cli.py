@@ -298,7 +298,9 @@ def validate(
             result.meta["plots"] = [p.name for p in write_plots(result.series, stem)]
         js, md = write_report(result.rows, result.meta, stem)
     except InputError as exc:
-        raise fail(str(exc)) from None
+        from rich.markup import escape
+
+        raise fail(escape(str(exc))) from None
     except KeyboardInterrupt:
         raise fail("interrupted; earlier reports are untouched", code=130) from None
     if as_json:

@@ -2,9 +2,10 @@
 
 Per domain, the real run gives for every served request its accepted drafts a and rejections r
 (steps ending in a rejection), and n = distilled tokens of that domain before it. The simulator's
-law is α(n) = α_∞ − (α_∞ − α_0)·exp(−n/τ) with α̂ = a/(a + r), so we fit (α_0, α_∞, τ) by weighted
-least squares with binomial weights (a + r)/(α(1−α)) — each request counts as many examined
-positions as it had. Accepted-length histograms grouped by the request's α̂ give the empirical law
+law is α(n) = α_∞ − (α_∞ − α_0)·exp(−n/τ) with α̂ = a/(a + r) (osdsim.specdec.alpha_from_counts),
+so we fit (α_0, α_∞, τ) by least squares weighted by the examined positions a + r of each
+observation (residuals × √(a + r)): each request counts as many positions as it had. The binomial
+variance factor 1/(α(1−α)) is not applied (it would weight near-0 and near-1 α̂ without bound). Accepted-length histograms grouped by the request's α̂ give the empirical law
 (a family indexed by α) in the schema `acceptance.empirical_file` reads.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from osdsim.sim.distill import alpha_curve
+from osdsim.specdec import alpha_from_accepted_lengths, alpha_from_counts
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ def fit_alpha_curve(n_tokens: np.ndarray, accepted: np.ndarray, rejections: np.n
         raise ValueError("need at least 3 requests with examined draft positions to fit α(n)")
     levels, obs_steps = np.unique(n, return_inverse=True)  # n of each observation = levels[obs_steps]
     step_tokens = np.diff(levels, prepend=0.0)[:, None]  # [S, 1]; row 0 moves n from 0 to levels[0]
-    fit = fit_joint(["d"], step_tokens, np.zeros(n.size, dtype=int), obs_steps + 1, a / (a + r), a + r,
+    alpha = np.array([alpha_from_counts(x, y) for x, y in zip(a, r, strict=True)])
+    fit = fit_joint(["d"], step_tokens, np.zeros(n.size, dtype=int), obs_steps + 1, alpha, a + r,
                     fit_transfer=False)
     return fit.curves["d"]
 
@@ -61,8 +64,8 @@ def empirical_law(alpha_per_request: np.ndarray, lengths_per_request: list[list[
         lengths = np.concatenate([np.asarray(lengths_per_request[i], dtype=int) for i in chunk])
         hist = np.bincount(np.clip(lengths, 0, k), minlength=k + 1)
         # The group's α is estimated from its own steps (the definition in osdsim.specdec).
-        acc, rej = float(lengths.sum()), float(np.count_nonzero(lengths < k))
-        entries.append({"alpha": round(acc / (acc + rej), 5) if acc + rej > 0 else 0.0,
+        group_alpha = alpha_from_accepted_lengths(lengths, k)
+        entries.append({"alpha": round(group_alpha, 5) if np.isfinite(group_alpha) else 0.0,
                         "histogram": [int(x) for x in hist]})
     return {"k": k, "entries": entries}
 

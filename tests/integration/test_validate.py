@@ -46,6 +46,12 @@ def test_cpu_quick_suite_passes(tmp_path, monkeypatch):
     assert doc["passed"] and len(doc["metrics"]) >= 10
     names = [m["name"] for m in doc["metrics"]]
     assert any(n.startswith("α, phase") for n in names) and "verify pass time" in names
+    assert "microbenchmark profile: verify pass time" in names  # the side-by-side cost rows
+    assert [m["gate"] for m in doc["metrics"] if m["name"].startswith("microbenchmark profile")] == [False] * sum(
+        n.startswith("microbenchmark profile") for n in names)
+    assert doc["serving_fitted_costs"]["passes"] > 10
+    trace = json.loads((tmp_path / "cpu-quick-traces" / "S2-predicted.trace.json").read_text())
+    assert any(e["name"] == "iteration" for e in trace["traceEvents"])
 
 
 @pytest.mark.real

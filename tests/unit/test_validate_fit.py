@@ -80,8 +80,8 @@ def test_effective_tokens_floors_forgetting_at_the_untrained_draft():
     assert n[1].tolist() == [100.0, 0.0] and n[2].tolist() == [0.0, 1000.0]
 
 
-def test_recovery_counts_requests_until_the_pre_shift_alpha_is_back():
-    from osdsim.validate.pipeline import recovery_requests
+def test_regain_requests_counts_requests_until_the_pre_shift_alpha_is_back():
+    from osdsim.validate.pipeline import regain_requests as recovery_requests
 
     # 10 requests at α = 0.5, then α 0.1 for 5 requests and 0.6 after: with a 3-request window the
     # pooled α of requests 15..17 is the first back at 0.5 → 8 requests into the new phase.
@@ -89,3 +89,29 @@ def test_recovery_counts_requests_until_the_pre_shift_alpha_is_back():
     acc, rej = alpha * 100, (1 - alpha) * 100
     assert recovery_requests(acc, rej, 10, 25, 3) == 8.0
     assert recovery_requests(acc, rej, 10, 15, 3) is None  # never within the phase
+
+
+def test_alpha_regained_is_resolved_by_pooled_thirds():
+    from osdsim.validate.pipeline import _bootstrap_regain_ci, alpha_regained
+
+    # 30-request phase: α 0.2 for the first 10 requests, 0.5 for the last 10 (100 positions each).
+    alpha = np.array([0.6] * 10 + [0.2] * 10 + [0.35] * 10 + [0.5] * 10)
+    acc, rej = alpha * 100, (1 - alpha) * 100
+    assert alpha_regained(acc, rej, 10, 40) == pytest.approx(0.3)
+    lo, hi = _bootstrap_regain_ci(acc, rej, 10, 40)
+    assert lo == pytest.approx(0.3) and hi == pytest.approx(0.3)  # no spread within the thirds
+    noisy = acc.copy()
+    noisy[30:] = np.random.default_rng(0).uniform(20, 80, 10)
+    lo, hi = _bootstrap_regain_ci(noisy, rej, 10, 40)
+    assert lo < alpha_regained(noisy, rej, 10, 40) < hi and hi - lo > 0.01
+
+
+def test_alpha_helpers_are_the_specdec_ones():
+    import inspect
+
+    from osdsim.validate import fit, pipeline
+
+    for mod in (fit, pipeline):
+        src = inspect.getsource(mod)
+        assert "alpha_from_counts" in src
+        assert "a / (a + r)" not in src and "acc / np.maximum(acc + rej" not in src

@@ -1,0 +1,226 @@
+"""Pass costs fitted where they are observed: on the fit run's own recorded passes (issue 12, 5a).
+
+`osdsim calibrate` measures isolated passes (microbenchmarks); a serving loop runs the same passes
+between Python bookkeeping, sampling, cache copies and other work that the microbenchmarks never
+see. Here every recorded draft step (k draft passes) and verify pass of the fit run is priced with
+the profile's cost model (osdsim.cost.model.CostModel, public pricing only) and one correction is
+fitted on top of the profile, for the serving dtype's efficiency block:
+
+    measured ≈ s · roofline(pass) + passes · (L · t_layer + t_pass)
+
+by bounded least squares on relative error (every pass weighs the same; a soft-L1 loss so that
+passes a busy machine stretched do not pull the fit), with s scaling the
+roofline terms (η_f, η_b, η_kv divided by s; a value that would exceed 1 moves into the peak rate or
+bandwidth) and t_layer, t_pass replacing the kernel and pass overheads. Training is corrected
+separately by the ratio of measured to twin-predicted training-step time (train_efficiency of the
+training dtype's block). The corrected profile is a YAML file the twin reads like any other.
+
+Batch-1 runs record steps.csv (draft_s over the step's proposed passes, verify_s) with contexts
+from requests.csv; batched serve runs record iterations.csv (prefill_s over prefill_tokens of
+prefill_rows, draft_s over the batch's draft passes, verify_s over verify_tokens with context_tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from osdsim.errors import InputError, atomic_write_text
+
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+@dataclass
+class Pass:
+    """One measured group of passes: each pass as (model, (tokens, logits, context, pairs)) with
+    model 'draft' or 'target'."""
+
+    shapes: list[tuple[str, tuple[float, float, float, float]]]
+    measured_s: float
+    kind: str  # draft step | verify | prefill
+
+
+def passes_batch1(requests: list[dict], steps: list[dict], k: int) -> list[Pass]:
+    """A batch-1 run's passes: each step's draft passes at the growing context and its verify pass
+    over proposed + 1 tokens (context = prompt + tokens emitted before the step, the first by prefill)."""
+    prompt = {int(r["request_index"]): int(_num(r["prompt_tokens"])) for r in requests}
+    emitted: dict[int, int] = {}
+    out = []
+    for st in steps:
+        rid = int(st["request_index"])
+        ctx = prompt.get(rid, 0) + 1 + emitted.get(rid, 0)
+        emitted[rid] = emitted.get(rid, 0) + int(_num(st["emitted"]))
+        g = int(_num(st.get("proposed", k))) if str(st.get("proposed", "")) not in ("", "nan") else k
+        d, v = _num(st["draft_s"]), _num(st["verify_s"])
+        if g > 0 and d > 0:
+            out.append(Pass([("draft", (1, 1, ctx + j, ctx + j + 0.5)) for j in range(g)], d, "draft step"))
+        if v > 0:
+            q = g + 1
+            out.append(Pass([("target", (q, q, ctx, q * (ctx + q / 2.0)))], v, "verify"))
+    return out
+
+
+def passes_batched(iterations: list[dict]) -> list[Pass]:
+    """A serve run's passes: per iteration its prefill chunks (a target and a draft pass over
+    prefill_tokens), the draft passes over its decoding rows and one verify pass over verify_tokens
+    (Σ γ_i + 1) with context_tokens cached (the simulator prices them alike)."""
+    out = []
+    for it in iterations:
+        pf, pr, ps = _num(it.get("prefill_tokens")), _num(it.get("prefill_rows")), _num(it.get("prefill_s"))
+        if pf > 0 and pr > 0 and ps > 0:
+            shape = (pf, pr, 0.0, pf * pf / (2.0 * pr))
+            out.append(Pass([("target", shape), ("draft", shape)], ps, "prefill"))
+        b = int(_num(it["batch_size"]) or 0)
+        if b <= 0:
+            continue
+        c = _num(it["context_tokens"])
+        d, v, vt = _num(it["draft_s"]), _num(it["verify_s"]), _num(it["verify_tokens"])
+        # Draft passes actually run: the longest row's γ (rows near their end draft fewer than k).
+        k = min(int(_num(it["k"]) or 0), int(math.ceil(max(vt - b, 0) / b))) if math.isfinite(vt) else 0
+        if k > 0 and d > 0:
+            out.append(Pass([("draft", (b, b, c + b * j, c + b * j + b / 2.0)) for j in range(k)], d, "draft step"))
+        if v > 0 and vt > 0:
+            q = vt / b
+            out.append(Pass([("target", (vt, vt, c, q * c + b * q * q / 2.0))], v, "verify"))
+    return out
+
+
+def recorded_passes(run: Any, k: int) -> list[Pass]:
+    its = getattr(run, "iterations", None)
+    if its:
+        return passes_batched(its)
+    return passes_batch1(run.requests, run.steps, k)
+
+
+def price(p: Pass, models: dict) -> float:
+    return float(sum(models[m].pass_time(*s)[0] for m, s in p.shapes))
+
+
+def ape(passes: list[Pass], models: dict) -> dict[str, float]:
+    """Median absolute relative error per kind of pass ('draft step', 'verify')."""
+    out: dict[str, list[float]] = {}
+    for p in passes:
+        out.setdefault(p.kind, []).append(abs(price(p, models) - p.measured_s) / p.measured_s)
+    return {kind: float(np.median(v)) for kind, v in out.items()}
+
+
+@dataclass
+class CostFit:
+    scale: float
+    kernel_overhead_s_per_layer: float
+    pass_overhead_s: float
+    train_factor: float = 1.0
+    passes: int = 0
+    before: dict = field(default_factory=dict)  # median |error| per kind, microbenchmark profile
+    after: dict = field(default_factory=dict)  # the same with the fitted profile (in sample)
+
+    def as_dict(self) -> dict:
+        return {"roofline_scale": round(self.scale, 5), "kernel_overhead_s_per_layer": self.kernel_overhead_s_per_layer,
+                "pass_overhead_s": self.pass_overhead_s, "train_time_factor": round(self.train_factor, 5),
+                "passes": self.passes, "median_abs_error_microbenchmark": self.before,
+                "median_abs_error_serving_fitted_in_sample": self.after}
+
+
+def fit_pass_costs(passes: list[Pass], draft_spec, target_spec, profile) -> tuple[CostFit, Any]:
+    """(fit, corrected profile) from measured passes of both models (both in the serving dtype)."""
+    from scipy.optimize import least_squares, lsq_linear
+
+    from osdsim.cost.model import CostModel
+
+    if len(passes) < 6:
+        raise InputError(f"serving-fitted costs: the fit run recorded only {len(passes)} timed passes (need 6)")
+    dtype = draft_spec.dtype
+    eff = profile.efficiency_for(dtype)
+    models = {"draft": CostModel(draft_spec, profile), "target": CostModel(target_spec, profile)}
+    layers = {"draft": draft_spec.n_layers, "target": target_spec.n_layers}
+    fixed = {m: layers[m] * eff.kernel_overhead_s_per_layer + eff.pass_overhead_s for m in layers}
+    rows, y = [], []
+    for p in passes:
+        n = len(p.shapes)
+        roof = price(p, models) - sum(fixed[m] for m, _ in p.shapes)
+        rows.append([roof / p.measured_s, sum(layers[m] for m, _ in p.shapes) / p.measured_s, n / p.measured_s])
+        y.append(1.0)
+    a, y = np.array(rows), np.array(y)
+    lo, hi = [0.05, 0.0, 0.0], [20.0, np.inf, np.inf]
+    start = lsq_linear(a, y, bounds=(lo, hi)).x
+    # Robust to the passes a busy machine stretches (soft-L1 on relative error, 10% scale).
+    sol = least_squares(lambda p: a @ p - y, np.clip(start, np.array(lo) + 1e-12, None), bounds=(lo, hi),
+                        loss="soft_l1", f_scale=0.1, x_scale=np.maximum(np.abs(start), 1e-6))
+    s, t_layer, t_pass = (float(x) for x in sol.x)
+    corrected = scale_profile(profile, dtype, s, t_layer, t_pass)
+    fitted_models = {"draft": CostModel(draft_spec, corrected), "target": CostModel(target_spec, corrected)}
+    fit = CostFit(s, t_layer, t_pass, passes=len(passes), before=ape(passes, models), after=ape(passes, fitted_models))
+    return fit, corrected
+
+
+def _eff_fields(profile, dtype: str) -> tuple[str, str | None]:
+    """Where dtype's efficiency block lives: ('efficiency', None) or ('efficiency_by_dtype', dtype)."""
+    return ("efficiency_by_dtype", dtype) if dtype in profile.efficiency_by_dtype else ("efficiency", None)
+
+
+def scale_profile(profile, dtype: str, s: float, t_layer: float, t_pass: float):
+    """The profile with dtype's passes costing s × roofline + L·t_layer + t_pass."""
+    eff = profile.efficiency_for(dtype)
+    peaks = dict(profile.peak_flops_per_s)
+    bw = profile.memory_bandwidth_bytes_per_s
+    f = eff.flops_max / s
+    peak_gain = max(f, 1.0)  # an efficiency above 1 moves into the peak
+    b = eff.bandwidth / s
+    bw_gain = max(b, 1.0)
+    kv = None if eff.kv_bandwidth is None else min(eff.kv_bandwidth / s / bw_gain, 1.0)
+    new = eff.model_copy(update={
+        "flops_max": f / peak_gain, "bandwidth": b / bw_gain, "kv_bandwidth": kv,
+        "kernel_overhead_s_per_layer": t_layer, "pass_overhead_s": t_pass})
+    if peak_gain > 1.0 and dtype in peaks:
+        peaks[dtype] *= peak_gain
+    upd: dict = {"peak_flops_per_s": peaks, "memory_bandwidth_bytes_per_s": bw * bw_gain}
+    where, key = _eff_fields(profile, dtype)
+    if bw_gain > 1.0:
+        # The bandwidth is shared by every dtype: keep the other blocks' absolute rates.
+        upd["efficiency"] = profile.efficiency if where != "efficiency" else new
+        others = {}
+        for d, e in profile.efficiency_by_dtype.items():
+            others[d] = new if d == key else _rebase_bw(e, bw_gain)
+        if where != "efficiency":
+            upd["efficiency"] = _rebase_bw(profile.efficiency, bw_gain)
+        upd["efficiency_by_dtype"] = others
+    elif where == "efficiency":
+        upd["efficiency"] = new
+    else:
+        upd["efficiency_by_dtype"] = {**profile.efficiency_by_dtype, key: new}
+    return profile.model_copy(update=upd)
+
+
+def _rebase_bw(e, gain: float):
+    return e.model_copy(update={"bandwidth": e.bandwidth / gain,
+                                "kv_bandwidth": None if e.kv_bandwidth is None else e.kv_bandwidth / gain})
+
+
+def scale_training(profile, train_dtype: str, factor: float):
+    """The profile with training steps in train_dtype taking `factor` × as long (train_efficiency ÷ factor)."""
+    where, key = _eff_fields(profile, train_dtype)
+    eff = profile.efficiency_for(train_dtype)
+    new = eff.model_copy(update={"train_efficiency": float(np.clip(eff.train_efficiency / factor, 1e-3, 4.0))})
+    if where == "efficiency":
+        return profile.model_copy(update={"efficiency": new})
+    return profile.model_copy(update={"efficiency_by_dtype": {**profile.efficiency_by_dtype, key: new}})
+
+
+def write_profile(profile, path: Path, note: str):
+    from osdsim.cost.profile import dump_profile
+
+    prov = profile.provenance.model_copy(update={"notes": (profile.provenance.notes or "") + " " + note})
+    prof = profile.model_copy(update={"provenance": prov, "name": f"{profile.name}-serving"})
+    atomic_write_text(path, f"# Serving-fitted profile written by osdsim validate. {note}\n" + dump_profile(prof))
+    return path

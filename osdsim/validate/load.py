@@ -1,0 +1,466 @@
+"""Validation under load (issue 12 item 3): the simulator's predictions for a batched server.
+
+The fit stays on a separate run (S1: a batch-1 closed-loop run or a batched one): acceptance
+(fit_acceptance) and serving-fitted pass costs (costfit) come from it alone. Each held-out run is a
+real batched serve run (`osdsim real` with a `serve:` section) at its own arrival rate and training
+placement; its twin replays the run's exact arrival times, domains and lengths as an open-loop trace
+with the run's batching (max batch, chunked prefill, KV budget), placement, update interval and
+pending-step limit, and is compared with it: TTFT / TPOT / E2E p50 and p90, mean batch, queueing
+delay, α per phase, tokens per step, training steps due / done / skipped, training seconds used, α
+at the end of each phase; across runs the arrival rate at which harvest training first falls behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from osdsim.errors import InputError, atomic_write_text, format_validation_error
+from osdsim.specdec import alpha_from_counts
+from osdsim.validate.compare import MetricRow
+
+
+class LoadTolerances(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_p50_rel: float = Field(0.15, gt=0)
+    tpot_p50_rel: float = Field(0.10, gt=0)
+    e2e_p50_rel: float = Field(0.10, gt=0)
+    p90_rel: float = Field(0.20, gt=0, description="TTFT, TPOT and E2E p90.")
+    mean_batch_rel: float = Field(0.10, gt=0)
+    queue_rel: float = Field(0.25, gt=0, description="Mean queueing delay, relative ...")
+    queue_abs_s: float = Field(0.05, ge=0, description="... or within this many seconds.")
+    alpha_phase_abs: float = Field(0.05, gt=0, description="α per phase and α at the end of each phase.")
+    tokens_per_step_rel: float = Field(0.10, gt=0)
+    steps_rel: float = Field(0.10, gt=0, description="Training steps due and done.")
+    train_seconds_rel: float = Field(0.25, gt=0, description="Seconds used for training (harvest).")
+    fall_behind_rate_rel: float = Field(0.25, gt=0)
+
+
+class RunSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(..., min_length=1, description="Name of the held-out run in the report.")
+    overrides: dict = Field(default_factory=dict, description="Overrides of the held-out config (serve.rate_per_s ...).")
+
+
+class LoadSuite(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str | None = None
+    profile: str | None = None
+    calibrate: str = Field("none", description="none | quick | full")
+    on_other_device: Literal["calibrate", "refuse"] = "calibrate"
+    costs: Literal["serving", "microbenchmark"] = "serving"
+    fit: dict = Field(..., description="Real-run config of the fit run S1 (batch-1, or with a serve section).")
+    heldout: dict = Field(..., description="Overrides of `fit` shared by every held-out served run (needs serve:).")
+    runs: list[RunSpec] = Field(..., min_length=1)
+    tolerances: LoadTolerances = Field(default_factory=LoadTolerances)
+    alpha_window_requests: int = Field(16, ge=1)
+
+
+def run_configs(suite: LoadSuite, suite_path: Path) -> tuple[Any, list[tuple[str, Any]]]:
+    """(fit config, [(label, held-out config)]) as RealConfigs; bad input names the run and field."""
+    from osdsim.real.config import RealConfig
+    from osdsim.validate.pipeline import _merge
+
+    def build(label: str, data: dict) -> Any:
+        try:
+            return RealConfig(**data)
+        except ValidationError as exc:
+            raise InputError(f"{suite_path}: {label}: {format_validation_error(exc)}") from None
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{suite_path}: {label}: {str(exc).splitlines()[0]}") from None
+
+    fit = build("fit", suite.fit)
+    base = _merge(suite.fit, suite.heldout)
+    runs, seen = [], set()
+    for r in suite.runs:
+        if r.label in seen:
+            raise InputError(f"{suite_path}: runs: label {r.label!r} given twice")
+        seen.add(r.label)
+        cfg = build(f"run {r.label!r}", _merge(base, r.overrides))
+        if cfg.serve is None:
+            raise InputError(f"{suite_path}: run {r.label!r}: a held-out run needs a serve: section")
+        runs.append((r.label, cfg))
+    return fit, runs
+
+
+# --- a recorded serve run ------------------------------------------------------------------------------
+@dataclass
+class ServeRun:
+    summary: dict
+    requests: list[dict]
+    iterations: list[dict]
+    steps: list[dict]
+    training: list[dict]
+    units: list[dict]
+    alpha: list[dict] = field(default_factory=list)
+    updates: list[dict] = field(default_factory=list)  # training rows that ran (for costfit / fit)
+
+
+SERVE_FILES = ("requests.csv", "iterations.csv", "steps.csv", "training.csv", "training_units.csv")
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def load_serve_run(run_dir: Path) -> ServeRun | None:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("mode") != "serve" or "config" not in summary:
+        return None
+    try:
+        tables = {n: _rows(run_dir / n) for n in SERVE_FILES}
+    except OSError:
+        return None
+    alpha = _rows(run_dir / "alpha.csv") if (run_dir / "alpha.csv").is_file() else []
+    done = [t for t in tables["training.csv"] if t.get("status") == "done"]
+    return ServeRun(summary, tables["requests.csv"], tables["iterations.csv"], tables["steps.csv"],
+                    tables["training.csv"], tables["training_units.csv"], alpha, done)
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def serve_trace_rows(requests: list[dict]) -> list[str]:
+    """The recorded run as an open-loop trace: its exact arrival times, domains and lengths."""
+    rows = sorted(requests, key=lambda r: (_num(r["arrival_s"]), int(r["request_index"])))
+    out = ["arrival_s,domain,prompt_tokens,output_tokens"]
+    for r in rows:
+        out.append(f"{_num(r['arrival_s']):.6f},{r['domain']},{int(_num(r['prompt_tokens']))},"
+                   f"{max(int(_num(r['output_tokens'])), 1)}")
+    return out
+
+
+def serve_twin_scenario(run: ServeRun, profile: str, acc_file: Path, law_file: Path, trace_file: Path) -> dict:
+    """The simulator twin of a recorded serve run (open-loop trace replay with its batching/placement)."""
+    from osdsim.validate.pipeline import twin_scenario
+
+    base = twin_scenario(run.summary, run.requests, profile, acc_file, law_file, trace_file, trace_file.parent,
+                         trace_rows=serve_trace_rows(run.requests))
+    sv = run.summary["config"]["serve"]
+    base["batching"] = {"max_batch_size": int(sv["max_batch_size"]),
+                        "chunked_prefill_tokens": int(sv["chunked_prefill_tokens"]),
+                        "kv_cache_tokens": int(sv["kv_token_budget"])}
+    placement = run.summary.get("placement") or sv["placement"]
+    if placement == "none":
+        base["strategy"] = "static"
+    base["distill"].update({"placement": placement if placement != "none" else "inline",
+                            "max_pending_steps": int(sv["max_pending_steps"]),
+                            # The server trains at full speed in idle windows and never co-runs.
+                            "harvest_fraction": 1.0, "interference": 0.0, "sync_delay_s": 0.0})
+    base["workload"]["trace_replay"] = "open"
+    base["report"] = {"alpha_window_requests": 8, "iteration_log": "full"}
+    base["name"] = f"twin-{run.summary['name']}"
+    return base
+
+
+# --- comparison ------------------------------------------------------------------------------------------
+def _pct(x: list[float] | np.ndarray, q: float) -> float:
+    v = np.asarray([a for a in x if math.isfinite(a)], dtype=float)
+    return float(np.percentile(v, q)) if v.size else math.nan
+
+
+def stall_rate(arrivals: np.ndarray, t_first_skip: float | None) -> float | None:
+    """Arrival rate (req/s over the trailing 10% of requests, at least 10) when training first fell
+    behind (a due step was skipped): the simulator's own definition (sim.results._stall_rate)."""
+    if t_first_skip is None:
+        return None
+    arr = np.sort(np.asarray(arrivals, dtype=float))
+    upto = arr[arr <= t_first_skip]
+    if upto.size < 10:
+        return None
+    w = max(10, upto.size // 10)
+    span = upto[-1] - upto[-w]
+    return float((w - 1) / span) if span > 0 else None
+
+
+def real_mean_batch(iterations: list[dict]) -> float:
+    """Σ batch·duration / Σ duration over serving iterations (as the simulator's mean_batch)."""
+    b = np.array([_num(i["batch_size"]) for i in iterations])
+    d = np.array([_num(i["end_s"]) - _num(i["start_s"]) for i in iterations])
+    return float((b * d).sum() / d.sum()) if d.sum() > 0 else math.nan
+
+
+def sim_mean_batch(iterations: Any) -> float:
+    it = iterations[iterations["kind"] == "serve"] if "kind" in iterations else iterations
+    d = it["duration_s"].to_numpy(dtype=float)
+    return float((it["decode_seqs"].to_numpy(dtype=float) * d).sum() / d.sum()) if d.sum() > 0 else math.nan
+
+
+@dataclass
+class Twin:
+    result: Any  # osdsim.sim.results.Result
+    raw: Any  # the RawRun (training work used)
+    scenario: Any
+
+
+def compare_serve(label: str, real: ServeRun, twin: Twin, tol: LoadTolerances) -> tuple[list[MetricRow], dict]:
+    """Rows for one held-out run, and the series its plots need."""
+    sim = twin.result
+    req = sorted(real.requests, key=lambda r: int(r["request_index"]))
+    sreq = sim.requests.sort_values("request_id")
+    rows: list[MetricRow] = []
+
+    def add(name, p, m, t, kind="rel", unit="", gate=True):
+        rows.append(MetricRow(f"{label}: {name}", p, m, t, kind, unit, gate=gate))
+
+    for col, name, t50 in (("ttft_s", "TTFT", tol.ttft_p50_rel), ("tpot_s", "TPOT", tol.tpot_p50_rel),
+                           ("e2e_s", "E2E", tol.e2e_p50_rel)):
+        r_v = [_num(r[col]) for r in req]
+        s_v = sreq[col].to_numpy(dtype=float)
+        add(f"{name} p50", _pct(s_v, 50), _pct(r_v, 50), t50, unit="s")
+        add(f"{name} p90", _pct(s_v, 90), _pct(r_v, 90), tol.p90_rel, unit="s")
+    add("mean batch (decoding rows, time-weighted)", sim_mean_batch(sim.iterations), real_mean_batch(real.iterations),
+        tol.mean_batch_rel)
+    q_real = float(np.nanmean([_num(r["queue_s"]) for r in req]))
+    q_sim = float(np.nanmean(sreq["queue_s"].to_numpy(dtype=float)))
+    add("queueing delay, mean", q_sim, q_real, max(tol.queue_rel * abs(q_real), tol.queue_abs_s), "abs", "s")
+    for i, ph in enumerate(sim.summary["phases"]):
+        rr = [r for r in req if int(r["phase"]) == i]
+        a = alpha_from_counts(sum(_num(r["accepted"]) for r in rr), sum(_num(r["rejections"]) for r in rr))
+        add(f"α, phase {ph['phase']}", ph["alpha_mean"], a, tol.alpha_phase_abs, "abs")
+    steps = sum(_num(r["steps"]) for r in req)
+    add("tokens per step (incl. bonus)", sim.summary["speculation"]["mean_tokens_per_step"],
+        sum(_num(r["output_tokens"]) - 1 for r in req) / steps if steps else math.nan, tol.tokens_per_step_rel)
+    tr_real = real.summary.get("training") or {}
+    tr_sim = sim.summary["training"]
+    placement = real.summary.get("placement")
+    if placement not in (None, "none"):
+        add("training steps due", tr_sim["steps_due"], tr_real.get("steps_due"), tol.steps_rel)
+        add("training steps done", tr_sim["steps_done"], tr_real.get("steps_done"), tol.steps_rel)
+        due = max(float(tr_real.get("steps_due") or 0), 1.0)
+        add("training steps skipped", tr_sim["steps_skipped"], tr_real.get("steps_skipped"),
+            max(1.0, tol.steps_rel * due), "abs")
+        if placement == "harvest":
+            add("seconds of idle time used for training", float(twin.raw.stats.work_s_used),
+                _num(tr_real.get("idle_s_used")), tol.train_seconds_rel, unit="s")
+        # α at the end of each phase: held-out α of the phase's domain(s) vs the twin's draft α then.
+        for i, ph in enumerate(real.summary.get("phases", [])):
+            end = ph.get("alpha_heldout_end") or {}
+            doms = sorted({r["domain"] for r in req if int(r["phase"]) == i})
+            t_end = float(sreq[sreq["phase"] == sim.summary["phases"][i]["phase"]]["finish_s"].max()) \
+                if i < len(sim.summary["phases"]) else math.nan
+            for d in doms:
+                if d in end:
+                    add(f"α at the end of phase {ph.get('name', i)} ({d})", sim_alpha_at(sim.alpha, d, t_end),
+                        float(end[d]), tol.alpha_phase_abs, "abs")
+    series = {
+        "label": label,
+        "rate": real.summary["config"]["serve"].get("rate_per_s"),
+        "placement": placement,
+        "e2e_measured": [_num(r["e2e_s"]) for r in req], "e2e_predicted": sreq["e2e_s"].dropna().tolist(),
+        "ttft_measured": [_num(r["ttft_s"]) for r in req], "ttft_predicted": sreq["ttft_s"].dropna().tolist(),
+        "alpha_t_measured": [_num(r["finish_s"]) for r in req],
+        "alpha_measured": _rolling_alpha([_num(r["accepted"]) for r in req], [_num(r["rejections"]) for r in req], 8),
+        "alpha_t_predicted": sreq["finish_s"].tolist(),
+        "alpha_predicted": _rolling_alpha(sreq["accepted_tokens"].tolist(), sreq["rejections"].tolist(), 8),
+        "train_done_measured": sorted(_num(t["done_s"]) for t in real.training if t.get("status") == "done"),
+        "train_done_predicted": sorted(sim.training[sim.training["kind"] == "done"]["time_s"].tolist()),
+    }
+    return rows, series
+
+
+def _rolling_alpha(acc: list[float], rej: list[float], w: int) -> list[float]:
+    a, r = np.asarray(acc, dtype=float), np.asarray(rej, dtype=float)
+    ca, cr = np.convolve(a, np.ones(w))[: a.size], np.convolve(r, np.ones(w))[: a.size]
+    return [alpha_from_counts(x, y) for x, y in zip(ca, cr, strict=True)]
+
+
+def sim_alpha_at(alpha_events: Any, domain: str, t: float) -> float:
+    """The twin's draft α for `domain` at time t (last α event at or before t)."""
+    col = f"alpha_{domain}"
+    if alpha_events is None or col not in alpha_events or not math.isfinite(t):
+        return math.nan
+    ev = alpha_events[alpha_events["time_s"] <= t + 1e-9]
+    return float(ev[col].iloc[-1]) if len(ev) else float(alpha_events[col].iloc[0])
+
+
+def fall_behind_rows(entries: list[tuple[str, ServeRun, Twin]], tol: LoadTolerances) -> list[MetricRow]:
+    """Across the harvest runs (by arrival rate): the rate at which training first falls behind."""
+    harvest = [(lbl, r, t) for lbl, r, t in entries if r.summary.get("placement") == "harvest"]
+    harvest.sort(key=lambda e: float(e[1].summary["config"]["serve"].get("rate_per_s") or 0.0))
+    if len(harvest) < 2:
+        return []
+    meas = pred = None
+    for _, r, t in harvest:
+        arr = np.array([_num(x["arrival_s"]) for x in r.requests])
+        if meas is None:
+            skipped = sorted(_num(x["due_s"]) for x in r.training if x.get("status") == "skipped")
+            meas = stall_rate(arr, skipped[0] if skipped else None)
+        if pred is None:
+            ev = t.result.training
+            sk = ev[ev["kind"] == "skipped"]["time_s"]
+            pred = stall_rate(t.result.requests["arrival_s"].to_numpy(), float(sk.min()) if len(sk) else None)
+    return [MetricRow("arrival rate at which harvest training first falls behind (req/s; — : never)",
+                      pred, meas, tol.fall_behind_rate_rel)]
+
+
+# --- the whole method -----------------------------------------------------------------------------------
+def simulate_twin(doc: dict, base_dir: Path) -> Twin:
+    from osdsim.scenario import scenario_from_dict
+    from osdsim.sim.engine import build_and_run
+    from osdsim.sim.results import summarise
+
+    sc = scenario_from_dict(doc, base_dir=base_dir, source="twin scenario")
+    raw = build_and_run(sc)
+    res = summarise(raw)
+    res.scenario = sc
+    return Twin(res, raw, sc)
+
+
+def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progress=None, calibrate_fn=None,
+                        reuse: bool = False, notice=None, calibrate_given: bool = False,
+                        runner: Any = None) -> Any:
+    from osdsim.validate import pipeline as P
+    from osdsim.validate.trace import combine, serve_run_trace, sim_trace, write_trace
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = (out_dir / f"{suite.name}-work").resolve()
+    fit_cfg, runs = run_configs(suite, suite_path)
+    profile, profile_how = P.resolve_profile(suite, suite_path, work, fit_cfg, calibrate_fn, calibrate_given,
+                                             notice, progress)
+
+    def run_and_read(cfg: Any, run_dir: Path) -> Any:
+        if runner is not None:
+            res = runner(cfg, run_dir)
+        else:
+            from osdsim.real.run import run_real
+
+            res = run_real(cfg, run_dir)
+        if cfg.serve is None:
+            return res
+        back = load_serve_run(run_dir)
+        if back is None:
+            raise InputError(f"{run_dir}: the serve run wrote no readable summary.json / CSVs")
+        back.summary.update({k: v for k, v in res.summary.items() if k not in back.summary})
+        return back
+
+    s1, s1_reused = _reuse_or_run(fit_cfg, work / "S1", reuse, "fit run S1", progress, notice, run_and_read)
+    reused = ["S1"] if s1_reused else []
+    k = int(fit_cfg.decode.k)
+    fit_view = s1
+    if isinstance(s1, ServeRun):  # a batched fit run: updates = done training rows with their train_s
+        fit_view = P.RecordedRun(s1.summary, s1.requests, s1.steps, _updates_of(s1), s1.alpha)
+        fit_view.iterations = s1.iterations  # type: ignore[attr-defined]
+    try:
+        acc, law = P.fit_acceptance(fit_view, k)
+    except ValueError as exc:
+        raise InputError(f"{suite_path}: fit run S1 cannot be fitted: {exc}") from None
+    acc_file, law_file = work / "acceptance.yaml", work / "accepted_lengths.yaml"
+    atomic_write_text(acc_file, yaml.safe_dump(acc, sort_keys=False))
+    atomic_write_text(law_file, yaml.safe_dump(law, sort_keys=False))
+    if progress:
+        progress("fitting pass costs on S1's recorded passes")
+    twin_fn = None
+    if isinstance(s1, ServeRun):
+        twin_fn = lambda prof: serve_twin_scenario(s1, prof, acc_file, law_file, work / "S1-trace.csv")  # noqa: E731
+    serving_path, cost_fit = P.serving_fitted_profile(fit_view, k, profile, acc_file, law_file, work, suite_path,
+                                                      twin_fn=twin_fn)
+    twin_profile = str(serving_path) if suite.costs == "serving" else profile
+    rows: list[MetricRow] = []
+    entries, series, traces = [], [], []
+    for label, cfg in runs:
+        run_dir = work / f"run-{label}"
+        real, was_reused = _reuse_or_run(cfg, run_dir, reuse, f"held-out run {label}", progress, notice, run_and_read)
+        if was_reused:
+            reused.append(label)
+        if progress:
+            progress(f"simulating {label}")
+        doc = serve_twin_scenario(real, twin_profile, acc_file, law_file, work / f"{label}-trace.csv")
+        atomic_write_text(work / f"twin-{label}.yaml", yaml.safe_dump(doc, sort_keys=False))
+        twin = simulate_twin(doc, suite_path.resolve().parent)
+        r_rows, s = compare_serve(label, real, twin, suite.tolerances)
+        rows += r_rows
+        series.append(s)
+        entries.append((label, real, twin))
+        tdir = out_dir / f"{suite.name}-traces"
+        meas = serve_run_trace(run_dir, f"measured: {label}", pid=1)
+        pred = sim_trace(twin.result, f"predicted: {label}", pid=2)
+        traces.append(write_trace(meas, tdir / f"{label}-measured.trace.json"))
+        traces.append(write_trace(pred, tdir / f"{label}-predicted.trace.json"))
+        traces.append(write_trace(combine(meas, pred), tdir / f"{label}-side-by-side.trace.json"))
+    rows += fall_behind_rows(entries, suite.tolerances)
+    meta = {
+        "title": f"osdsim validate: {suite.name}",
+        "suite": str(suite_path),
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "device": entries[0][1].summary.get("device", "local") if entries else "local",
+        "method": (f"fit on S1 (seed {fit_cfg.seed}, {'batched' if fit_cfg.serve else 'batch 1'}); predict "
+                   f"{len(runs)} held-out served runs ({', '.join(lbl for lbl, _ in runs)}) as open-loop trace "
+                   "replays of their exact arrivals and lengths with their batching and placement"
+                   + (f" (real runs {', '.join(reused)} reused)" if reused else "")),
+        "profile": profile, "profile_choice": profile_how, "serving_profile": str(serving_path),
+        "costs": suite.costs, "serving_fitted_costs": cost_fit.as_dict(), "fitted_acceptance": acc,
+        "traces": [p.relative_to(out_dir).as_posix() for p in traces],
+        "notes": load_notes() + [
+            f"Pass costs fitted on S1's {cost_fit.passes} recorded passes: median |error| per pass kind with the "
+            f"microbenchmark profile {P._fmt_errs(cost_fit.before)}; serving-fitted (in sample) "
+            f"{P._fmt_errs(cost_fit.after)}; training time x{cost_fit.train_factor:.3f}. The twins use the "
+            f"{suite.costs} profile."],
+    }
+    return P.ValidationResult(rows=rows, meta=meta, files={"work": work}, series={"load": series})
+
+
+def load_notes() -> list[str]:
+    return [
+        "Known differences of the twin: the simulator reserves prompt + actual output tokens of KV per "
+        "request, the server prompt + max_new_tokens (kv_token_budget); the simulator's harvest also "
+        "trains in the spare compute inside serving iterations, the server only in idle windows.",
+        "Traces (in <suite>-traces/): open a <run>-side-by-side.trace.json (the measured run and its "
+        "prediction as two processes) in ui.perfetto.dev or chrome://tracing; -measured / -predicted hold each alone.",
+    ]
+
+
+def _updates_of(run: ServeRun) -> list[dict]:
+    """training.csv rows that ran, as the batch-1 updates the fitters read: requests_seen = requests
+    finished by the step's due time, train_s as recorded."""
+    fin = sorted(_num(r["finish_s"]) for r in run.requests if math.isfinite(_num(r["finish_s"])))
+    out = []
+    for t in run.training:
+        if t.get("status") != "done":
+            continue
+        out.append({"requests_seen": int(np.searchsorted(fin, _num(t["due_s"]), side="right")),
+                    "train_s": t.get("train_s")})
+    return out
+
+
+def _reuse_or_run(cfg, run_dir, reuse, label, progress, notice, runner):
+    from osdsim.validate.pipeline import _recorded_or_run
+
+    if reuse and cfg.serve is not None:
+        rec = load_serve_run(run_dir)
+        if rec is not None:
+            # Batch-1 reader does not know serve runs: check here, then fall through to the shared rule.
+            from osdsim.real.config import RealConfig
+            from osdsim.validate.fingerprint import device_fingerprint, differences
+            from osdsim.validate.pipeline import _same_config
+
+            same = _same_config(RealConfig, rec.summary.get("config"), cfg)
+            diff = differences(rec.summary.get("device_fingerprint"), device_fingerprint(cfg.device, int(cfg.threads)))
+            if same and not diff:
+                return rec, True
+            if notice:
+                why = "another config" if not same else f"another or unknown device ({'; '.join(diff)})"
+                notice(f"--reuse-runs: {label}: the recorded run has {why}; running it for real")
+        reuse = False
+    return _recorded_or_run(cfg, run_dir, reuse, label, progress, notice, runner)

@@ -1,0 +1,78 @@
+"""The load suite's machinery end to end on tiny models (fast suite): a served fit run, three served
+held-out runs (harvest at two rates, dedicated), twins, report, plots and timelines."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from osdsim.cli import app
+from tests.conftest import REPO
+
+runner = CliRunner()
+
+
+def test_load_suites_check_and_list():
+    for name in ("cpu-load.yaml", "cpu-load-quick.yaml"):
+        r = runner.invoke(app, ["validate", str(REPO / "validate" / name), "--check"])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["validate", "--list", "--json"])
+    kinds = {s["name"]: s["kind"] for s in json.loads(r.output)}
+    assert kinds["cpu-load"] == "load" and kinds["cpu-smollm2"] == "batch1"
+
+
+@pytest.mark.real
+def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("OSDSIM_CACHE", str(tmp_path / "cache"))
+    r = runner.invoke(app, ["validate", str(REPO / "validate" / "cpu-load-quick.yaml"), "--out", str(tmp_path), "-q"])
+    assert r.exit_code in (0, 1), r.output
+    doc = json.loads(next(tmp_path.glob("cpu-load-quick-2*.json")).read_text())
+    rows = {m["name"]: m for m in doc["metrics"]}
+    for label in ("harvest-low", "harvest-high", "dedicated"):
+        for metric in ("TTFT p50", "TTFT p90", "TPOT p50", "E2E p90", "mean batch (decoding rows, time-weighted)",
+                       "queueing delay, mean", "tokens per step (incl. bonus)", "training steps done"):
+            m = rows[f"{label}: {metric}"]
+            assert m["predicted"] is not None and m["measured"] is not None, (label, metric)
+    assert "harvest-low: seconds of idle time used for training" in rows
+    assert any(n.startswith("harvest-low: α at the end of phase") for n in rows)
+    # The real server fell behind at the high rate (steps skipped, none run in idle windows).
+    assert rows["harvest-high: training steps skipped"]["measured"] > 0
+    fb = rows["arrival rate at which harvest training first falls behind (req/s; — : never)"]
+    assert fb["measured"] is not None and fb["measured"] > 5
+    # Every row within the suite's loose tolerances except the fall-behind rate: the simulator's harvest
+    # also trains in the spare compute inside serving iterations, which this server never does, so its
+    # twin keeps up at 200 req/s (reported in the notes; the row fails rather than hides it).
+    bad = [n for n, m in rows.items() if not m["passed"] and n != fb["name"]]
+    assert bad == []
+    assert doc["serving_fitted_costs"]["passes"] > 50
+    for p in ("latency", "alpha", "training"):
+        assert next(tmp_path.glob(f"cpu-load-quick-2*-{p}.png")).stat().st_size > 1000
+    for label in ("harvest-low", "harvest-high", "dedicated"):
+        tr = json.loads((tmp_path / "cpu-load-quick-traces" / f"{label}-side-by-side.trace.json").read_text())
+        assert {e["pid"] for e in tr["traceEvents"]} == {1, 2}
+    # Re-predict from the recorded runs (same device, same configs): nothing runs again.
+    s1 = tmp_path / "cpu-load-quick-work" / "S1" / "requests.csv"
+    before = s1.stat().st_mtime_ns
+    r = runner.invoke(app, ["validate", str(REPO / "validate" / "cpu-load-quick.yaml"), "--out", str(tmp_path), "-q",
+                            "--reuse-runs"])
+    assert r.exit_code in (0, 1), r.output
+    assert s1.stat().st_mtime_ns == before
+    doc = json.loads(next(tmp_path.glob("cpu-load-quick-2*.json")).read_text())
+    assert "reused" in doc["method"] and "S1" in doc["method"]
+
+
+def test_bad_load_suite_exits_2_in_one_line(tmp_path):
+    import yaml
+
+    doc = yaml.safe_load((REPO / "validate" / "cpu-load.yaml").read_text())
+    doc["profile"] = str(REPO / "calibration" / "cpu-amd-epyc.yaml")
+    for override, field in (({"rate_per_s": -1}, "rate_per_s"), ({"placement": "gpu"}, "placement"),
+                            ({"max_batch_size": 0}, "max_batch_size")):
+        bad = {**doc, "runs": [{"label": "bad", "overrides": {"serve": override}}]}
+        p = tmp_path / "s.yaml"
+        p.write_text(yaml.safe_dump(bad))
+        r = runner.invoke(app, ["validate", str(p), "--check"])
+        assert r.exit_code == 2, r.output
+        assert field in r.output and "run 'bad'" in r.output and len(r.output.strip().splitlines()) <= 3

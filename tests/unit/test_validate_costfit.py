@@ -1,0 +1,83 @@
+"""Serving-fitted pass costs (issue 12, 5a): a known correction of the profile is recovered from passes."""
+
+import numpy as np
+import pytest
+
+from osdsim.cost.model import CostModel
+from osdsim.cost.profile import load_profile
+from osdsim.models import ModelSpec
+from osdsim.validate import costfit
+from tests.conftest import REPO
+
+TARGET = ModelSpec(name="t", n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, ffn=1536, vocab=49152, dtype="bf16")
+DRAFT = ModelSpec(name="d", n_layers=2, hidden=576, n_heads=9, n_kv_heads=3, ffn=1536, vocab=4096, dtype="bf16")
+
+
+def _profile():
+    return load_profile(REPO / "calibration" / "cpu-amd-epyc.yaml")
+
+
+def _synthetic_run(truth, k=3, n_req=12, seed=0):
+    rng = np.random.default_rng(seed)
+    models = {"draft": CostModel(DRAFT, truth), "target": CostModel(TARGET, truth)}
+    requests, steps = [], []
+    for i in range(n_req):
+        prompt = int(rng.integers(20, 200))
+        requests.append({"request_index": i, "prompt_tokens": prompt})
+        for _ in range(8):
+            g = k
+            steps.append({"request_index": i, "proposed": g, "emitted": int(rng.integers(1, k + 2)),
+                          "draft_s": 1.0, "verify_s": 1.0})
+    passes = costfit.passes_batch1(requests, steps, k)
+    # "Measure" every pass with the true device, matched back onto the step rows.
+    it = iter(passes)
+    for st in steps:
+        d, v = next(it), next(it)
+        st["draft_s"] = costfit.price(d, models) * float(rng.normal(1, 0.01))
+        st["verify_s"] = costfit.price(v, models) * float(rng.normal(1, 0.01))
+    return requests, steps
+
+
+@pytest.mark.parametrize("s,t_layer,t_pass", [(1.3, 3e-4, 2e-3), (0.7, 5e-5, 4e-4)])
+def test_fit_recovers_a_known_correction_and_removes_the_error(s, t_layer, t_pass):
+    prof = _profile()
+    truth = costfit.scale_profile(prof, "bf16", s, t_layer, t_pass)
+    requests, steps = _synthetic_run(truth)
+    passes = costfit.passes_batch1(requests, steps, 3)
+    fit, corrected = costfit.fit_pass_costs(passes, DRAFT, TARGET, prof)
+    assert fit.scale == pytest.approx(s, rel=0.05)
+    assert fit.pass_overhead_s == pytest.approx(t_pass, rel=0.1, abs=2e-4)
+    assert max(fit.before.values()) > 0.1  # the microbenchmark profile was off
+    assert max(fit.after.values()) < 0.02
+    # The corrected profile is a valid profile that prices like the truth.
+    assert CostModel(TARGET, corrected).decode_time(1, 100, 4) == pytest.approx(
+        CostModel(TARGET, truth).decode_time(1, 100, 4), rel=0.03)
+
+
+def test_batched_iterations_are_priced_as_the_simulator_prices_them():
+    prof = _profile()
+    its = [{"batch_size": 4, "k": 3, "context_tokens": 800, "draft_s": 0.02, "verify_s": 0.05, "verify_tokens": 16},
+           {"batch_size": 1, "k": 3, "context_tokens": 80, "draft_s": 3e-6, "verify_s": 0.01, "verify_tokens": 1}]
+    (d, v, v1) = costfit.passes_batched(its)  # no draft pass when every row drafts 0 tokens
+    assert v1.kind == "verify" and v1.shapes == [("target", (1, 1, 80, 80.5))]
+    assert len(d.shapes) == 3 and d.shapes[0] == ("draft", (4, 4, 800, 802.0))
+    assert v.shapes == [("target", (16, 16, 800, 4 * 800 + 4 * 16 / 2))]
+    (p,) = costfit.passes_batched([{"batch_size": 0, "k": 3, "context_tokens": 0, "draft_s": 0, "verify_s": 0,
+                                    "verify_tokens": 0, "prefill_tokens": 64, "prefill_rows": 2, "prefill_s": 0.01}])
+    assert p.kind == "prefill" and [m for m, _ in p.shapes] == ["target", "draft"]
+    tm = CostModel(TARGET, prof)
+    assert costfit.price(v, {"target": tm}) == pytest.approx(tm.decode_time(4, 200, 4), rel=1e-9)
+
+
+def test_too_few_passes_is_bad_input():
+    from osdsim.errors import InputError
+
+    with pytest.raises(InputError, match="timed passes"):
+        costfit.fit_pass_costs([], DRAFT, TARGET, _profile())
+
+
+def test_training_scale_moves_only_the_training_dtype():
+    prof = _profile()
+    p2 = costfit.scale_training(prof, "fp32", 2.0)
+    assert p2.efficiency.train_efficiency == pytest.approx(prof.efficiency.train_efficiency / 2)
+    assert p2.efficiency_by_dtype["bf16"] == prof.efficiency_by_dtype["bf16"]

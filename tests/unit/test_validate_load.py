@@ -1,0 +1,165 @@
+"""The load validation's twin of a recorded serve run, comparisons and timelines (no torch needed)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from osdsim.errors import InputError
+from osdsim.validate import load
+from osdsim.validate.trace import combine, serve_run_trace, sim_trace
+from tests.conftest import REPO, analytic_profile
+
+SPEC = {"layers": 4, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 128, "vocab": 512, "tied_embeddings": True}
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def fake_serve_run(d, n=24, rate=4.0, placement="harvest", seed=0):
+    """A recorded serve run of the server's format: arrivals, lengths, iterations, training rows."""
+    from osdsim.real.config import RealConfig
+
+    rng = np.random.default_rng(seed)
+    cfg = RealConfig(name="fake", models={"target": "tiny"}, stream={"domains": ["finance", "gsm8k"],
+                     "requests_per_phase": n // 2}, decode={"k": 3, "max_new_tokens": 12},
+                     distill={"update_interval": 4},
+                     serve={"rate_per_s": rate, "placement": placement, "max_batch_size": 4,
+                            "kv_token_budget": 4096, "chunked_prefill_tokens": 64, "max_pending_steps": 2})
+    d.mkdir(parents=True)
+    arrivals = np.round(np.cumsum(rng.exponential(1 / rate, n)), 6)
+    arrivals[0] = 0.0
+    reqs = []
+    for i, a in enumerate(arrivals):
+        out = int(rng.integers(2, 13))
+        acc = int(rng.integers(0, 2 * out))
+        reqs.append({"request_index": i, "phase": int(i >= n // 2), "phase_name": "finance" if i < n // 2 else "gsm8k",
+                     "domain": "finance" if i < n // 2 else "gsm8k", "uid": f"u{i}", "arrival_s": float(a),
+                     "admitted_s": a + 0.001, "first_token_s": a + 0.01, "finish_s": a + 0.05, "queue_s": 0.001,
+                     "ttft_s": 0.01, "tpot_s": 0.004, "e2e_s": 0.05, "prompt_tokens": int(rng.integers(20, 200)),
+                     "output_tokens": out, "hit_eos": False, "steps": out // 2 + 1, "proposed": 3 * (out // 2 + 1),
+                     "accepted": acc, "rejections": out // 2, "alpha": "", "accepted_lengths": "1 0"})
+    _write(d / "requests.csv", reqs)
+    its = [{"iteration": j, "start_s": 0.01 * j, "end_s": 0.01 * j + 0.008, "batch_size": 1 + j % 3,
+            "prefill_rows": 0, "prefill_tokens": 0, "prefill_s": 0.0, "draft_s": 0.003, "verify_s": 0.004, "k": 3,
+            "verify_tokens": 4 * (1 + j % 3), "context_tokens": 100, "waiting": 0, "proposed": 3, "accepted": 1,
+            "emitted": 2, "trainer_busy": 0, "draft_version": 0} for j in range(30)]
+    _write(d / "iterations.csv", its)
+    _write(d / "steps.csv", [{"request_index": 0, "iteration": 0, "proposed": 3, "accepted": 1, "emitted": 2}])
+    tr = [{"step": s + 1, "due_s": 0.5 * s, "started_s": 0.5 * s + 0.1 if s % 2 == 0 else "", "done_s":
+           0.5 * s + 0.2 if s % 2 == 0 else "", "published_s": "", "status": "done" if s % 2 == 0 else "skipped",
+           "samples": 4, "positions": 40, "units": 1, "train_s": 0.1 if s % 2 == 0 else 0.0, "loss_before": "",
+           "loss_after": ""} for s in range(6)]
+    _write(d / "training.csv", tr)
+    _write(d / "training_units.csv", [{"step": 1, "unit": 0, "start_s": 0.1, "end_s": 0.2, "preempted": 0}])
+    summary = {"mode": "serve", "name": "fake", "config": cfg.model_dump(mode="json"), "device": "cpu",
+               "threads": 1, "serve_dtype": "float32", "draft_vocab": None, "target": SPEC,
+               "draft": {**SPEC, "layers": 1}, "placement": placement, "requests": n,
+               "training": {"steps_due": 6, "steps_done": 3, "steps_skipped": 3, "steps_pending_at_end": 0,
+                            "idle_s_used": 0.3},
+               "phases": [{"phase": 0, "name": "finance", "alpha_heldout_end": {"finance": 0.5, "gsm8k": 0.1}},
+                          {"phase": 1, "name": "gsm8k", "alpha_heldout_end": {"finance": 0.4, "gsm8k": 0.3}}]}
+    (d / "summary.json").write_text(json.dumps(summary))
+    return load.load_serve_run(d)
+
+
+def _acceptance(tmp_path):
+    acc = {"transfer": 0.0, "distillation_helps": False,
+           "domains": {d: {"alpha_0": 0.3, "alpha_inf": 0.7, "tau_tokens": 200.0} for d in ("finance", "gsm8k")}}
+    law = {"k": 3, "entries": [{"alpha": 0.2, "histogram": [8, 2, 1, 1]}, {"alpha": 0.8, "histogram": [1, 2, 3, 8]}]}
+    (tmp_path / "acc.yaml").write_text(yaml.safe_dump(acc))
+    (tmp_path / "law.yaml").write_text(yaml.safe_dump(law))
+    return tmp_path / "acc.yaml", tmp_path / "law.yaml"
+
+
+def _twin(tmp_path, run):
+    prof = analytic_profile(tmp_path, kernel_s=2e-4, pass_s=1e-3)
+    acc, law = _acceptance(tmp_path)
+    doc = load.serve_twin_scenario(run, str(prof), acc, law, tmp_path / "trace.csv")
+    return doc, load.simulate_twin(doc, tmp_path)
+
+
+@pytest.mark.parametrize("placement", ["harvest", "dedicated", "inline"])
+def test_twin_of_a_recorded_serve_run_reproduces_its_arrivals_exactly(tmp_path, placement):
+    run = fake_serve_run(tmp_path / "run", placement=placement)
+    doc, twin = _twin(tmp_path, run)
+    assert doc["workload"]["arrival"] == "trace" and doc["workload"]["trace_replay"] == "open"
+    assert doc["batching"] == {"max_batch_size": 4, "chunked_prefill_tokens": 64, "kv_cache_tokens": 4096}
+    assert doc["distill"]["placement"] == placement and doc["distill"]["max_pending_steps"] == 2
+    assert doc["distill"]["update_interval_requests"] == 4
+    sim = twin.result.requests.sort_values("request_id")
+    rec = sorted(run.requests, key=lambda r: float(r["arrival_s"]))
+    assert sim["arrival_s"].tolist() == [float(r["arrival_s"]) for r in rec]  # exactly, not approximately
+    assert sim["domain"].tolist() == [r["domain"] for r in rec]
+    assert sim["prompt_tokens"].tolist() == [int(r["prompt_tokens"]) for r in rec]
+    assert sim["output_tokens"].tolist() == [int(r["output_tokens"]) for r in rec]
+    assert sim["phase"].tolist() == [r["phase_name"] for r in rec]
+
+
+def test_comparison_rows_and_fall_behind_rate(tmp_path):
+    run = fake_serve_run(tmp_path / "run", n=40, rate=20.0)
+    _, twin = _twin(tmp_path, run)
+    rows, series = load.compare_serve("r", run, twin, load.LoadTolerances())
+    names = [r.name for r in rows]
+    for want in ("r: TTFT p50", "r: TPOT p90", "r: E2E p50", "r: mean batch (decoding rows, time-weighted)",
+                 "r: queueing delay, mean", "r: α, phase finance", "r: tokens per step (incl. bonus)",
+                 "r: training steps due", "r: training steps done", "r: training steps skipped",
+                 "r: seconds of idle time used for training", "r: α at the end of phase gsm8k (gsm8k)"):
+        assert want in names
+    by = {r.name: r for r in rows}
+    assert by["r: training steps due"].measured == 6 and by["r: E2E p50"].measured == pytest.approx(0.05)
+    # Measured mean batch: Σ batch·duration / Σ duration of the recorded iterations.
+    assert by["r: mean batch (decoding rows, time-weighted)"].measured == pytest.approx(np.mean([1 + j % 3 for j in range(30)]))
+    assert series["train_done_measured"] == [pytest.approx(0.2), pytest.approx(1.2), pytest.approx(2.2)]
+    # Measured fall-behind: first skipped step due at 0.5 s; trailing rate of the arrivals before it.
+    arr = np.array([float(r["arrival_s"]) for r in run.requests])
+    assert load.stall_rate(arr, 0.5) is None or load.stall_rate(arr, 0.5) > 0
+    t = np.arange(100) * 0.1  # 10 req/s exactly
+    assert load.stall_rate(t, 9.95) == pytest.approx(10.0)
+    assert load.stall_rate(t, 0.5) is None  # fewer than 10 arrivals: undefined
+    fb = load.fall_behind_rows([("a", run, twin), ("b", run, twin)], load.LoadTolerances())
+    assert len(fb) == 1 and "falls behind" in fb[0].name
+
+
+def test_traces_of_both_sides_share_one_schema(tmp_path):
+    run = fake_serve_run(tmp_path / "run")
+    _, twin = _twin(tmp_path, run)
+    meas, pred = serve_run_trace(tmp_path / "run", pid=1), sim_trace(twin.result, pid=2)
+    for tr in (meas, pred):
+        ev = tr["traceEvents"]
+        json.dumps(tr)
+        assert {e["name"] for e in ev if e["ph"] == "X"} >= {"iteration", "train"}
+        assert all(e["dur"] >= 0 for e in ev if e["ph"] == "X")
+        assert {e["args"]["name"] for e in ev if e["name"] == "thread_name"} == {"replica 0 serving", "replica 0 training"}
+        for e in ev:
+            if e["name"] == "iteration":
+                assert set(e["args"]) == {"batch", "prefill_tokens", "k", "emitted"}
+    names = {e["name"] for e in meas["traceEvents"]}
+    assert {"draft", "verify", "idle", "step skipped"} <= names
+    assert len([e for e in meas["traceEvents"] if e["name"] == "iteration"]) == 30
+    both = combine(meas, pred)
+    assert {e["pid"] for e in both["traceEvents"]} == {1, 2}
+
+
+def test_load_suite_bad_input_names_the_run_and_field(tmp_path):
+    doc = yaml.safe_load((REPO / "validate" / "cpu-load.yaml").read_text())
+    suite = load.LoadSuite(**doc)
+    fit, runs = load.run_configs(suite, REPO / "validate" / "cpu-load.yaml")
+    assert len(runs) >= 3 and fit.serve is not None
+    placements = [c.serve.placement for _, c in runs]
+    assert placements.count("harvest") >= 2 and "dedicated" in placements
+    assert len({c.serve.rate_per_s for _, c in runs if c.serve.placement == "harvest"}) >= 2
+    for bad, msg in (({"serve": {"placement": "elsewhere"}}, "placement"), ({"serve": {"rate_per_s": 0}}, "rate_per_s"),
+                     ({"serve": {"max_batch_size": 0}}, "max_batch_size")):
+        d = {**doc, "runs": [{"label": "x", "overrides": bad}]}
+        with pytest.raises(InputError, match=rf"run 'x': .*{msg}"):
+            load.run_configs(load.LoadSuite(**d), tmp_path / "s.yaml")
+    d = {**doc, "heldout": {**doc["heldout"], "serve": None}, "runs": [{"label": "x"}]}
+    with pytest.raises(InputError, match="needs a serve"):
+        load.run_configs(load.LoadSuite(**d), tmp_path / "s.yaml")
