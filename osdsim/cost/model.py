@@ -26,9 +26,9 @@ default, and with all off every expression above is evaluated exactly as before)
 - p (`roofline_sharpness`): roofline(c, m) = (c^p + m^p)^(1/p) instead of max(c, m).
 - η_att (`attention_flops`): attention is its own kernel, roofline(4·L·d_attn·Σq(c+q/2)/(F·η_att),
   KV bytes/(BW·η_kv)), added to the GEMMs' roofline (which then holds no attention FLOPs or KV bytes).
-- n_d, n_f, n_q (`nongemm_s_per_token_*`): norms, rotary, activation and residual adds cost
-  L·T·(n_d·d + n_f·ffn/t + n_q·(d + d_kv)/t) seconds outside the roofline (which then holds no
-  activation bytes).
+- n_d, n_f, n_q, T₀ (`nongemm_*`): norms, rotary, activation and residual adds cost
+  L·max(T, T₀)·(n_d·d + n_f·ffn/t + n_q·(d + d_kv)/t) seconds outside the roofline (which then holds
+  no activation bytes).
 - s (`pass_overhead_s_per_seq`): serving-engine CPU time per sequence, s·T_logits per pass.
 
 All of it is one formula, `pass_core` (the fit in osdsim.calibrate calls it too).
@@ -70,7 +70,7 @@ def roofline(compute_s, memory_s, sharpness, maximum):
     if sharpness is None:
         return hi
     lo = compute_s + memory_s - hi
-    return hi * (1.0 + (lo / hi) ** sharpness) ** (1.0 / sharpness)
+    return hi * (1.0 + (lo / (hi + 1e-300)) ** sharpness) ** (1.0 / sharpness)  # + 1e-300: 0 when both are 0
 
 
 def pass_core(flops, att_flops, nbytes, kv_bytes, act_bytes, nongemm_s, eta, c: TimeCoefs, maximum):
@@ -173,6 +173,7 @@ class CostModel:
             kv_bw=self.bandwidth * (eff.kv_bandwidth if eff.kv_bandwidth is not None else eff.bandwidth),
             nongemm=eff.nongemm_s_per_token_hidden is not None,
         )
+        self._nongemm_min = eff.nongemm_min_tokens
         # Non-GEMM seconds per token of the whole model (used only when the nongemm terms are on).
         self._nongemm_s_per_token = 0.0 if eff.nongemm_s_per_token_hidden is None else m.n_layers * (
             eff.nongemm_s_per_token_hidden * m.hidden + eff.nongemm_s_per_token_ffn * m.ffn / tp
@@ -279,7 +280,8 @@ class CostModel:
         act_bytes = self._act_bytes_per_token * tokens
         nbytes = weights + kv_bytes + act_bytes + self._logit_bytes * logit_tokens
         core, compute_s, memory_s = pass_core(
-            flops, att_flops, nbytes, kv_bytes, act_bytes, self._nongemm_s_per_token * tokens, eta, self._coefs, maximum)
+            flops, att_flops, nbytes, kv_bytes, act_bytes, self._nongemm_s_per_token * max(tokens, self._nongemm_min),
+            eta, self._coefs, maximum)
         comm_s = self._comm_fixed + self._comm_per_token * tokens
         time_s = core + self._fixed_s + self._comm_fixed + self._comm_per_token * tokens
         if self._per_seq_s:
@@ -323,9 +325,9 @@ class CostModel:
         m = TRAIN_FLOPS_MULTIPLIER
         core, compute_s, memory_s = pass_core(
             flops, m * self._flops_per_pair * fwd.attention_pairs, nbytes, m * self.kv_bytes(fwd),
-            m * self._act_bytes_per_token * tokens, m * self._nongemm_s_per_token * tokens,
+            m * self._act_bytes_per_token * tokens, m * self._nongemm_s_per_token * max(tokens / mb, self._nongemm_min) * mb,
             self.eta_flops(tokens / mb), self._coefs, max)
-        overhead = TRAIN_FLOPS_MULTIPLIER * mb * (self._fixed_s + self._per_seq_s * fwd.logit_tokens / mb)
+        overhead = TRAIN_FLOPS_MULTIPLIER * mb * self._fixed_s  # (no per-sequence engine time: nothing is sampled)
         comm_s = TRAIN_FLOPS_MULTIPLIER * (mb * self._comm_fixed + self._comm_per_token * tokens)
         # Training kernels (backward, autograd, loss, AdamW) run at train_efficiency × forward speed
         # (dividing the core is dividing the larger of compute and memory: the same number).

@@ -72,6 +72,11 @@ class Efficiency(BaseModel):
     )
     nongemm_s_per_token_ffn: float = Field(0.0, ge=0, description="See nongemm_s_per_token_hidden (per ffn element).")
     nongemm_s_per_token_qkv: float = Field(0.0, ge=0, description="See nongemm_s_per_token_hidden (per q+k element).")
+    nongemm_min_tokens: float = Field(
+        0.0, ge=0,
+        description="The non-GEMM ops cost as if they ran max(T, this) tokens (a few rows do not fill the GPU: "
+        "below this the time is set by the rows' width, not their number).",
+    )
     pass_overhead_s_per_seq: float = Field(
         0.0, ge=0,
         description="Serving-engine CPU time per sequence per pass (scheduling, input preparation, sampling, "
@@ -207,4 +212,4 @@ def load_profile(path: Path) -> HardwareProfile:
 
 
 def dump_profile(profile: HardwareProfile) -> str:
-    return yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    return yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
