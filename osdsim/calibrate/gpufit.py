@@ -261,14 +261,25 @@ def fit_collective(t: CollectiveTable, max_bytes: float = 64 * 2**20) -> tuple[f
 
 
 def fit_cpu(t: CpuOverheadTable) -> tuple[float, float, dict]:
-    held = np.isin(t.model, HELDOUT_MODELS)
-    fit = ~held if np.any(~held) else np.ones_like(held)
+    """c0 + c1·batch on the TP-1 rows (with TP > 1 the engine also broadcasts to its workers, a cost
+    the profile does not price per TP), held-out models scored; errors on TP > 1 rows reported too."""
+    tp1 = t.tp == 1
+    if not np.any(tp1):
+        tp1 = np.ones_like(tp1)
+    held = np.isin(t.model, HELDOUT_MODELS) & tp1
+    fit = ~np.isin(t.model, HELDOUT_MODELS) & tp1
+    if not np.any(fit):
+        fit = tp1
     a = np.vstack([np.ones(fit.sum()), t.batch[fit]]).T
     # relative least squares: divide each row by its measurement
     coef, *_ = np.linalg.lstsq(a / t.time_s[fit, None], np.ones(fit.sum()), rcond=None)
     c0, c1 = float(max(coef[0], 0.0)), float(max(coef[1], 0.0))
     sel = held if np.any(held) else fit
-    return c0, c1, {"cpu_overhead": ape(c0 + c1 * t.batch[sel], t.time_s[sel])}
+    errors = {"cpu_overhead/heldout/tp1" if np.any(held) else "cpu_overhead/insample/tp1":
+              ape(c0 + c1 * t.batch[sel], t.time_s[sel])}
+    if np.any(~tp1):
+        errors["cpu_overhead/tp>1 (not priced per TP)"] = ape(c0 + c1 * t.batch[~tp1], t.time_s[~tp1])
+    return c0, c1, errors
 
 
 # --- the whole device ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from osdsim.cli import app
 from osdsim.cost.model import BatchShape, CostModel
 from osdsim.cost.profile import load_profile
 from osdsim.errors import InputError
+from tests.conftest import REPO
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "vidur" / "profiling"
 runner = CliRunner()
@@ -319,3 +320,22 @@ def test_cli_writes_the_profile_atomically_and_keeps_the_previous(tmp_path):
     h200 = load_profile(tmp_path / "h200.yaml")
     assert h200.provenance.source == "derived" and "NOT MEASURED" in h200.provenance.notes
     assert h200.memory_bandwidth_bytes_per_s == 4.8e12
+def test_shipped_profiles_carry_provenance_and_errors():
+    for name in ("a100-80g", "h100", "a40"):
+        prof = load_profile(REPO / "calibration" / f"{name}.yaml")
+        p = prof.provenance
+        assert p.source == "measured" and p.data_source and p.files and p.attention and p.date
+        assert prof.efficiency.gpu_terms
+        for regime in ("decode", "prefill"):
+            assert prof.fit_errors[f"layer/heldout/{regime}"]["n"] > 100
+    h200 = load_profile(REPO / "calibration" / "h200.yaml")
+    assert h200.provenance.source == "derived" and h200.provenance.derived_from.startswith("h100")
+    old = load_profile(REPO / "calibration" / "a100-80g-datasheet.yaml")
+    assert old.provenance.source == "datasheet" and not old.efficiency.gpu_terms
+
+
+def test_profile_show_prints_provenance_and_errors():
+    r = invoke("profile", "show", "a100-80g")
+    assert r.exit_code == 0, r.output
+    assert "provenance" in r.output and "vidur" in r.output.lower()
+    assert "layer/heldout/decode" in r.output and "median" in r.output
