@@ -2,7 +2,7 @@
 datasheet profile and with the profile fitted on Vidur's CUDA timings, side by side.
 
     PYTHONPATH=. python benchmarks/gpu_profile_effects.py [--old a100-80g-datasheet] [--new a100-80g]
-        [--json out.json] scenarios/shift.yaml scenarios/steady.yaml ...
+        [--json out.json] [--set key=value ...] scenarios/shift.yaml scenarios/steady.yaml ...
 
 Prints per strategy: e2e and TPOT speedup over no-spec, TTFT/TPOT p50 (ms), and for harvest
 scenarios the arrival rate at which training first fell behind (stalled_at_rate_per_s).
@@ -21,8 +21,8 @@ from osdsim.report.writers import comparison_document
 from osdsim.scenario import load_scenario
 
 
-def run(path: Path, profile: str) -> dict:
-    sc = load_scenario(path, [f"hardware.profile={profile}"])
+def run(path: Path, profile: str, sets: list[str] | None = None) -> dict:
+    sc = load_scenario(path, [*(sets or []), f"hardware.profile={profile}"])
     t0 = time.perf_counter()
     doc = comparison_document(compare(sc))
     out = {"wall_s": round(time.perf_counter() - t0, 1), "variants": {}}
@@ -44,10 +44,11 @@ def main() -> None:
     ap.add_argument("--old", default="a100-80g-datasheet")
     ap.add_argument("--new", default="a100-80g")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--set", action="append", default=[], help="scenario override (as `osdsim run --set`)")
     a = ap.parse_args()
     results = {}
     for path in a.scenarios:
-        old, new = run(path, a.old), run(path, a.new)
+        old, new = run(path, a.old, a.set), run(path, a.new, a.set)
         results[path.stem] = {"old": old, "new": new}
         print(f"\n## {path.stem} ({a.old} {old['wall_s']} s | {a.new} {new['wall_s']} s)")
         print("| strategy | speedup e2e old / new | speedup TPOT old / new | TTFT p50 ms old / new | "

@@ -137,7 +137,7 @@ def linear_predict(x: np.ndarray, r: LayerRows, peak: float, bw: float) -> np.nd
     wbytes = BYTES * r.params / r.tp
     eta = eta_max * r.tokens / (r.tokens + t_half)
     coefs = TimeCoefs(peak=peak, eff_bw=bw * eta_b, kv_extra_s_per_byte=0.0, gpu=True, sharpness=p)
-    core, _, _ = pass_core(flops, 0.0, wbytes, 0.0, 0.0, 0.0, eta, coefs, np.maximum)
+    core, _, _ = pass_core(flops, 0.0, wbytes, 0.0, 0.0, 0.0, eta, coefs, np.maximum, flops, wbytes)
     return core + t0
 
 

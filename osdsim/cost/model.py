@@ -73,25 +73,27 @@ def roofline(compute_s, memory_s, sharpness, maximum):
     return hi * (1.0 + (lo / (hi + 1e-300)) ** sharpness) ** (1.0 / sharpness)  # + 1e-300: 0 when both are 0
 
 
-def pass_core(flops, att_flops, nbytes, kv_bytes, act_bytes, nongemm_s, eta, c: TimeCoefs, maximum):
+def pass_core(flops, att_flops, nbytes, kv_bytes, act_bytes, nongemm_s, eta, c: TimeCoefs, maximum,
+              gemm_flops=0.0, gemm_bytes=0.0):
     """The roofline core of a pass (scalars with maximum=max, or numpy arrays with np.maximum):
     (core_s, compute_s, memory_s); the pass time is core_s + fixed overheads + communication.
 
     flops and nbytes are the pass's totals; att_flops, kv_bytes and act_bytes their attention,
-    KV-cache and activation parts; nongemm_s the non-GEMM seconds (used only when c.nongemm)."""
+    KV-cache and activation parts; nongemm_s the non-GEMM seconds (used only when c.nongemm);
+    gemm_flops and gemm_bytes the GEMMs' own (weights + LM head; used only when attention is its
+    own kernel, and scalars even when the contexts are arrays)."""
     if not c.gpu:
         compute_s = flops / (c.peak * eta)
         memory_s = nbytes / c.eff_bw + kv_bytes * c.kv_extra_s_per_byte
         return maximum(compute_s, memory_s), compute_s, memory_s
-    gemm_flops, gemm_bytes, kv_extra = flops, nbytes, c.kv_extra_s_per_byte
     if c.attention_peak is not None:
-        gemm_flops = flops - att_flops
-        gemm_bytes = gemm_bytes - kv_bytes
-        kv_extra = 0.0
-    if c.nongemm:
-        gemm_bytes = gemm_bytes - act_bytes
-    compute_s = gemm_flops / (c.peak * eta)
-    memory_s = gemm_bytes / c.eff_bw + kv_bytes * kv_extra
+        mem_bytes = gemm_bytes if c.nongemm else gemm_bytes + act_bytes
+        compute_s = gemm_flops / (c.peak * eta)
+        memory_s = mem_bytes / c.eff_bw
+    else:
+        mem_bytes = nbytes - act_bytes if c.nongemm else nbytes
+        compute_s = flops / (c.peak * eta)
+        memory_s = mem_bytes / c.eff_bw + kv_bytes * c.kv_extra_s_per_byte
     core = roofline(compute_s, memory_s, c.sharpness, maximum)
     if c.attention_peak is not None:
         att_c = att_flops / c.attention_peak
@@ -230,7 +232,7 @@ class CostModel:
         """Full breakdown of one forward pass."""
         if s.tokens <= 0:
             return PassCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        time_s, flops, nbytes, compute_s, memory_s, comm_s = self._parts(
+        time_s, flops, nbytes, compute_s, memory_s, comm_s = self._pass(
             s.tokens, s.logit_tokens, s.context_tokens, s.attention_pairs, s.weight_sets, max)
         return PassCost(
             time_s=time_s,
@@ -250,7 +252,7 @@ class CostModel:
         """Hot path for the simulator: (time_s, flops, bytes, compute_s) of one pass, as price()."""
         if tokens <= 0:
             return 0.0, 0.0, 0.0, 0.0
-        return self._pass(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, max)
+        return self._pass(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, max)[:4]
 
     def pass_times(
         self, tokens: float, logit_tokens: float, context_tokens: np.ndarray, attention_pairs: np.ndarray,
@@ -258,18 +260,14 @@ class CostModel:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """pass_time for one batch shape at many contexts (arrays): the same expressions, so every
         element equals the scalar result bit for bit (the simulator's macro steps)."""
-        return self._pass(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, np.maximum)
+        return self._pass(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, np.maximum)[:4]
 
     def _pass(self, tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, maximum):
-        """The priced pass for scalars (maximum=max) or arrays of contexts (maximum=np.maximum)."""
-        time_s, flops, nbytes, compute_s, _, _ = self._parts(
-            tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, maximum)
-        return time_s, flops, nbytes, compute_s
-
-    def _parts(self, tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, maximum):
-        """(time_s, flops, bytes, compute_s, memory_s, comm_s) of one pass: the one time formula."""
+        """(time_s, flops, bytes, compute_s, memory_s, comm_s) of one pass, for scalars (maximum=max)
+        or arrays of contexts (maximum=np.maximum): the one time formula (its core is pass_core)."""
         att_flops = self._flops_per_pair * attention_pairs
-        flops = self._flops_per_token * tokens + self._flops_per_logit * logit_tokens + att_flops
+        gemm_flops = self._flops_per_token * tokens + self._flops_per_logit * logit_tokens
+        flops = gemm_flops + att_flops
         kv_bytes = self._kv_bytes_per_token * (context_tokens + tokens)
         weights = weight_sets * self._weight_bytes
         if tokens <= self._gemv_max:  # matrix-vector regime: T weight reads, FLOPs at η_max
@@ -278,10 +276,12 @@ class CostModel:
         else:
             eta = self._eta_max * tokens / (tokens + self._t_half)
         act_bytes = self._act_bytes_per_token * tokens
-        nbytes = weights + kv_bytes + act_bytes + self._logit_bytes * logit_tokens
+        logit_bytes = self._logit_bytes * logit_tokens
+        nbytes = weights + kv_bytes + act_bytes + logit_bytes
+        nongemm_s = self._nongemm_s_per_token * (tokens if tokens > self._nongemm_min else self._nongemm_min)
         core, compute_s, memory_s = pass_core(
-            flops, att_flops, nbytes, kv_bytes, act_bytes, self._nongemm_s_per_token * max(tokens, self._nongemm_min),
-            eta, self._coefs, maximum)
+            flops, att_flops, nbytes, kv_bytes, act_bytes, nongemm_s, eta, self._coefs, maximum,
+            gemm_flops, weights + logit_bytes)
         comm_s = self._comm_fixed + self._comm_per_token * tokens
         time_s = core + self._fixed_s + self._comm_fixed + self._comm_per_token * tokens
         if self._per_seq_s:
@@ -323,10 +323,12 @@ class CostModel:
         nbytes = (TRAIN_FLOPS_MULTIPLIER * (self.bytes(fwd) + weights_extra)
                   + mb * OPTIMIZER_BYTES_PER_PARAM * trainable_params / self.tp)
         m = TRAIN_FLOPS_MULTIPLIER
+        att_flops = m * self._flops_per_pair * fwd.attention_pairs
         core, compute_s, memory_s = pass_core(
-            flops, m * self._flops_per_pair * fwd.attention_pairs, nbytes, m * self.kv_bytes(fwd),
+            flops, att_flops, nbytes, m * self.kv_bytes(fwd),
             m * self._act_bytes_per_token * tokens, m * self._nongemm_s_per_token * max(tokens / mb, self._nongemm_min) * mb,
-            self.eta_flops(tokens / mb), self._coefs, max)
+            self.eta_flops(tokens / mb), self._coefs, max,
+            flops - att_flops, nbytes - m * (self.kv_bytes(fwd) + self._act_bytes_per_token * tokens))
         overhead = TRAIN_FLOPS_MULTIPLIER * mb * self._fixed_s  # (no per-sequence engine time: nothing is sampled)
         comm_s = TRAIN_FLOPS_MULTIPLIER * (mb * self._comm_fixed + self._comm_per_token * tokens)
         # Training kernels (backward, autograd, loss, AdamW) run at train_efficiency × forward speed
