@@ -10,7 +10,8 @@ the cost model's own formula (osdsim.cost.model.pass_core) so fit and simulator 
 - non-GEMM (norms, rotary, activation, residual add): t_ng + max(T, T₀)·(n_d·d + n_f·ffn/t + n_q·(d+d_kv)/t);
   the norms and adds run on the full width in every TP rank (the tables show it: their time does
   not fall with t), the rotary and the activation on the rank's shard.
-- attention (FlashAttention, paged KV): roofline_p(4·d/t·Σq(c+q/2)/(F_peak·η_att), KV/(BW·η_kv)) + t_att.
+- attention (FlashAttention, paged KV): max(4·d/t·Σq(c+q/2)/(F_peak·η_att), KV/(BW·η_kv)) + t_att (max,
+  not the smooth form: the simulator prices many contexts at once with numpy, bit-identical to max()).
 - all-reduce: t_lat + 2(n−1)/n·bytes/B per call (NCCL ring), over the single-node rows.
 - serving-engine CPU time per iteration: c0 + c1·batch (vLLM's schedule, prepare, sample, process).
 

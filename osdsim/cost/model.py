@@ -24,7 +24,7 @@ Two optional profile terms, fitted on CPUs (defaults leave the formulas above un
 Kernel-level GPU terms, fitted on per-operator CUDA timings (`osdsim calibrate --from`; all off by
 default, and with all off every expression above is evaluated exactly as before):
 - p (`roofline_sharpness`): roofline(c, m) = (c^p + m^p)^(1/p) instead of max(c, m).
-- η_att (`attention_flops`): attention is its own kernel, roofline(4·L·d_attn·Σq(c+q/2)/(F·η_att),
+- η_att (`attention_flops`): attention is its own kernel, max(4·L·d_attn·Σq(c+q/2)/(F·η_att),
   KV bytes/(BW·η_kv)), added to the GEMMs' roofline (which then holds no attention FLOPs or KV bytes).
 - n_d, n_f, n_q, T₀ (`nongemm_*`): norms, rotary, activation and residual adds cost
   L·max(T, T₀)·(n_d·d + n_f·ffn/t + n_q·(d + d_kv)/t) seconds outside the roofline (which then holds
@@ -98,7 +98,9 @@ def pass_core(flops, att_flops, nbytes, kv_bytes, act_bytes, nongemm_s, eta, c: 
     if c.attention_peak is not None:
         att_c = att_flops / c.attention_peak
         att_m = kv_bytes / c.kv_bw
-        core = core + roofline(att_c, att_m, c.sharpness, maximum)
+        # max, not the smooth form: contexts are arrays in macro steps, and numpy's power is not
+        # bit-identical to Python's (pass_times must equal pass_time element for element).
+        core = core + maximum(att_c, att_m)
         compute_s = compute_s + att_c
         memory_s = memory_s + att_m
     if c.nongemm:

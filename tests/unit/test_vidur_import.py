@@ -339,3 +339,19 @@ def test_profile_show_prints_provenance_and_errors():
     assert r.exit_code == 0, r.output
     assert "provenance" in r.output and "vidur" in r.output.lower()
     assert "layer/heldout/decode" in r.output and "median" in r.output
+
+
+@pytest.mark.parametrize("name", ["a100-80g", "h100", "a40", "h200"])
+def test_fitted_profiles_price_arrays_bit_identically_to_scalars(name):
+    """Macro steps price many contexts at once (pass_times); each element must equal pass_time."""
+    from osdsim.models import PRESETS
+
+    prof = load_profile(REPO / "calibration" / f"{name}.yaml")
+    ctx = np.array([0.0, 17.0, 512.0, 3000.5, 40000.0])
+    for model, tp in (("llama-160m", 1), ("vicuna-7b", 1), ("llama-2-70b", 2)):
+        cm = CostModel(PRESETS[model], prof, tp)
+        for tokens, logits in ((1, 1), (8, 8), (40, 40), (512, 1)):
+            arrays = cm.pass_times(tokens, logits, ctx * tokens, ctx * tokens + tokens / 2.0)
+            for i, c in enumerate(ctx):
+                scalar = cm.pass_time(tokens, logits, c * tokens, c * tokens + tokens / 2.0)
+                assert tuple(float(a[i]) if np.ndim(a) else float(a) for a in arrays) == scalar
