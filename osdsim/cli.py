@@ -321,7 +321,19 @@ def profile_show(path: str = typer.Argument(..., help="Profile name or YAML path
         prof = load_profile(resolve_profile_path(path))
     except InputError as exc:
         raise fail(str(exc)) from None
-    Console().print(profile_table(prof))
+    console = Console()
+    console.print(profile_table(prof))
+    if prof.fit_errors:  # the fit's held-out errors, one row per family/split/regime/TP
+        from rich.table import Table
+
+        t = Table(title=f"fit errors of {prof.name} (absolute % error; provenance above says on what)",
+                  title_justify="left")
+        for col in ("family/split/regime", "median", "max", "n"):
+            t.add_column(col, justify="left" if col.startswith("family") else "right")
+        for key, v in prof.fit_errors.items():
+            t.add_row(key, f"{v.get('median_ape_pct', float('nan')):.2f}%", f"{v.get('max_ape_pct', float('nan')):.2f}%",
+                      str(int(v.get("n", 0))))
+        console.print(t)
 
 
 @profile_app.command("diff")

@@ -39,7 +39,7 @@ BASE = {
     "name": "test",
     "seed": 1,
     "models": {"target": "vicuna-7b", "draft": "llama-160m"},
-    "hardware": {"profile": "a100-80g"},
+    "hardware": {"profile": "a100-80g-datasheet"},  # the classic roofline numbers these tests were written on
     "batching": {"max_batch_size": 32, "chunked_prefill_tokens": 512},
     "strategy": "static",
     "speculation": {"k": 4},

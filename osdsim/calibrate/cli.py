@@ -66,11 +66,21 @@ def calibrate(
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch threads on a CPU.")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    from_: Annotated[
+        Path | None,
+        typer.Option("--from", help="Fit on measured kernel timings instead of measuring here: a directory or file "
+                                    "of Vidur profiling CSVs (mlp, attention, all_reduce, send_recv, cpu_overheads) "
+                                    "or osdsim raw calibration CSVs. Needs --gpu (a100, h100, a40; h200 is derived "
+                                    "from h100's tables)."),
+    ] = None,
 ) -> None:
-    """Measure this device with torch, fit the cost model, write a hardware profile (+ raw CSV)."""
+    """Measure this device with torch (or import measurements: --from), fit the cost model, write a profile."""
     from osdsim.calibrate import devices
     from osdsim.calibrate import run as cal
 
+    if from_ is not None:
+        _calibrate_from(from_, gpu, out, force, quiet, as_json)
+        return
     try:
         if gpu is not None and gpu.strip().lower() not in devices.KNOWN_NAMES:
             raise InputError(
@@ -140,3 +150,40 @@ def _measure(cal, opts, show_progress: bool):
             prog.update(task, advance=1, description=msg)
 
         return cal.calibrate(opts, tick=tick, total=total)
+
+
+def _calibrate_from(source: Path, gpu: str | None, out: Path | None, force: bool, quiet: bool, as_json: bool) -> None:
+    """`osdsim calibrate --gpu G --from PATH`: no torch, no device; import, fit, write atomically."""
+    from osdsim.calibrate import gpufit
+    from osdsim.calibrate.run import check_writable, resolve_out
+
+    try:
+        if gpu is None:
+            raise InputError("--from: needs --gpu naming the device the measurements are of (a100, h100, h200, a40)")
+        parts = ["osdsim", "calibrate", "--gpu", gpu, "--from", str(source)]
+        if out is not None:
+            parts += ["--out", str(out)]
+        outcome = gpufit.calibrate_from(source, gpu, shlex.join(parts))
+        path = resolve_out(outcome.profile.name, out)
+        check_writable(path)
+        path, prev = gpufit.write_profile(outcome.profile, path, force)
+    except InputError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        doc = {"profile": str(path), "previous": str(prev) if prev else None, "wall_s": round(outcome.wall_s, 2),
+               "files": outcome.imported.files, "efficiency": outcome.profile.efficiency.model_dump(),
+               "heldout_errors": outcome.errors}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    if not quiet:
+        console = Console()
+        t = Table(title="held-out fit errors (absolute % error)", title_justify="left")
+        for col in ("family/split/...", "median", "max", "n"):
+            t.add_column(col, justify="left" if col.startswith("family") else "right")
+        for key, v in outcome.errors.items():
+            t.add_row(key, f"{v['median_ape_pct']:.1f}%", f"{v['max_ape_pct']:.1f}%", str(int(v["n"])))
+        console.print(t)
+        console.print(f"profile: [bold]{path}[/bold] ({sum(outcome.imported.files.values())} rows from "
+                      f"{len(outcome.imported.files)} files, {outcome.wall_s:.1f} s)")
+    if prev:
+        err_console.print(f"kept the previous profile as {prev}")

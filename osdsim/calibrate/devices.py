@@ -37,6 +37,7 @@ GPU_KINDS: dict[str, GpuKind] = {
         GpuKind("a100-80g", r"\bA100\b", min_memory_gib=60.0),
         GpuKind("h100", r"\bH100\b"),
         GpuKind("h200", r"\bH200\b"),
+        GpuKind("a40", r"\bA40\b"),
         GpuKind("l4", r"\bL4\b"),
         GpuKind("l40s", r"\bL40S\b"),
         GpuKind("a10g", r"\bA10G\b"),

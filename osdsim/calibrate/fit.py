@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from osdsim.calibrate.measure import Measurement
-from osdsim.cost.model import TRAIN_FLOPS_MULTIPLIER, BatchShape, CostModel
+from osdsim.cost.model import TRAIN_FLOPS_MULTIPLIER, BatchShape, CostModel, TimeCoefs, pass_core
 from osdsim.cost.profile import SCHEMA_VERSION, Efficiency, HardwareProfile, Provenance
 from osdsim.models import PRESETS, ModelSpec
 
@@ -119,13 +119,16 @@ def predict(params: np.ndarray, t: Terms, gemv_max_tokens: int = 0, train_effici
 
 
 def _core_and_overhead(params: np.ndarray, t: Terms, gemv_max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cost model's own roofline core (osdsim.cost.model.pass_core) on arrays, plus overheads."""
     eta_max, t_half, eta_b, t_kernel, t_pass, eta_kv = params
     gemv = t.tokens <= gemv_max_tokens  # matrix-vector regime: T weight reads, FLOPs at η_max
-    compute_s = t.flops * np.where(gemv, 1.0, (t.tokens + t_half) / t.tokens) / (t.peak * eta_max)
+    eta = np.where(gemv, eta_max, eta_max * t.tokens / (t.tokens + t_half))
     extra_reads = np.where(gemv, t.tokens - 1.0, 0.0)
     nbytes = t.bytes + extra_reads * t.weight_bytes
-    memory_s = (nbytes - t.kv_bytes) / (t.bandwidth * eta_b) + t.kv_bytes / (t.bandwidth * eta_kv)
-    return np.maximum(compute_s, memory_s), t.multiplier * (t.layers * t_kernel + t_pass)
+    eff_bw = t.bandwidth * eta_b
+    coefs = TimeCoefs(peak=t.peak, eff_bw=eff_bw, kv_extra_s_per_byte=1.0 / (t.bandwidth * eta_kv) - 1.0 / eff_bw)
+    core, _, _ = pass_core(t.flops, 0.0, nbytes, t.kv_bytes, 0.0, 0.0, eta, coefs, np.maximum)
+    return core, t.multiplier * (t.layers * t_kernel + t_pass)
 
 
 def fit_train_efficiency(params: np.ndarray, t: Terms, measured_s: np.ndarray, gemv_max_tokens: int) -> float:

@@ -20,6 +20,18 @@ Two optional profile terms, fitted on CPUs (defaults leave the formulas above un
 - g (`gemv_max_tokens`): a BLAS that runs a T-row matmul as T matrix-vector products for T ≤ g
   reads the weights T times, and its FLOPs run at η_max (they hide under those reads) instead of
   on the GEMM curve η_f(T).
+
+Kernel-level GPU terms, fitted on per-operator CUDA timings (`osdsim calibrate --from`; all off by
+default, and with all off every expression above is evaluated exactly as before):
+- p (`roofline_sharpness`): roofline(c, m) = (c^p + m^p)^(1/p) instead of max(c, m).
+- η_att (`attention_flops`): attention is its own kernel, max(4·L·d_attn·Σq(c+q/2)/(F·η_att),
+  KV bytes/(BW·η_kv)), added to the GEMMs' roofline (which then holds no attention FLOPs or KV bytes).
+- n_d, n_f, n_q, T₀ (`nongemm_*`): norms, rotary, activation and residual adds cost
+  L·max(T, T₀)·(n_d·d + n_f·ffn/t + n_q·(d + d_kv)/t) seconds outside the roofline (which then holds
+  no activation bytes).
+- s (`pass_overhead_s_per_seq`): serving-engine CPU time per sequence, s·T_logits per pass.
+
+All of it is one formula, `pass_core` (the fit in osdsim.calibrate calls it too).
 """
 
 from __future__ import annotations
@@ -36,6 +48,64 @@ from osdsim.models import ModelSpec
 OPTIMIZER_BYTES_PER_PARAM = 28
 # Backward ≈ 2× forward FLOPs, so a training step ≈ 3× the forward (Kaplan et al. 2020).
 TRAIN_FLOPS_MULTIPLIER = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class TimeCoefs:
+    """Per-GPU constants of the roofline core of the time formula (see pass_core)."""
+
+    peak: float  # FLOP/s of the pass's dtype (an array of them in the fit)
+    eff_bw: float  # BW·η_b
+    kv_extra_s_per_byte: float  # 1/(BW·η_kv) − 1/(BW·η_b) (0 when η_kv is unset); shared roofline only
+    gpu: bool = False  # any kernel-level GPU term on (else the classic single roofline)
+    sharpness: float | None = None  # p of the smooth roofline; None = max
+    attention_peak: float | None = None  # F·η_att: attention priced as its own kernel; None = shared
+    kv_bw: float = 0.0  # BW·η_kv (own-kernel attention)
+    nongemm: bool = False  # activations priced as per-token non-GEMM seconds instead of bytes
+
+
+def roofline(compute_s, memory_s, sharpness, maximum):
+    """max(c, m), or the smooth (c^p + m^p)^(1/p) = hi·(1 + (lo/hi)^p)^(1/p) (no under/overflow)."""
+    hi = maximum(compute_s, memory_s)
+    if sharpness is None:
+        return hi
+    lo = compute_s + memory_s - hi
+    return hi * (1.0 + (lo / (hi + 1e-300)) ** sharpness) ** (1.0 / sharpness)  # + 1e-300: 0 when both are 0
+
+
+def pass_core(flops, att_flops, nbytes, kv_bytes, act_bytes, nongemm_s, eta, c: TimeCoefs, maximum,
+              gemm_flops=0.0, gemm_bytes=0.0):
+    """The roofline core of a pass (scalars with maximum=max, or numpy arrays with np.maximum):
+    (core_s, compute_s, memory_s); the pass time is core_s + fixed overheads + communication.
+
+    flops and nbytes are the pass's totals; att_flops, kv_bytes and act_bytes their attention,
+    KV-cache and activation parts; nongemm_s the non-GEMM seconds (used only when c.nongemm);
+    gemm_flops and gemm_bytes the GEMMs' own (weights + LM head; used only when attention is its
+    own kernel, and scalars even when the contexts are arrays)."""
+    if not c.gpu:
+        compute_s = flops / (c.peak * eta)
+        memory_s = nbytes / c.eff_bw + kv_bytes * c.kv_extra_s_per_byte
+        return maximum(compute_s, memory_s), compute_s, memory_s
+    if c.attention_peak is not None:
+        mem_bytes = gemm_bytes if c.nongemm else gemm_bytes + act_bytes
+        compute_s = gemm_flops / (c.peak * eta)
+        memory_s = mem_bytes / c.eff_bw
+    else:
+        mem_bytes = nbytes - act_bytes if c.nongemm else nbytes
+        compute_s = flops / (c.peak * eta)
+        memory_s = mem_bytes / c.eff_bw + kv_bytes * c.kv_extra_s_per_byte
+    core = roofline(compute_s, memory_s, c.sharpness, maximum)
+    if c.attention_peak is not None:
+        att_c = att_flops / c.attention_peak
+        att_m = kv_bytes / c.kv_bw
+        # max, not the smooth form: contexts are arrays in macro steps, and numpy's power is not
+        # bit-identical to Python's (pass_times must equal pass_time element for element).
+        core = core + maximum(att_c, att_m)
+        compute_s = compute_s + att_c
+        memory_s = memory_s + att_m
+    if c.nongemm:
+        core = core + nongemm_s
+    return core, compute_s, memory_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +168,20 @@ class CostModel:
         kv_eff = eff.kv_bandwidth
         self._kv_extra_s_per_byte = 0.0 if kv_eff is None else 1.0 / (self.bandwidth * kv_eff) - 1.0 / self._eff_bw
         self._fixed_s = m.n_layers * eff.kernel_overhead_s_per_layer + eff.pass_overhead_s
+        self._per_seq_s = eff.pass_overhead_s_per_seq
+        gpu = eff.gpu_terms
+        self._coefs = TimeCoefs(
+            peak=self.peak_flops, eff_bw=self._eff_bw, kv_extra_s_per_byte=self._kv_extra_s_per_byte, gpu=gpu,
+            sharpness=eff.roofline_sharpness,
+            attention_peak=None if eff.attention_flops is None else self.peak_flops * eff.attention_flops,
+            kv_bw=self.bandwidth * (eff.kv_bandwidth if eff.kv_bandwidth is not None else eff.bandwidth),
+            nongemm=eff.nongemm_s_per_token_hidden is not None,
+        )
+        self._nongemm_min = eff.nongemm_min_tokens
+        # Non-GEMM seconds per token of the whole model (used only when the nongemm terms are on).
+        self._nongemm_s_per_token = 0.0 if eff.nongemm_s_per_token_hidden is None else m.n_layers * (
+            eff.nongemm_s_per_token_hidden * m.hidden + eff.nongemm_s_per_token_ffn * m.ffn / tp
+            + eff.nongemm_s_per_token_qkv * (m.hidden + m.kv_dim) / tp)
         self._train_eff = eff.train_efficiency
         if tp > 1:
             link = profile.interconnect_bandwidth_bytes_per_s
@@ -150,17 +234,13 @@ class CostModel:
         """Full breakdown of one forward pass."""
         if s.tokens <= 0:
             return PassCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        flops = self.flops(s)
-        nbytes = self.bytes(s)
-        compute_s = flops / (self.peak_flops * self.eta_flops(s.tokens))
-        memory_s = nbytes / self._eff_bw + self.kv_bytes(s) * self._kv_extra_s_per_byte
-        comm_s = self._comm_fixed + self._comm_per_token * s.tokens
-        time_s = max(compute_s, memory_s) + self._fixed_s + comm_s
+        time_s, flops, nbytes, compute_s, memory_s, comm_s = self._pass(
+            s.tokens, s.logit_tokens, s.context_tokens, s.attention_pairs, s.weight_sets, max)
         return PassCost(
             time_s=time_s,
             compute_s=compute_s,
             memory_s=memory_s,
-            overhead_s=self._fixed_s,
+            overhead_s=self._fixed_s + self._per_seq_s * s.logit_tokens,
             comm_s=comm_s,
             flops=flops,
             bytes=nbytes,
@@ -174,7 +254,7 @@ class CostModel:
         """Hot path for the simulator: (time_s, flops, bytes, compute_s) of one pass, as price()."""
         if tokens <= 0:
             return 0.0, 0.0, 0.0, 0.0
-        return self._pass(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, max)
+        return self._pass(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, max)[:4]
 
     def pass_times(
         self, tokens: float, logit_tokens: float, context_tokens: np.ndarray, attention_pairs: np.ndarray,
@@ -182,15 +262,14 @@ class CostModel:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """pass_time for one batch shape at many contexts (arrays): the same expressions, so every
         element equals the scalar result bit for bit (the simulator's macro steps)."""
-        return self._pass(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, np.maximum)
+        return self._pass(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, np.maximum)[:4]
 
     def _pass(self, tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, maximum):
-        """The priced pass for scalars (maximum=max) or arrays of contexts (maximum=np.maximum)."""
-        flops = (
-            self._flops_per_token * tokens
-            + self._flops_per_logit * logit_tokens
-            + self._flops_per_pair * attention_pairs
-        )
+        """(time_s, flops, bytes, compute_s, memory_s, comm_s) of one pass, for scalars (maximum=max)
+        or arrays of contexts (maximum=np.maximum): the one time formula (its core is pass_core)."""
+        att_flops = self._flops_per_pair * attention_pairs
+        gemm_flops = self._flops_per_token * tokens + self._flops_per_logit * logit_tokens
+        flops = gemm_flops + att_flops
         kv_bytes = self._kv_bytes_per_token * (context_tokens + tokens)
         weights = weight_sets * self._weight_bytes
         if tokens <= self._gemv_max:  # matrix-vector regime: T weight reads, FLOPs at η_max
@@ -198,16 +277,18 @@ class CostModel:
             eta = self._eta_max
         else:
             eta = self._eta_max * tokens / (tokens + self._t_half)
-        nbytes = (
-            weights
-            + kv_bytes
-            + self._act_bytes_per_token * tokens
-            + self._logit_bytes * logit_tokens
-        )
-        compute_s = flops / (self.peak_flops * eta)
-        memory_s = nbytes / self._eff_bw + kv_bytes * self._kv_extra_s_per_byte
-        time_s = maximum(compute_s, memory_s) + self._fixed_s + self._comm_fixed + self._comm_per_token * tokens
-        return time_s, flops, nbytes, compute_s
+        act_bytes = self._act_bytes_per_token * tokens
+        logit_bytes = self._logit_bytes * logit_tokens
+        nbytes = weights + kv_bytes + act_bytes + logit_bytes
+        nongemm_s = self._nongemm_s_per_token * (tokens if tokens > self._nongemm_min else self._nongemm_min)
+        core, compute_s, memory_s = pass_core(
+            flops, att_flops, nbytes, kv_bytes, act_bytes, nongemm_s, eta, self._coefs, maximum,
+            gemm_flops, weights + logit_bytes)
+        comm_s = self._comm_fixed + self._comm_per_token * tokens
+        time_s = core + self._fixed_s + self._comm_fixed + self._comm_per_token * tokens
+        if self._per_seq_s:
+            time_s = time_s + self._per_seq_s * logit_tokens
+        return time_s, flops, nbytes, compute_s, memory_s, comm_s
 
     # --- convenience shapes --------------------------------------------------------------------
     def decode_time(self, batch: int, context: float, tokens_per_seq: int = 1) -> float:
@@ -243,15 +324,21 @@ class CostModel:
         weights_extra = (mb - 1) * self._weight_bytes  # bytes() counts one weight read per pass
         nbytes = (TRAIN_FLOPS_MULTIPLIER * (self.bytes(fwd) + weights_extra)
                   + mb * OPTIMIZER_BYTES_PER_PARAM * trainable_params / self.tp)
-        compute_s = flops / (self.peak_flops * self.eta_flops(tokens / mb))
-        memory_s = nbytes / self._eff_bw + TRAIN_FLOPS_MULTIPLIER * self.kv_bytes(fwd) * self._kv_extra_s_per_byte
-        overhead = TRAIN_FLOPS_MULTIPLIER * mb * self._fixed_s
+        m = TRAIN_FLOPS_MULTIPLIER
+        att_flops = m * self._flops_per_pair * fwd.attention_pairs
+        core, compute_s, memory_s = pass_core(
+            flops, att_flops, nbytes, m * self.kv_bytes(fwd),
+            m * self._act_bytes_per_token * tokens, m * self._nongemm_s_per_token * max(tokens / mb, self._nongemm_min) * mb,
+            self.eta_flops(tokens / mb), self._coefs, max,
+            flops - att_flops, nbytes - m * (self.kv_bytes(fwd) + self._act_bytes_per_token * tokens))
+        overhead = TRAIN_FLOPS_MULTIPLIER * mb * self._fixed_s  # (no per-sequence engine time: nothing is sampled)
         comm_s = TRAIN_FLOPS_MULTIPLIER * (mb * self._comm_fixed + self._comm_per_token * tokens)
-        # Training kernels (backward, autograd, loss, AdamW) run at train_efficiency × forward speed.
+        # Training kernels (backward, autograd, loss, AdamW) run at train_efficiency × forward speed
+        # (dividing the core is dividing the larger of compute and memory: the same number).
         compute_s /= self._train_eff
         memory_s /= self._train_eff
         return PassCost(
-            time_s=max(compute_s, memory_s) + overhead + comm_s,
+            time_s=core / self._train_eff + overhead + comm_s,
             compute_s=compute_s,
             memory_s=memory_s,
             overhead_s=overhead,

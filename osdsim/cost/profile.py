@@ -52,6 +52,42 @@ class Efficiency(BaseModel):
         "(backward kernels, autograd, loss and optimizer): its roofline time is divided by this; 1 = "
         "3x-forward rule only. Fitted by `osdsim calibrate` on measured training steps.",
     )
+    # --- GPU terms fitted on per-operator kernel timings (`osdsim calibrate --from`); all off by
+    # default, so every profile without them prices exactly as before (DESIGN.md §4.1).
+    roofline_sharpness: float | None = Field(
+        None, ge=1, le=64,
+        description="p of the smooth roofline (c^p + m^p)^(1/p) that replaces max(c, m) (kernels near "
+        "the ridge point are slower than either bound); None = max.",
+    )
+    attention_flops: float | None = Field(
+        None, gt=0, le=1,
+        description="When set, attention is priced as its own kernel: roofline(attention FLOPs / (peak·this), "
+        "KV bytes / (BW·kv_bandwidth)) added to the GEMMs' roofline instead of sharing it; None = shared.",
+    )
+    nongemm_s_per_token_hidden: float | None = Field(
+        None, ge=0,
+        description="When set, the non-GEMM ops (norms, rotary, activation, residual adds) are priced per "
+        "layer as T·(this·d + nongemm_s_per_token_ffn·ffn/tp + nongemm_s_per_token_qkv·(d+d_kv)/tp) "
+        "seconds, outside the roofline, instead of as activation bytes inside it; None = activation bytes.",
+    )
+    nongemm_s_per_token_ffn: float = Field(0.0, ge=0, description="See nongemm_s_per_token_hidden (per ffn element).")
+    nongemm_s_per_token_qkv: float = Field(0.0, ge=0, description="See nongemm_s_per_token_hidden (per q+k element).")
+    nongemm_min_tokens: float = Field(
+        0.0, ge=0,
+        description="The non-GEMM ops cost as if they ran max(T, this) tokens (a few rows do not fill the GPU: "
+        "below this the time is set by the rows' width, not their number).",
+    )
+    pass_overhead_s_per_seq: float = Field(
+        0.0, ge=0,
+        description="Serving-engine CPU time per sequence per pass (scheduling, input preparation, sampling, "
+        "output processing), priced per logit token; 0 = a fixed pass_overhead_s only.",
+    )
+
+    @property
+    def gpu_terms(self) -> bool:
+        """True when any of the kernel-level GPU terms above is on."""
+        return (self.roofline_sharpness is not None or self.attention_flops is not None
+                or self.nongemm_s_per_token_hidden is not None or self.pass_overhead_s_per_seq != 0.0)
 
 
 class Provenance(BaseModel):
@@ -67,6 +103,15 @@ class Provenance(BaseModel):
     notes: str | None = None
     versions: dict[str, str] = Field(default_factory=dict, description="torch/CUDA/driver versions.")
     raw_measurements: str | None = Field(None, description="CSV of raw measurements beside the file.")
+    data_source: str | None = Field(
+        None, description="Where imported measurements come from (repository, commit, license)."
+    )
+    files: dict[str, int] = Field(default_factory=dict, description="Imported files and their row counts.")
+    derived_from: str | None = Field(
+        None, description="Profile this one is derived from (not measured on this device itself)."
+    )
+    attention: str | None = Field(None, description="How attention is priced (what it was fitted on).")
+    fit_seconds: float | None = Field(None, description="Wall time of the import and fit (s).")
 
 
 class HardwareProfile(BaseModel):
@@ -167,4 +212,4 @@ def load_profile(path: Path) -> HardwareProfile:
 
 
 def dump_profile(profile: HardwareProfile) -> str:
-    return yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    return yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)

@@ -67,7 +67,7 @@ def test_inline_training_adds_exactly_its_cost_to_busy_time(make_scenario):
     assert osd.summary["training"]["steps_due"] == 80 // 4
     assert steps + osd.summary["training"]["steps_pending_at_end"] == 80 // 4
     # Each step trains 4 requests of 100 tokens each; price it independently.
-    prof = load_profile(resolve_profile_path("a100-80g"))
+    prof = load_profile(resolve_profile_path("a100-80g-datasheet"))
     draft = PRESETS["llama-160m"]
     cost = CostModel(draft, prof).training_step(400.0, 4 * 100.0**2, draft.total_params)
     busy_osd = osd.iterations["duration_s"].sum()
@@ -82,7 +82,7 @@ def test_harvest_at_near_zero_load_trains_at_the_spare_rate(make_scenario):
     res = simulate(sc)
     ev = res.training[res.training["kind"] == "done"]
     assert len(ev) == 9  # the 10th falls due as the last request finishes, when the run ends
-    prof = load_profile(resolve_profile_path("a100-80g"))
+    prof = load_profile(resolve_profile_path("a100-80g-datasheet"))
     draft = PRESETS["llama-160m"]
     cost = CostModel(draft, prof).training_step(200.0, 2 * 100.0**2, draft.total_params)
     # Idle device: spare = F·η·θ per second, so a step takes its full-speed time / θ.
@@ -208,7 +208,7 @@ def test_training_step_options_price_dtype_padding_head_and_minibatches(make_sce
     sc = make_scenario(sharp({}, n1=20, n2=40, rate=0.05, update_interval_requests=4, train_dtype="fp32",
                              batch_sequences=3, logits_at="loss", epochs_per_step=2, **flat))
     res = simulate(sc)
-    prof = load_profile(resolve_profile_path("a100-80g"))
+    prof = load_profile(resolve_profile_path("a100-80g-datasheet"))
     draft = PRESETS["llama-160m"].model_copy(update={"dtype": "fp32"})
     # 4 requests of 50 + 50 tokens in minibatches of 3 + 1, twice; the head only at the 50 outputs.
     want = CostModel(draft, prof).training_step(2 * 400.0, 2 * 4 * 100.0**2, draft.total_params,

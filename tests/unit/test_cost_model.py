@@ -9,7 +9,9 @@ from osdsim.models import PRESETS
 
 @pytest.fixture(scope="module")
 def a100():
-    return load_profile(resolve_profile_path("a100-80g"))
+    # The classic roofline formulas: the datasheet profile (the fitted a100-80g adds kernel-level terms,
+    # tested in tests/unit/test_vidur_import.py).
+    return load_profile(resolve_profile_path("a100-80g-datasheet"))
 
 
 def test_dense_flops_equal_two_params_per_token_plus_attention(a100):
@@ -84,7 +86,7 @@ def test_training_step_minibatches_and_train_efficiency():
     from osdsim.cost.profile import load_profile, resolve_profile_path
     from osdsim.models import PRESETS
 
-    prof = load_profile(resolve_profile_path("a100-80g"))
+    prof = load_profile(resolve_profile_path("a100-80g-datasheet"))
     draft = PRESETS["llama-160m"]
     one = CostModel(draft, prof).training_step(4000.0, 4000.0 * 500, draft.total_params)
     same = CostModel(draft, prof).training_step(4000.0, 4000.0 * 500, draft.total_params, minibatches=1)
