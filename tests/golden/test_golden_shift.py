@@ -9,13 +9,17 @@ from pathlib import Path
 
 from osdsim.api import compare
 from osdsim.report.writers import comparison_document, summary_json
+from osdsim.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("shift_summary.json")
 
 
 def current() -> str:
-    return summary_json(comparison_document(compare(REPO / "scenarios" / "shift.yaml")))
+    # calibration/a100-80g.yaml is fitted on Vidur's CUDA timings since issue 13; the golden is a
+    # regression of the simulator's logic and keeps pricing with the datasheet profile it was made on.
+    sc = load_scenario(REPO / "scenarios" / "shift.yaml", ["hardware.profile=a100-80g-datasheet"])
+    return summary_json(comparison_document(compare(sc)))
 
 
 def test_shift_summary_matches_golden():
