@@ -278,6 +278,10 @@ class Distill(_Strict):
         "target", description="Positions distilled on: where the target supplied the token (OSD) or all output tokens."
     )
     harvest_fraction: float = Field(0.5, gt=0, le=1, description="θ: fraction of idle compute training can use.")
+    harvest_in_iterations: bool = Field(
+        True, description="harvest: also train in the spare compute of serving iterations. false: only while "
+        "the replica is idle (nothing running or waiting), one minibatch unit at a time; a request arriving "
+        "mid-unit waits for the unit boundary (the real server of osdsim/real/serve.py on a CPU).")
     interference: float = Field(
         0.05, ge=0, le=10, description="Fractional slowdown of an iteration that co-runs with harvest training."
     )

@@ -79,6 +79,7 @@ class TrainingStep:
     work_s: float
     progress_s: float = 0.0
     started_s: float | None = None
+    units: int = 1  # minibatch optimizer steps (epochs × minibatches): harvest's non-preemptible unit
 
 
 @dataclass
@@ -201,6 +202,7 @@ class Distiller:
             seq_tokens=float(sum(seqs)),
             cost=cost,
             work_s=cost.time_s,
+            units=max(int(e * minibatches), 1),
         )
         self._buf_tokens[:] = 0
         self._buf_requests = 0

@@ -38,6 +38,10 @@ class Placement:
         """Whether spare compute goes to a pending step now (harvest)."""
         return False
 
+    def harvesting_in_iterations(self, distillers: Iterable[Distiller]) -> bool:
+        """Whether serving iterations give their spare compute to a pending step (harvest)."""
+        return False
+
 
 class NoTraining(Placement):
     pass
@@ -72,10 +76,14 @@ class Inline(Placement):
 class Harvest(Placement):
     name = "harvest"
 
-    def __init__(self, stats: DistillStats, fraction: float, interference: float):
+    def __init__(self, stats: DistillStats, fraction: float, interference: float, in_iterations: bool = True):
         super().__init__(stats)
         self.spare_rate = fraction  # θ
         self.interference = interference
+        self.in_iterations = in_iterations  # False: idle windows only, in whole minibatch units
+
+    def harvesting_in_iterations(self, distillers: Iterable[Distiller]) -> bool:
+        return self.in_iterations and self.harvesting(distillers)
 
     def harvesting(self, distillers: Iterable[Distiller]) -> bool:
         return any(d.pending for d in distillers)
@@ -110,6 +118,9 @@ class Harvest(Placement):
     def idle(self, replica, get: simpy.Event):
         """The replica has nothing to serve: train on the idle device until the pending work is done
         or a request arrives (`get`, the replica's inbox get)."""
+        if not self.in_iterations:
+            yield from self._idle_units(replica, get)
+            return
         env = replica.env
         rate = self.spare_rate
         remaining = sum(s.work_s - s.progress_s for d in replica.distillers for s in d.pending)
@@ -124,6 +135,27 @@ class Harvest(Placement):
             get.cancel()
         replica.spare_s += spare
         self.give(replica.distillers, spare, t0, env.now)
+
+
+    def _idle_units(self, replica, get: simpy.Event):
+        """Idle-window training in whole units (one minibatch: work_s / units): a unit, once
+        begun, runs to its end; an arrival during it joins the queue when it ends."""
+        env = replica.env
+        rate = self.spare_rate
+        while True:
+            step = next((d.pending[0] for d in replica.distillers if d.pending), None)
+            if step is None:
+                rid = yield get
+                replica.waiting.append(rid)
+                return
+            take = min(step.work_s / step.units, step.work_s - step.progress_s)
+            t0 = env.now
+            yield env.timeout(take / rate)
+            replica.spare_s += take
+            self.give(replica.distillers, take, t0, env.now)
+            if get.triggered:
+                replica.waiting.append(get.value)
+                return
 
 
 class Dedicated(Placement):
@@ -173,7 +205,8 @@ def make_placement(name: str, stats: DistillStats, distill) -> Placement:
     if name == "inline":
         return Inline(stats)
     if name == "harvest":
-        return Harvest(stats, distill.harvest_fraction, distill.interference)
+        return Harvest(stats, distill.harvest_fraction, distill.interference,
+                       getattr(distill, "harvest_in_iterations", True))
     if name == "dedicated":
         return Dedicated(stats, distill.trainer_gpus, distill.sync_delay_s)
     return NoTraining(stats)

@@ -275,12 +275,13 @@ class Replica:
 
     # --- training ------------------------------------------------------------------------------------
     def _harvest_pending(self) -> bool:
-        return self.placement.harvesting(self.distillers)
+        """A pending step takes spare compute from serving iterations (harvest in iterations)."""
+        return self.placement.harvesting_in_iterations(self.distillers)
 
     def _idle(self):
         """Nothing to serve: wait for an arrival; harvest training uses the idle device meanwhile."""
         get = self.inbox.get()
-        if not self._harvest_pending():
+        if not self.placement.harvesting(self.distillers):
             rid = yield get
             self.waiting.append(rid)
             return

@@ -167,7 +167,7 @@ def serve_twin_scenario(run: ServeRun, profile: str, acc_file: Path, law_file: P
     base["distill"].update({"placement": placement if placement != "none" else "inline",
                             "max_pending_steps": int(sv["max_pending_steps"]),
                             # The server trains at full speed in idle windows and never co-runs.
-                            "harvest_fraction": 1.0, "interference": 0.0, "sync_delay_s": 0.0})
+                            "harvest_fraction": 1.0, "harvest_in_iterations": False, "interference": 0.0, "sync_delay_s": 0.0})
     base["workload"]["trace_replay"] = "open"
     base["report"] = {"alpha_window_requests": 8, "iteration_log": "full"}
     base["name"] = f"twin-{run.summary['name']}"

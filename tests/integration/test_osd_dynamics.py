@@ -111,7 +111,7 @@ def test_harvest_step_on_an_idle_device_takes_its_full_speed_time_over_theta(mak
     inline, _ = durations("inline")
     harvest, t = durations("harvest")
     assert harvest == pytest.approx(inline / theta, rel=1e-9)
-    prof = load_profile(resolve_profile_path("a100-80g"))
+    prof = load_profile(resolve_profile_path("a100-80g-datasheet"))
     draft = PRESETS["llama-160m"]
     if train_dtype is not None:
         draft = draft.model_copy(update={"dtype": train_dtype})
@@ -277,3 +277,24 @@ def test_closed_loop_trace_replays_one_request_after_another(make_scenario, tmp_
         trained = step_s if i % 4 == 0 else 0.0  # a step falls due after every 4th request
         assert arrival[i] == pytest.approx(finish[i - 1] + trained + think, abs=1e-9)
     assert np.all(req["admitted_s"].to_numpy() == arrival)  # nobody waits behind training
+
+
+def test_idle_only_harvest_trains_in_whole_units_and_never_in_serving_iterations(make_scenario):
+    """harvest_in_iterations: false (the real CPU server): busy iterations give no spare compute;
+    at near-zero load a step still takes its full-speed time / θ, run as whole minibatch units; at
+    a load with no idle windows nothing trains, where in-iteration harvest still trains."""
+    def run(rate, in_iter, n=(10, 20)):
+        spec = sharp({}, n1=n[0], n2=n[1], rate=rate, placement="harvest", update_interval_requests=2,
+                     harvest_fraction=0.5, interference=0.0, harvest_in_iterations=in_iter, batch_sequences=1)
+        return simulate(make_scenario(spec))
+
+    idle_units, idle_spare = run(0.01, False), run(0.01, True)
+    a = idle_units.training[idle_units.training["kind"] == "done"]["duration_s"].to_numpy()
+    b = idle_spare.training[idle_spare.training["kind"] == "done"]["duration_s"].to_numpy()
+    assert len(a) == len(b) == 9
+    assert a == pytest.approx(b, rel=1e-9)  # an idle device: the same work at the same rate
+    busy_units, busy_spare = run(400.0, False, (100, 400)), run(400.0, True, (100, 400))
+    assert busy_spare.summary["training"]["steps_done"] > 0
+    assert busy_units.summary["training"]["steps_done"] < busy_spare.summary["training"]["steps_done"]
+    t = busy_units.summary["training"]
+    assert t["train_work_flops_used"] <= t["spare_flops_available"] * (1 + 1e-9)
