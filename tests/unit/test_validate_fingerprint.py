@@ -30,7 +30,7 @@ def test_shipped_profile_is_recognised_as_made_on_another_generation():
     assert fpm.profile_differences(prof, newer) == ["cpu_family '25' here '26'", "cpu_model_id '17' here '2'"]
     assert fpm.profile_differences(prof, {**EPYC_OLD, "threads": 2}) == ["threads 1 here 2"]
     # A datasheet profile claims no device of its own.
-    assert fpm.profile_differences(load_profile(REPO / "calibration" / "h100.yaml"), newer) == []
+    assert fpm.profile_differences(load_profile(REPO / "calibration" / "h100-datasheet.yaml"), newer) == []
 
 
 def _suite(**kw):
