@@ -232,9 +232,10 @@ def test_inline_training_shows_in_the_latency_of_queued_requests(tmp_path):
     for t in steps:
         t0, t1 = float(t["started_s"]), float(t["done_s"])
         for r in reqs:
-            a = float(r["arrival_s"])
-            if t0 < a < t1:  # arrived while the step blocked the server
-                assert float(r["admitted_s"]) >= t1 - 1e-6
+            a, adm = float(r["arrival_s"]), float(r["admitted_s"])
+            assert not t0 < adm < t1 - 1e-6, "a request was admitted while the inline step ran"
+            if a < t1 and adm >= t1 - 1e-6:  # waiting (queued or arriving) behind the step
+                assert float(r["queue_s"]) >= t1 - max(a, t0) - 1e-6
                 behind += 1
     assert behind > 0
 
