@@ -194,11 +194,17 @@ def batched_forward(model: Any, kv: BatchKV, blocks: list[list[int]], pad_id: in
     hidden = stack(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv.cache,
                    use_cache=True).last_hidden_state  # [B, m, H]
     kv.commit_block(new_valid)
-    out = []
-    for i, blk in enumerate(blocks):
-        want = rows_for_logits[i] if rows_for_logits is not None else list(range(len(blk)))
-        out.append(head(hidden[i, want]).float() if want else hidden.new_zeros(0, 0).float())
-    return out
+    wants = [rows_for_logits[i] if rows_for_logits is not None else list(range(len(blk)))
+             for i, blk in enumerate(blocks)]
+    # One head GEMM over every wanted position of every row ([N, H] x [H, V]): the head's weights
+    # are read once per pass, as a serving engine does and as the cost model prices it (a head
+    # call per row re-read them B times and ran B GEMMs of q rows each).
+    row_idx = torch.tensor([i for i, w in enumerate(wants) for _ in w], dtype=torch.long, device=device)
+    col_idx = torch.tensor([j for w in wants for j in w], dtype=torch.long, device=device)
+    if row_idx.numel() == 0:
+        return [hidden.new_zeros(0, 0).float() for _ in blocks]
+    logits = head(hidden[row_idx, col_idx]).float()  # [N, V]
+    return list(torch.split(logits, [len(w) for w in wants]))
 
 
 @torch.no_grad()

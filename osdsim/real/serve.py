@@ -108,6 +108,7 @@ class IterationRecord:
     emitted: int
     trainer_busy: int  # dedicated: the trainer process was training during this iteration
     draft_version: int  # the training step whose weights the serving draft had (0: untrained)
+    cache_width: int = 0  # target KV columns W the verify pass attended over (≥ longest row: pads, holes)
 
 
 @dataclass
@@ -328,6 +329,7 @@ class BatchServer:
             self.iteration += 1
             return rec, [], []
         context = sum(len(s.seq) for s in self.rows)
+        width = self.kv_t.width
         # 2. k draft passes over the running batch (row i drafts γ_i tokens)
         gammas = [max(min(p.k, p.max_new_tokens - len(s.tokens) - 1), 0) for s in self.rows]
         xs: list[list[int]] = [[] for _ in self.rows]
@@ -426,7 +428,7 @@ class BatchServer:
         rec = IterationRecord(
             self.iteration, t_start, t_end, len(outcomes), pf_rows, pf_tokens, t_pf - t_start,
             t_draft - t_pf, t_verify - t_draft, p.k, sum(g + 1 for g in gammas), context, waiting,
-            prop_sum, acc_sum, emit_sum, int(trainer_busy), draft_version,
+            prop_sum, acc_sum, emit_sum, int(trainer_busy), draft_version, width,
         )
         self.iteration += 1
         return rec, finished, step_rows

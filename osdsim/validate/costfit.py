@@ -6,12 +6,15 @@ see. Here every recorded draft step (k draft passes) and verify pass of the fit 
 the profile's cost model (osdsim.cost.model.CostModel, public pricing only) and one correction is
 fitted on top of the profile, for the serving dtype's efficiency block:
 
-    measured ≈ s · roofline(pass) + passes · (L · t_layer + t_pass)
+    measured ≈ max(s_f · compute(pass; t½), s_b · memory(pass)) + passes · (L · t_layer + t_pass)
 
-by bounded least squares on relative error (every pass weighs the same; a soft-L1 loss so that
-passes a busy machine stretched do not pull the fit), with s scaling the
-roofline terms (η_f, η_b, η_kv divided by s; a value that would exceed 1 moves into the peak rate or
-bandwidth) and t_layer, t_pass replacing the kernel and pass overheads. Training is corrected
+by least squares on relative error (every pass weighs the same; a soft-L1 loss so that passes a
+busy machine stretched do not pull the fit). s_f and s_b scale the compute and memory terms (η_f
+divided by s_f, η_b and η_kv by s_b; a value that would exceed 1 moves into the peak rate or
+bandwidth), t½ is the GEMM efficiency ramp η(T) = η_max · T / (T + t½) (the serving loop's GEMMs
+see B·(k+1) rows, shapes the microbenchmarks fit only at batch 1), and t_layer, t_pass replace the
+kernel and pass overheads. A linear fit of (s_f = s_b, t_layer, t_pass) with the profile's t½
+starts the non-linear one; s_b is held near s_f by a weak prior where no pass is memory-bound. Training is corrected
 separately by the ratio of measured to twin-predicted training-step time (train_efficiency of the
 training dtype's block). The corrected profile is a YAML file the twin reads like any other.
 
@@ -117,19 +120,31 @@ def ape(passes: list[Pass], models: dict) -> dict[str, float]:
 
 @dataclass
 class CostFit:
-    scale: float
+    scale: float  # s_f: compute time x
     kernel_overhead_s_per_layer: float
     pass_overhead_s: float
+    bytes_scale: float = 1.0  # s_b: memory time x
+    flops_half_tokens: float | None = None  # t½ of the GEMM efficiency ramp (None: the profile's)
+    attention_flops: float | None = None  # η_att of the attention kernel (None: shared roofline)
+    kv_bandwidth: float | None = None  # η_kv of the attention kernel's KV traffic
     train_factor: float = 1.0
     passes: int = 0
     before: dict = field(default_factory=dict)  # median |error| per kind, microbenchmark profile
     after: dict = field(default_factory=dict)  # the same with the fitted profile (in sample)
 
     def as_dict(self) -> dict:
-        return {"roofline_scale": round(self.scale, 5), "kernel_overhead_s_per_layer": self.kernel_overhead_s_per_layer,
+        return {"roofline_scale": round(self.scale, 5), "bytes_scale": round(self.bytes_scale, 5),
+                "flops_half_tokens": None if self.flops_half_tokens is None else round(self.flops_half_tokens, 3),
+                "attention_flops": self.attention_flops, "kv_bandwidth": self.kv_bandwidth,
+                "kernel_overhead_s_per_layer": self.kernel_overhead_s_per_layer,
                 "pass_overhead_s": self.pass_overhead_s, "train_time_factor": round(self.train_factor, 5),
                 "passes": self.passes, "median_abs_error_microbenchmark": self.before,
                 "median_abs_error_serving_fitted_in_sample": self.after}
+
+
+# Weight of the prior log(s_b / s_f) = 0 next to one pass's relative error: small enough that any
+# memory-bound passes decide s_b, large enough to pin it when none are.
+BYTES_SCALE_PRIOR = 0.05
 
 
 def fit_pass_costs(passes: list[Pass], draft_spec, target_spec, profile) -> tuple[CostFit, Any]:
@@ -145,22 +160,57 @@ def fit_pass_costs(passes: list[Pass], draft_spec, target_spec, profile) -> tupl
     models = {"draft": CostModel(draft_spec, profile), "target": CostModel(target_spec, profile)}
     layers = {"draft": draft_spec.n_layers, "target": target_spec.n_layers}
     fixed = {m: layers[m] * eff.kernel_overhead_s_per_layer + eff.pass_overhead_s for m in layers}
-    rows, y = [], []
-    for p in passes:
-        n = len(p.shapes)
-        roof = price(p, models) - sum(fixed[m] for m, _ in p.shapes)
-        rows.append([roof / p.measured_s, sum(layers[m] for m, _ in p.shapes) / p.measured_s, n / p.measured_s])
-        y.append(1.0)
-    a, y = np.array(rows), np.array(y)
+    measured = np.array([p.measured_s for p in passes])
+    n_layers = np.array([sum(layers[m] for m, _ in p.shapes) for p in passes], dtype=float)
+    n_passes = np.array([len(p.shapes) for p in passes], dtype=float)
+    # 1. linear start: measured ≈ s · roofline + L · t_layer + n · t_pass (relative residuals)
+    roof = np.array([price(p, models) - sum(fixed[m] for m, _ in p.shapes) for p in passes])
+    a = np.stack([roof, n_layers, n_passes], axis=1) / measured[:, None]
+    y = np.ones(len(passes))
     lo, hi = [0.05, 0.0, 0.0], [20.0, np.inf, np.inf]
     start = lsq_linear(a, y, bounds=(lo, hi)).x
-    # Robust to the passes a busy machine stretches (soft-L1 on relative error, 10% scale).
     sol = least_squares(lambda p: a @ p - y, np.clip(start, np.array(lo) + 1e-12, None), bounds=(lo, hi),
                         loss="soft_l1", f_scale=0.1, x_scale=np.maximum(np.abs(start), 1e-6))
-    s, t_layer, t_pass = (float(x) for x in sol.x)
-    corrected = scale_profile(profile, dtype, s, t_layer, t_pass)
+    s0, t_layer0, t_pass0 = (float(x) for x in sol.x)
+
+    # 2. non-linear: separate compute / memory scales and the efficiency ramp t½, priced by the
+    # cost model itself (so the corrected profile prices exactly what was fitted).
+    def priced(theta: np.ndarray) -> tuple[np.ndarray, Any]:
+        prof = _theta_profile(theta)
+        fm = {"draft": CostModel(draft_spec, prof), "target": CostModel(target_spec, prof)}
+        return np.array([price(p, fm) for p in passes]), prof
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        pred, _ = priced(theta)
+        return np.append(pred / measured - 1.0, BYTES_SCALE_PRIOR * (theta[1] - theta[0]))
+
+    def _theta_profile(theta: np.ndarray) -> Any:
+        s_f, s_b, half, att, kv = (float(x) for x in np.exp(theta[[0, 1, 2, 5, 6]]))
+        return scale_profile(profile, dtype, s_f, float(theta[3]), float(theta[4]), bytes_scale=s_b,
+                             flops_half_tokens=half, attention_flops=att, kv_bandwidth=kv)
+
+    half0 = max(float(eff.flops_half_tokens), 0.5)
+    # The attention (QK^T, softmax, PV over the cached columns, and the cache append) as its own
+    # kernel after the GEMMs: max(att FLOPs / (F·η_att), KV bytes / (BW·η_kv)), started at the
+    # GEMMs' efficiency and the profile's KV-streaming efficiency.
+    att0 = min(eff.attention_flops if eff.attention_flops is not None else eff.flops_max / s0, 1.0)
+    kv0 = min((eff.kv_bandwidth if eff.kv_bandwidth is not None else eff.bandwidth) / s0, 1.0)
+    theta0 = np.array([math.log(s0), math.log(s0), math.log(half0), t_layer0, t_pass0,
+                       math.log(att0), math.log(kv0)])
+    t_hi = max(float(measured.max()), 1e-3)
+    bounds = ([math.log(0.05), math.log(0.05), math.log(0.05), 0.0, 0.0, math.log(1e-4), math.log(1e-4)],
+              [math.log(20.0), math.log(20.0), math.log(4096.0), t_hi, t_hi, 0.0, 0.0])
+    theta0 = np.clip(theta0, np.array(bounds[0]) + 1e-9, np.array(bounds[1]) - 1e-9)
+    nl = least_squares(residuals, theta0, bounds=bounds, loss="soft_l1", f_scale=0.1,
+                       x_scale=np.array([1.0, 1.0, 1.0, max(t_layer0, 1e-5), max(t_pass0, 1e-4), 1.0, 1.0]),
+                       diff_step=1e-3, max_nfev=300)
+    corrected = _theta_profile(nl.x)
+    c_eff = corrected.efficiency_for(dtype)
     fitted_models = {"draft": CostModel(draft_spec, corrected), "target": CostModel(target_spec, corrected)}
-    fit = CostFit(s, t_layer, t_pass, passes=len(passes), before=ape(passes, models), after=ape(passes, fitted_models))
+    fit = CostFit(float(np.exp(nl.x[0])), float(nl.x[3]), float(nl.x[4]), bytes_scale=float(np.exp(nl.x[1])),
+                  flops_half_tokens=float(np.exp(nl.x[2])), attention_flops=c_eff.attention_flops,
+                  kv_bandwidth=c_eff.kv_bandwidth, passes=len(passes),
+                  before=ape(passes, models), after=ape(passes, fitted_models))
     return fit, corrected
 
 
@@ -169,19 +219,31 @@ def _eff_fields(profile, dtype: str) -> tuple[str, str | None]:
     return ("efficiency_by_dtype", dtype) if dtype in profile.efficiency_by_dtype else ("efficiency", None)
 
 
-def scale_profile(profile, dtype: str, s: float, t_layer: float, t_pass: float):
-    """The profile with dtype's passes costing s × roofline + L·t_layer + t_pass."""
+def scale_profile(profile, dtype: str, s: float, t_layer: float, t_pass: float,
+                  bytes_scale: float | None = None, flops_half_tokens: float | None = None,
+                  attention_flops: float | None = None, kv_bandwidth: float | None = None):
+    """The profile with dtype's passes costing max(s · compute, s_b · memory) + L·t_layer + t_pass
+    (s_b = bytes_scale, default s; t½ = flops_half_tokens, default the profile's). attention_flops
+    (with kv_bandwidth) prices attention as its own kernel at those efficiencies of the (new) peak
+    and bandwidth."""
     eff = profile.efficiency_for(dtype)
     peaks = dict(profile.peak_flops_per_s)
     bw = profile.memory_bandwidth_bytes_per_s
+    s_b = s if bytes_scale is None else bytes_scale
     f = eff.flops_max / s
     peak_gain = max(f, 1.0)  # an efficiency above 1 moves into the peak
-    b = eff.bandwidth / s
+    b = eff.bandwidth / s_b
     bw_gain = max(b, 1.0)
-    kv = None if eff.kv_bandwidth is None else min(eff.kv_bandwidth / s / bw_gain, 1.0)
-    new = eff.model_copy(update={
-        "flops_max": f / peak_gain, "bandwidth": b / bw_gain, "kv_bandwidth": kv,
-        "kernel_overhead_s_per_layer": t_layer, "pass_overhead_s": t_pass})
+    kv = None if eff.kv_bandwidth is None else min(eff.kv_bandwidth / s_b / bw_gain, 1.0)
+    upd_eff = {"flops_max": f / peak_gain, "bandwidth": b / bw_gain, "kv_bandwidth": kv,
+               "kernel_overhead_s_per_layer": t_layer, "pass_overhead_s": t_pass}
+    if flops_half_tokens is not None:
+        upd_eff["flops_half_tokens"] = flops_half_tokens
+    if attention_flops is not None:
+        upd_eff["attention_flops"] = min(attention_flops / peak_gain, 1.0)
+    if kv_bandwidth is not None:
+        upd_eff["kv_bandwidth"] = min(kv_bandwidth / bw_gain, 1.0)
+    new = eff.model_copy(update=upd_eff)
     if peak_gain > 1.0 and dtype in peaks:
         peaks[dtype] *= peak_gain
     upd: dict = {"peak_flops_per_s": peaks, "memory_bandwidth_bytes_per_s": bw * bw_gain}

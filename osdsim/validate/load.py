@@ -280,6 +280,27 @@ def compare_serve(label: str, real: ServeRun, twin: Twin, tol: LoadTolerances) -
     return rows, series
 
 
+def pass_rows(label: str, real: ServeRun, doc: dict, base_dir: Path) -> list[MetricRow]:
+    """Per pass kind, the median measured time of the held-out run's passes vs the twin's profile
+    pricing the very same shapes (for information: it separates cost-model error from scheduling)."""
+    from osdsim.cost.model import CostModel
+    from osdsim.scenario import scenario_from_dict
+    from osdsim.sim.engine import load_scenario_profile
+    from osdsim.validate import costfit
+
+    sc = scenario_from_dict(doc, base_dir=base_dir, source=f"twin of {label}")
+    prof = load_scenario_profile(sc)
+    models = {"draft": CostModel(sc.draft, prof), "target": CostModel(sc.target, prof)}
+    by_kind: dict[str, tuple[list[float], list[float]]] = {}
+    for p in costfit.passes_batched(real.iterations):
+        pred, meas = by_kind.setdefault(p.kind, ([], []))
+        pred.append(costfit.price(p, models))
+        meas.append(p.measured_s)
+    return [MetricRow(f"{label}: {kind} time, median (priced at the measured shapes)", float(np.median(pr)),
+                      float(np.median(me)), 0.10, "rel", "s", gate=False)
+            for kind, (pr, me) in sorted(by_kind.items())]
+
+
 def _rolling_alpha(acc: list[float], rej: list[float], w: int) -> list[float]:
     a, r = np.asarray(acc, dtype=float), np.asarray(rej, dtype=float)
     ca, cr = np.convolve(a, np.ones(w))[: a.size], np.convolve(r, np.ones(w))[: a.size]
@@ -390,7 +411,7 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
         atomic_write_text(work / f"twin-{label}.yaml", yaml.safe_dump(doc, sort_keys=False))
         twin = simulate_twin(doc, suite_path.resolve().parent)
         r_rows, s = compare_serve(label, real, twin, suite.tolerances)
-        rows += r_rows
+        rows += r_rows + pass_rows(label, real, doc, suite_path.resolve().parent)
         series.append(s)
         entries.append((label, real, twin))
         tdir = out_dir / f"{suite.name}-traces"

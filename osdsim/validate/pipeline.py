@@ -513,9 +513,12 @@ def serving_fitted_profile(s1: Any, k: int, profile: str, acc_file: Path, law_fi
     micro = load_scenario_profile(sc)
     fit, corrected = costfit.fit_pass_costs(costfit.recorded_passes(s1, k), sc.draft, sc.target, micro)
     out = work / "profile-serving.yaml"
-    note = (f"Pass costs corrected on {fit.passes} recorded serving passes of the fit run: roofline x{fit.scale:.3f}, "
-            f"kernel overhead {fit.kernel_overhead_s_per_layer * 1e6:.1f} us/layer, pass overhead "
-            f"{fit.pass_overhead_s * 1e3:.3f} ms ({sc.draft.dtype}).")
+    att = ("" if fit.attention_flops is None else
+           f", attention kernel at {fit.attention_flops:.4f} of peak / KV at {fit.kv_bandwidth or 0:.4f} of bandwidth")
+    half = "" if fit.flops_half_tokens is None else f", GEMM ramp t_half {fit.flops_half_tokens:.1f} tokens"
+    note = (f"Pass costs corrected on {fit.passes} recorded serving passes of the fit run: compute x{fit.scale:.3f}, "
+            f"memory x{fit.bytes_scale:.3f}{half}{att}, kernel overhead {fit.kernel_overhead_s_per_layer * 1e6:.1f} "
+            f"us/layer, pass overhead {fit.pass_overhead_s * 1e3:.3f} ms ({sc.draft.dtype}).")
     costfit.write_profile(corrected, out, note)
     real_train = [x for x in (_num(u.get("train_s")) for u in s1.updates) if math.isfinite(x) and x > 0]
     if real_train and sc.strategy != "no-spec":

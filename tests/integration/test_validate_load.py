@@ -44,7 +44,7 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     # Every row within the suite's loose tolerances except the fall-behind rate: the simulator's harvest
     # also trains in the spare compute inside serving iterations, which this server never does, so its
     # twin keeps up at 200 req/s (reported in the notes; the row fails rather than hides it).
-    bad = [n for n, m in rows.items() if not m["passed"] and n != fb["name"]]
+    bad = [n for n, m in rows.items() if not m["passed"] and m.get("gate", True) and n != fb["name"]]
     assert bad == []
     assert doc["serving_fitted_costs"]["passes"] > 50
     for p in ("latency", "alpha", "training"):

@@ -175,7 +175,13 @@ def harvest_run(tmp_path_factory):
     from osdsim.real.serve import serve_real
 
     out = tmp_path_factory.mktemp("harvest")
-    return serve_real(_config("harvest", 6.0), out), out
+    # Bursts of three requests 30 ms apart (the second and third land mid-iteration), 1.5 s between
+    # bursts: idle windows exist however slow the machine is, and bursts land inside training units.
+    trace = out / "bursts.csv"
+    rows = [f"{(i // 3) * 1.5 + (i % 3) * 0.03:.3f},{'code' if i < 10 else 'spider'}" for i in range(20)]
+    trace.write_text("arrival_s,domain\n" + "\n".join(rows) + "\n")
+    cfg = _config("harvest", 1.0, arrival="trace", trace_file=str(trace))
+    return serve_real(cfg, out), out
 
 
 def test_harvest_units_never_run_while_a_request_waits(harvest_run):

@@ -81,3 +81,28 @@ def test_training_scale_moves_only_the_training_dtype():
     p2 = costfit.scale_training(prof, "fp32", 2.0)
     assert p2.efficiency.train_efficiency == pytest.approx(prof.efficiency.train_efficiency / 2)
     assert p2.efficiency_by_dtype["bf16"] == prof.efficiency_by_dtype["bf16"]
+
+
+def test_batched_fit_recovers_the_efficiency_ramp_and_an_attention_kernel():
+    """Serving shapes (B·(k+1) verify rows, long contexts) that the microbenchmark profile prices
+    with the wrong GEMM ramp and no attention kernel: the fit finds both and removes the error."""
+    prof = _profile()
+    truth = costfit.scale_profile(prof, "bf16", 1.2, 1e-4, 1e-3, bytes_scale=0.9, flops_half_tokens=6.0,
+                                  attention_flops=0.02, kv_bandwidth=0.01)
+    models = {"draft": CostModel(DRAFT, truth), "target": CostModel(TARGET, truth)}
+    rng = np.random.default_rng(3)
+    its = []
+    for _ in range(300):
+        b = int(rng.integers(1, 9))
+        its.append({"batch_size": b, "k": 3, "context_tokens": int(b * rng.integers(60, 700)),
+                    "draft_s": 1.0, "verify_s": 1.0, "verify_tokens": 4 * b})
+    for it, (d, v) in zip(its, zip(*[iter(costfit.passes_batched(its))] * 2), strict=True):
+        it["draft_s"] = costfit.price(d, models) * float(rng.normal(1, 0.01))
+        it["verify_s"] = costfit.price(v, models) * float(rng.normal(1, 0.01))
+    passes = costfit.passes_batched(its)
+    fit, corrected = costfit.fit_pass_costs(passes, DRAFT, TARGET, prof)
+    assert fit.before["verify"] > 0.1
+    assert max(fit.after.values()) < 0.02
+    fitted = CostModel(TARGET, corrected)
+    for b, ctx in ((1, 100), (8, 1200)):  # priced like the truth at both ends of the batch range
+        assert fitted.decode_time(b, ctx, 4) == pytest.approx(CostModel(TARGET, truth).decode_time(b, ctx, 4), rel=0.03)
