@@ -286,6 +286,9 @@ class Distill(_Strict):
         0.05, ge=0, le=10, description="Fractional slowdown of an iteration that co-runs with harvest training."
     )
     trainer_gpus: int = Field(1, ge=1, description="Dedicated trainer GPUs (placement: dedicated).")
+    dedicated_interference: float = Field(
+        0.0, ge=0, le=10, description="dedicated: fractional slowdown of a serving iteration while the trainer "
+        "trains on the same host (CPU cores sharing memory bandwidth and cache; 0: separate hardware).")
     sync_delay_s: float = Field(1.0, ge=0, description="Delay until new draft weights reach replicas (dedicated).")
     max_pending_steps: int = Field(2, ge=1, description="Due steps that may wait; beyond this the oldest is skipped.")
     trainable: Literal["all", "layers"] = Field("all", description="Train all draft parameters or only decoder layers.")

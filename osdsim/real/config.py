@@ -21,8 +21,10 @@ class ModelsCfg(_Strict):
     draft: str = Field("layers:2", description="'layers:L' (target's first L layers) or a HF dir.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
     tiny_seed: int = Field(0, description="Seed of the tiny random target (target: tiny).")
-    serve_dtype: Literal["float32", "bfloat16"] | None = Field(
-        None, description="Serve (draft + verify + baseline) in this dtype; train in `dtype` (default: same)."
+    serve_dtype: Literal["float32", "bfloat16", "auto"] | None = Field(
+        None, description="Serve (draft + verify + baseline) in this dtype; train in `dtype` (default: same). "
+        "auto: bfloat16 where the device computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or "
+        "AMX), else float32 (a CPU without them converts every bf16 matmul: several times slower).",
     )
     draft_vocab: int = Field(
         0, ge=0, description="Reduced draft head: propose only the N most frequent prompt tokens (0: full)."

@@ -89,6 +89,26 @@ def device_fingerprint_of(device: Any, threads: int) -> dict[str, Any]:
     return device_fingerprint(str(device), threads)
 
 
+def native_bf16(device: Any) -> bool:
+    """Whether `device` computes bf16 matmuls natively (else torch converts them to fp32 per call)."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_serve_dtype(name: str, device: Any) -> str:
+    """A config's serve dtype, with 'auto' decided by the device (see ModelsCfg.serve_dtype)."""
+    if name != "auto":
+        return name
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
 def resolve_device(torch: Any, name: str) -> Any:
     """torch.device for a config's `device`; a missing GPU is a one-line input error."""
     if name == "auto":
@@ -194,7 +214,7 @@ def prepare(cfg: RealConfig, separate_serving_draft: bool = False) -> Prepared:
     stream = D.ShiftStream(phases, splits, cfg.seed)
 
     # --- serving models: optional low-precision copies and a reduced-vocabulary draft head -------
-    serve_dtype = cfg.models.serve_dtype or cfg.models.dtype
+    serve_dtype = resolve_serve_dtype(cfg.models.serve_dtype or cfg.models.dtype, device)
     s_target = serving_copy(target, serve_dtype) if serve_dtype != cfg.models.dtype else target
     s_draft = (serving_copy(draft, serve_dtype)
                if serve_dtype != cfg.models.dtype or separate_serving_draft else draft)

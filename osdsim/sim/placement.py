@@ -9,7 +9,8 @@ of training work is TrainingStep.work_s: device-seconds at full speed in the ste
 - Harvest: the replica offers spare compute, θ·(spare device seconds), to pending steps in FIFO
   order; serving slows by `interference` while a step is pending.
 - Dedicated: trainer GPUs (data-parallel, ideal scaling) train the steps and publish the weights
-  after a sync delay; α then changes asynchronously, so replicas plan one iteration at a time.
+  after a sync delay; α then changes asynchronously, so replicas plan one iteration at a time. A
+  trainer on the same host (CPU cores) slows serving by `dedicated_interference` while it trains.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class Placement:
 
     def harvesting_in_iterations(self, distillers: Iterable[Distiller]) -> bool:
         """Whether serving iterations give their spare compute to a pending step (harvest)."""
+        return False
+
+    def co_running(self) -> bool:
+        """Whether training runs beside serving on shared hardware right now (dedicated on one host)."""
         return False
 
 
@@ -162,10 +167,21 @@ class Dedicated(Placement):
     name = "dedicated"
     stretch_ok = False
 
-    def __init__(self, stats: DistillStats, trainer_gpus: int, sync_delay_s: float):
+    def __init__(self, stats: DistillStats, trainer_gpus: int, sync_delay_s: float, interference: float = 0.0):
         super().__init__(stats)
         self.trainer_gpus = trainer_gpus
         self.sync_delay_s = sync_delay_s
+        self.interference = interference  # serving slowdown while a co-located trainer trains
+        self.training = 0  # steps training now
+
+    def co_running(self) -> bool:
+        return self.interference > 0 and self.training > 0
+
+    def slow_down(self, duration: float) -> float:
+        """Serving time lost to the co-located trainer (booked as latency cost)."""
+        extra = duration * self.interference
+        self.stats.latency_cost_s += extra
+        return extra
 
     def start(self, env: simpy.Environment, distillers: Iterable[Distiller | None]) -> None:
         """One trainer process per draft: each due step runs there; weights reach replicas after the delay."""
@@ -189,7 +205,9 @@ class Dedicated(Placement):
             dist.in_flight += 1
             step.started_s = env.now
             dur = step.cost.time_s / self.trainer_gpus  # data-parallel over the trainer GPUs (ideal)
+            self.training += 1
             yield env.timeout(dur)
+            self.training -= 1
             self.stats.busy_s += dur
             self.stats.work_s_used += step.work_s
             env.process(self._publish(env, dist, step, dur))
@@ -208,5 +226,6 @@ def make_placement(name: str, stats: DistillStats, distill) -> Placement:
         return Harvest(stats, distill.harvest_fraction, distill.interference,
                        getattr(distill, "harvest_in_iterations", True))
     if name == "dedicated":
-        return Dedicated(stats, distill.trainer_gpus, distill.sync_delay_s)
+        return Dedicated(stats, distill.trainer_gpus, distill.sync_delay_s,
+                         getattr(distill, "dedicated_interference", 0.0))
     return NoTraining(stats)

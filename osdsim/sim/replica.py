@@ -489,7 +489,7 @@ class Replica:
 
         duration, flops, nbytes, compute_s = self._price(m, b_list, k_list, c_sum, pf_tok, pf_ctx, pf_pairs,
                                                          n_comp, wsets)
-        if harvesting:  # m == 1
+        if harvesting or self.placement.co_running():  # m == 1 (neither placement allows stretches then)
             duration[0] += self.placement.slow_down(duration[0])
 
         t0 = env.now

@@ -67,6 +67,35 @@ class LoadSuite(BaseModel):
     runs: list[RunSpec] = Field(..., min_length=1)
     tolerances: LoadTolerances = Field(default_factory=LoadTolerances)
     alpha_window_requests: int = Field(16, ge=1)
+    probe: dict = Field(
+        default_factory=dict,
+        description="Overrides of `fit` for the co-location probe P, run when a held-out run is dedicated: "
+        "served with placement dedicated (a trainer process beside the server), it measures the serving "
+        "slowdown while the trainer trains, the publish delay and the trainer's step time that the "
+        "dedicated twins use (default: the fit config with 12 requests per phase, a step every 3).")
+
+
+# The co-location probe's defaults (overridden by the suite's `probe:`): short, with the trainer busy
+# for a good part of the run, so both busy and idle iterations are timed.
+PROBE_DEFAULTS = {"stream": {"requests_per_phase": 12}, "distill": {"update_interval": 3},
+                  "eval": {"every_updates": 1000}}
+# Iterations needed on each side (trainer busy / idle) to measure the interference.
+PROBE_MIN_ITERATIONS = 5
+
+
+def probe_config(suite: LoadSuite, suite_path: Path, fit: Any) -> Any:
+    """The co-location probe P's config: the fit run's, dedicated, shortened (suite `probe:` on top)."""
+    from osdsim.real.config import RealConfig
+    from osdsim.validate.pipeline import _merge
+
+    if fit.serve is None:
+        raise InputError(f"{suite_path}: a dedicated held-out run needs a served fit run (fit: serve:) for its probe")
+    data = _merge(_merge(suite.fit, PROBE_DEFAULTS), suite.probe)
+    data = _merge(data, {"name": f"{fit.name}-probe", "serve": {"placement": "dedicated"}})
+    try:
+        return RealConfig(**data)
+    except ValidationError as exc:
+        raise InputError(f"{suite_path}: probe: {format_validation_error(exc)}") from None
 
 
 def run_configs(suite: LoadSuite, suite_path: Path) -> tuple[Any, list[tuple[str, Any]]]:
@@ -151,8 +180,62 @@ def serve_trace_rows(requests: list[dict]) -> list[str]:
     return out
 
 
-def serve_twin_scenario(run: ServeRun, profile: str, acc_file: Path, law_file: Path, trace_file: Path) -> dict:
-    """The simulator twin of a recorded serve run (open-loop trace replay with its batching/placement)."""
+@dataclass
+class Colocation:
+    """What the probe P measured of a trainer process beside the server."""
+
+    interference: float  # fractional serving slowdown while the trainer trains
+    sync_delay_s: float  # median publish delay (step done -> weights in the server)
+    train_factor: float  # trainer step time per trained position, P / S1 (co-running vs alone)
+    busy_iterations: int
+    idle_iterations: int
+    profile: str | None = None  # the serving profile with training scaled by train_factor
+
+    def as_dict(self) -> dict:
+        return {"interference": round(self.interference, 4), "sync_delay_s": round(self.sync_delay_s, 4),
+                "train_factor": round(self.train_factor, 4), "busy_iterations": self.busy_iterations,
+                "idle_iterations": self.idle_iterations}
+
+
+def _train_s_per_position(run: ServeRun) -> float:
+    done = [t for t in run.training if t.get("status") == "done"]
+    pos = sum(_num(t.get("positions")) for t in done)
+    return sum(_num(t.get("train_s")) for t in done) / pos if pos > 0 else math.nan
+
+
+def measure_colocation(probe: ServeRun, s1: ServeRun, doc: dict, base_dir: Path) -> Colocation:
+    """From the probe's iterations: measured / priced pass time (the twin's profile `doc` prices each
+    iteration's passes at its own shapes) while the trainer trained vs while it did not; the ratio of
+    medians − 1 is the interference. Publish delays and the trainer's step time from its training rows."""
+    from osdsim.cost.model import CostModel
+    from osdsim.scenario import scenario_from_dict
+    from osdsim.sim.engine import load_scenario_profile
+    from osdsim.validate import costfit
+
+    sc = scenario_from_dict(doc, base_dir=base_dir, source="twin of the probe")
+    prof = load_scenario_profile(sc)
+    models = {"draft": CostModel(sc.draft, prof), "target": CostModel(sc.target, prof)}
+    busy, idle = [], []
+    for it in probe.iterations:
+        passes = costfit.passes_batched([it])
+        priced = sum(costfit.price(p, models) for p in passes)
+        if priced > 0:
+            (busy if int(_num(it.get("trainer_busy")) or 0) else idle).append(
+                sum(p.measured_s for p in passes) / priced)
+    interference = 0.0
+    if len(busy) >= PROBE_MIN_ITERATIONS and len(idle) >= PROBE_MIN_ITERATIONS:
+        interference = max(float(np.median(busy)) / float(np.median(idle)) - 1.0, 0.0)
+    delays = [_num(t.get("published_s")) - _num(t.get("done_s")) for t in probe.training if t.get("status") == "done"]
+    delays = [d for d in delays if math.isfinite(d) and d >= 0]
+    ratio = _train_s_per_position(probe) / _train_s_per_position(s1)
+    return Colocation(interference, float(np.median(delays)) if delays else 0.0,
+                      ratio if math.isfinite(ratio) and ratio > 0 else 1.0, len(busy), len(idle))
+
+
+def serve_twin_scenario(run: ServeRun, profile: str, acc_file: Path, law_file: Path, trace_file: Path,
+                        colocation: Colocation | None = None) -> dict:
+    """The simulator twin of a recorded serve run (open-loop trace replay with its batching/placement);
+    a dedicated run's twin takes the probe's interference, publish delay and trainer speed."""
     from osdsim.validate.pipeline import twin_scenario
 
     base = twin_scenario(run.summary, run.requests, profile, acc_file, law_file, trace_file, trace_file.parent,
@@ -168,6 +251,11 @@ def serve_twin_scenario(run: ServeRun, profile: str, acc_file: Path, law_file: P
                             "max_pending_steps": int(sv["max_pending_steps"]),
                             # The server trains at full speed in idle windows and never co-runs.
                             "harvest_fraction": 1.0, "harvest_in_iterations": False, "interference": 0.0, "sync_delay_s": 0.0})
+    if placement == "dedicated" and colocation is not None:
+        base["distill"].update({"dedicated_interference": colocation.interference,
+                                "sync_delay_s": colocation.sync_delay_s})
+        if colocation.profile:
+            base["hardware"]["profile"] = colocation.profile
     base["workload"]["trace_replay"] = "open"
     base["report"] = {"alpha_window_requests": 8, "iteration_log": "full"}
     base["name"] = f"twin-{run.summary['name']}"
@@ -398,6 +486,26 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
     serving_path, cost_fit = P.serving_fitted_profile(fit_view, k, profile, acc_file, law_file, work, suite_path,
                                                       twin_fn=twin_fn)
     twin_profile = str(serving_path) if suite.costs == "serving" else profile
+    colocation = None
+    if any((cfg.serve.placement == "dedicated") for _, cfg in runs) and isinstance(s1, ServeRun):
+        p_cfg = probe_config(suite, suite_path, fit_cfg)
+        probe, p_reused = _reuse_or_run(p_cfg, work / "P", reuse, "co-location probe P", progress, notice,
+                                        run_and_read)
+        if p_reused:
+            reused.append("P")
+        p_doc = serve_twin_scenario(probe, twin_profile, acc_file, law_file, work / "P-trace.csv")
+        colocation = measure_colocation(probe, s1, p_doc, suite_path.resolve().parent)
+        if colocation.train_factor != 1.0:
+            from osdsim.cost.profile import load_profile
+            from osdsim.validate import costfit
+
+            train_dtype = p_doc["distill"]["train_dtype"]
+            path = work / "profile-dedicated.yaml"
+            costfit.write_profile(costfit.scale_training(load_profile(Path(twin_profile)), train_dtype,
+                                                         colocation.train_factor), path,
+                                  f"Training x{colocation.train_factor:.3f}: a trainer process beside the server "
+                                  "(probe P) vs alone (S1).")
+            colocation.profile = str(path)
     rows: list[MetricRow] = []
     entries, series, traces = [], [], []
     for label, cfg in runs:
@@ -407,7 +515,7 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
             reused.append(label)
         if progress:
             progress(f"simulating {label}")
-        doc = serve_twin_scenario(real, twin_profile, acc_file, law_file, work / f"{label}-trace.csv")
+        doc = serve_twin_scenario(real, twin_profile, acc_file, law_file, work / f"{label}-trace.csv", colocation)
         atomic_write_text(work / f"twin-{label}.yaml", yaml.safe_dump(doc, sort_keys=False))
         twin = simulate_twin(doc, suite_path.resolve().parent)
         r_rows, s = compare_serve(label, real, twin, suite.tolerances)
@@ -432,12 +540,17 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
                    + (f" (real runs {', '.join(reused)} reused)" if reused else "")),
         "profile": profile, "profile_choice": profile_how, "serving_profile": str(serving_path),
         "costs": suite.costs, "serving_fitted_costs": cost_fit.as_dict(), "fitted_acceptance": acc,
+        "colocation_probe": None if colocation is None else colocation.as_dict(),
         "traces": [p.relative_to(out_dir).as_posix() for p in traces],
         "notes": load_notes() + [
             f"Pass costs fitted on S1's {cost_fit.passes} recorded passes: median |error| per pass kind with the "
             f"microbenchmark profile {P._fmt_errs(cost_fit.before)}; serving-fitted (in sample) "
             f"{P._fmt_errs(cost_fit.after)}; training time x{cost_fit.train_factor:.3f}. The twins use the "
-            f"{suite.costs} profile."],
+            f"{suite.costs} profile."] + ([] if colocation is None else [
+            f"Co-location probe P (dedicated, {colocation.busy_iterations} iterations with the trainer training, "
+            f"{colocation.idle_iterations} without): serving slowdown while the trainer trains "
+            f"{colocation.interference * 100:.1f}%, publish delay median {colocation.sync_delay_s * 1e3:.0f} ms, "
+            f"trainer step time x{colocation.train_factor:.3f} vs inline; the dedicated twins use them."]),
     }
     return P.ValidationResult(rows=rows, meta=meta, files={"work": work}, series={"load": series})
 

@@ -177,6 +177,25 @@ def test_dedicated_trainer_publishes_after_sync_delay(make_scenario):
     assert np.all(al["time_s"].to_numpy() == pytest.approx(ev["time_s"].to_numpy()))
 
 
+def test_colocated_dedicated_trainer_slows_only_the_iterations_it_overlaps(make_scenario):
+    def spec(**kw):
+        return sharp({}, n1=20, n2=60, rate=1.0, placement="dedicated", sync_delay_s=0.5,
+                     update_interval_requests=4, epochs_per_step=50, **kw)  # steps of ~0.24 s
+
+    base = simulate(make_scenario(spec()))
+    slow = simulate(make_scenario(spec(dedicated_interference=0.5)))
+    it = slow.iterations[slow.iterations["kind"] != "train"]
+    t = slow.training[slow.training["kind"] == "done"]
+    spans = list(zip(t["time_s"] - t["duration_s"] - 0.5, t["time_s"] - 0.5, strict=True))  # trainer busy
+    lost = slow.summary["training"]["latency_cost_s"]
+    assert base.summary["training"]["latency_cost_s"] == 0 and lost > 0
+    # Exactly a third of the serving time of the iterations that began while the trainer trained
+    # (not one that began at the very instant its step became due: the trainer starts after it).
+    during = [any(a < s0 < b for a, b in spans) for s0 in it["t_s"]]
+    assert lost == pytest.approx(float(it["duration_s"][during].sum()) / 3, abs=2e-6)  # summary: 6 decimals
+    assert slow.requests["e2e_s"].mean() > base.requests["e2e_s"].mean()
+
+
 def test_per_domain_drafts_do_not_forget(make_scenario):
     spec = sharp({}, n1=200, n2=400, rate=0.2)
     spec["acceptance"]["transfer"] = -1.0

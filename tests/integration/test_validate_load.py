@@ -47,6 +47,15 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     bad = [n for n, m in rows.items() if not m["passed"] and m.get("gate", True) and n != fb["name"]]
     assert bad == []
     assert doc["serving_fitted_costs"]["passes"] > 50
+    # The co-location probe ran (a held-out run is dedicated) and its figures reached that twin only.
+    probe = doc["colocation_probe"]
+    assert probe["busy_iterations"] > 0 and probe["idle_iterations"] > 0 and probe["sync_delay_s"] >= 0
+    import yaml
+
+    twin = yaml.safe_load((tmp_path / "cpu-load-quick-work" / "twin-dedicated.yaml").read_text())
+    assert twin["distill"]["dedicated_interference"] == pytest.approx(probe["interference"], abs=1e-4)
+    assert "dedicated_interference" not in yaml.safe_load(
+        (tmp_path / "cpu-load-quick-work" / "twin-harvest-low.yaml").read_text())["distill"]
     for p in ("latency", "alpha", "training"):
         assert next(tmp_path.glob(f"cpu-load-quick-2*-{p}.png")).stat().st_size > 1000
     for label in ("harvest-low", "harvest-high", "dedicated"):

@@ -141,3 +141,15 @@ def test_serving_copy_and_sync():
     after = next(served.model.layers.parameters())
     assert not torch.equal(before, after)
     torch.testing.assert_close(after.float(), next(draft.model.layers.parameters()), atol=2e-2, rtol=1e-2)
+
+
+def test_serve_dtype_auto_follows_native_bf16(monkeypatch):
+    pytest.importorskip("torch")
+    from osdsim.real import run as R
+
+    assert R.resolve_serve_dtype("float32", "cpu") == "float32"
+    assert R.resolve_serve_dtype("bfloat16", "cpu") == "bfloat16"
+    monkeypatch.setattr(R, "native_bf16", lambda device: False)
+    assert R.resolve_serve_dtype("auto", "cpu") == "float32"
+    monkeypatch.setattr(R, "native_bf16", lambda device: True)
+    assert R.resolve_serve_dtype("auto", "cpu") == "bfloat16"

@@ -96,7 +96,8 @@ def test_batched_fit_recovers_the_efficiency_ramp_and_an_attention_kernel():
         b = int(rng.integers(1, 9))
         its.append({"batch_size": b, "k": 3, "context_tokens": int(b * rng.integers(60, 700)),
                     "draft_s": 1.0, "verify_s": 1.0, "verify_tokens": 4 * b})
-    for it, (d, v) in zip(its, zip(*[iter(costfit.passes_batched(its))] * 2), strict=True):
+    pairs = costfit.passes_batched(its)  # (draft step, verify) per iteration
+    for it, d, v in zip(its, pairs[0::2], pairs[1::2], strict=True):
         it["draft_s"] = costfit.price(d, models) * float(rng.normal(1, 0.01))
         it["verify_s"] = costfit.price(v, models) * float(rng.normal(1, 0.01))
     passes = costfit.passes_batched(its)
