@@ -32,8 +32,18 @@ from osdsim.specdec import optimal_k
 # Shortest stretch worth planning: below it, drawing and pricing ahead (and rewinding the
 # random stream when an arrival cuts the stretch) costs more than the events it saves.
 MACRO_MIN_STEPS = 4
+# Rows of one batch shape are priced with one array call (CostModel.pass_times) from this many on;
+# below it, numpy's per-call overhead exceeds the scalar pass_time calls it replaces.
+PRICE_ARRAY_MIN_ROWS = 10
+# The same with the arrival times known ahead: the horizon is rarely overshot, so short stretches pay.
+MACRO_ARRIVALS_MIN_STEPS = 2
 # Memory of the moving average of stretch lengths (only arrivals cut stretches): new = KEEP·old + (1 − KEEP)·last.
 MACRO_LEN_KEEP = 0.8
+# With the arrival times known ahead, a stretch is planned to just past the next arrival that would be
+# admitted: rows ≈ gap / (ROW_S_MARGIN · shortest iteration of the last stretch) + ROW_EXTRA (too few
+# rows only cost one more stretch; too many are planned, drawn and priced for nothing).
+ROW_S_MARGIN = 0.9
+ROW_EXTRA = 2
 
 
 @dataclass
@@ -216,6 +226,16 @@ class Replica:
         # once and α cannot change mid-stretch (no trainer publishing asynchronously).
         self._macro_len = float(cfg.macro_steps)  # moving average of iterations per stretch
         self._stretch_ok = cfg.macro_steps > 0 and (not self.spec or law.stretch) and cfg.placement.stretch_ok
+        # Open loop with routing fixed in advance: the (planned) arrival times of the requests this
+        # replica will get and their ids, set by the engine; None: arrivals are not known ahead.
+        self._ahead_t: np.ndarray | None = None
+        self._ahead_rid: np.ndarray | None = None
+        self._row_s = 0.0  # shortest iteration of the last stretch (0: none yet)
+
+    def know_arrivals(self, times: np.ndarray, rids: np.ndarray) -> None:
+        """The arrival times (sorted) and ids of every request that will be routed here."""
+        self._ahead_t = times
+        self._ahead_rid = rids
 
     # --- α view ------------------------------------------------------------------------------------
     def refresh_alpha(self) -> None:
@@ -319,10 +339,35 @@ class Replica:
             return 1
         # Recent stretches (cut by arrivals) say how far ahead drawing pays; without prefill, a
         # request also finishes within its out_left iterations (each emits ≥ 1 token).
-        m = min(self.cfg.macro_steps, int(2.0 * self._macro_len) + 1)
+        m = self._rows_to_arrival()
+        shortest = MACRO_ARRIVALS_MIN_STEPS  # the horizon is where the stretch will likely end anyway
+        if m is None:
+            m = min(self.cfg.macro_steps, int(2.0 * self._macro_len) + 1)
+            shortest = MACRO_MIN_STEPS
         if not self.n_prefill:
             m = min(m, int(self.out_left[: self.n].min()))
-        return m if m >= MACRO_MIN_STEPS else 1
+        return m if m >= shortest else 1
+
+    def _rows_to_arrival(self) -> int | None:
+        """Iterations worth planning when the arrivals are known ahead: up to a little past the next
+        one that would be admitted (the stretch's horizon only; an arrival still cuts it exactly as
+        before), the cap when none would be; None when the arrivals are not known ahead."""
+        times = self._ahead_t
+        if times is None or not self._row_s:
+            return None
+        cap = self.cfg.macro_steps
+        if self.waiting or self.n >= self.cfg.max_batch:  # arrivals only join the queue until a finish
+            return cap
+        now = self.env.now
+        i = int(np.searchsorted(times, now, side="right"))
+        if i >= times.size:
+            return cap
+        rid = int(self._ahead_rid[i])  # type: ignore[index]
+        need = int(self.table.prompt[rid] + self.table.output[rid]) + self.lookahead
+        if self.kv_free < need <= self.cfg.kv_capacity:  # it will wait for a finish
+            return cap
+        rows = int((float(times[i]) - now) / (ROW_S_MARGIN * self._row_s)) + ROW_EXTRA
+        return min(cap, rows)
 
     def _plan_prefill(self, m_cap: int, k0: int, auto_k: bool):
         """Prefill chunks of up to m_cap iterations (deterministic: FIFO over the prefill budget left
@@ -491,6 +536,7 @@ class Replica:
                                                          n_comp, wsets)
         if harvesting:  # m == 1
             duration[0] += self.placement.slow_down(duration[0])
+        self._row_s = min(duration)
 
         t0 = env.now
         ends = []
@@ -657,22 +703,28 @@ class Replica:
     def _price(self, m, b_list, k_list, c_sum, pf_tok, pf_ctx, pf_pairs, n_comp, wsets):
         """(duration, flops, bytes, compute_s) lists of m iterations: the draft's k passes (+ its
         prefill of the chunks) and the target's verify + prefill pass. Rows without prefill that
-        share a batch shape are priced by one pass_times call; the expressions are those of
-        pass_time, element-wise (so every row equals pricing it alone, bit for bit)."""
+        share a batch shape (PRICE_ARRAY_MIN_ROWS or more) are priced by one pass_times call; the
+        expressions are those of pass_time, element-wise (so every row equals pricing it alone, bit
+        for bit)."""
         cfg = self.cfg
         dc = cfg.draft_cost
         tc = cfg.target_cost
-        if m > 1 and not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m and wsets.count(wsets[0]) == m:
+        if (m >= PRICE_ARRAY_MIN_ROWS and not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m
+                and wsets.count(wsets[0]) == m):
             groups = [((b_list[0], k_list[0], wsets[0]), None)]  # one batch shape, no prefill
         else:
             shapes: dict[tuple[int, int, int], list[int]] = {}
             groups = []
             for j in range(m):
-                if pf_tok[j] or not b_list[j] or m == 1:
+                if pf_tok[j] or not b_list[j] or m < PRICE_ARRAY_MIN_ROWS:
                     groups.append((None, j))  # priced alone
                 else:
                     shapes.setdefault((b_list[j], k_list[j], wsets[j]), []).append(j)
-            groups.extend(shapes.items())
+            for shape, rows in shapes.items():
+                if len(rows) >= PRICE_ARRAY_MIN_ROWS:
+                    groups.append((shape, rows))
+                else:  # the same bits one row at a time (what a stretch of one iteration computes)
+                    groups.extend((None, j) for j in rows)
         duration = [0.0] * m
         flops = [0.0] * m
         nbytes = [0.0] * m
