@@ -231,6 +231,9 @@ class Replica:
         self._ahead_t: np.ndarray | None = None
         self._ahead_rid: np.ndarray | None = None
         self._row_s = 0.0  # shortest iteration of the last stretch (0: none yet)
+        # Exp(1) values of the random stream drawn ahead of its position (a stretch draws all the rows
+        # it plans; those it does not run stay here for the next one instead of being rewound).
+        self._exp = np.empty(0)
 
     def know_arrivals(self, times: np.ndarray, rids: np.ndarray) -> None:
         """The arrival times (sorted) and ids of every request that will be routed here."""
@@ -509,10 +512,10 @@ class Replica:
         harvesting = self._harvest_pending()
         if harvesting:
             m = 1
-            a = emit = rng_state = None
+            a = emit = None
             c_sum = np.array([float(np.add.reduce(ctx0 if dec is None else ctx0[dec[0]]))])
         else:
-            a, step, rng_state = self._draw(m_plan, dec, first, b_rows, k0, alpha_slot)
+            a, step = self._draw(m_plan, dec, first, b_rows, k0, alpha_slot)
             m, c_sum, emit = self._extent(step, dec, alloc, b0)
 
         # Per-row batch shape: decoding count, k, α mean and draft weight sets (they change only
@@ -577,9 +580,8 @@ class Replica:
             # Only an arrival says how far ahead is worth drawing; a stretch that ran to its end (a
             # finish or the cap) could have been as long as it was allowed to be.
             self._macro_len = MACRO_LEN_KEEP * self._macro_len + (1 - MACRO_LEN_KEEP) * (used if cut else m_cap)
-        if rng_state is not None and used < m_plan:  # rewind: consume exactly the rows used
-            self.rng.bit_generator.state = rng_state
-            self.rng.standard_exponential((used, n) if dec is None else int(b_rows[:used].sum()))
+        if a is not None and self.law.stretch:  # the rows run consume their draws; the rest wait
+            self._consume(int(b_rows[:used].sum()))
 
         spare_took = None
         if harvesting:  # m == used == 1
@@ -587,7 +589,9 @@ class Replica:
             spare = max(duration[0] - compute_s[0], 0.0) * self.placement.spare_rate
             self.spare_s += spare
             spare_took = (spare, self.placement.give(self.distillers, spare, t0, env.now))
-            a, step, _ = self._draw(1, dec, first, b_rows, k0, alpha_slot)
+            a, step = self._draw(1, dec, first, b_rows, k0, alpha_slot)
+            if a is not None and self.law.stretch:
+                self._consume(int(b_rows[0]))
             _, _, emit = self._extent(step, dec, alloc, b0)
         per_iter = emit.sum(axis=1)
 
@@ -644,24 +648,34 @@ class Replica:
         if finished.size:
             self._finish(finished)
 
+    def _exponentials(self, count: int) -> np.ndarray:
+        """The next `count` Exp(1) values of the stream, not consumed (_consume does): one stream
+        drawn in pieces is the stream drawn at once, so values drawn ahead wait for the next stretch."""
+        buf = self._exp
+        if count > buf.size:
+            buf = self._exp = np.concatenate((buf, self.rng.standard_exponential(count - buf.size)))
+        return buf[:count]
+
+    def _consume(self, count: int) -> None:
+        if count:
+            self._exp = self._exp[count:]
+
     def _draw(self, m_plan, dec, first, b_rows, k0, alpha_slot):
-        """Accepted lengths a (rows × slots; 0 off the decoding set), tokens each slot emits per row
-        before the finishing cap (a + 1 decoding, 1 for a first token), and the random stream's state
-        before the draw when it may need rewinding. All planned rows are drawn at once, rows in order
-        and decoding slots in slot order: the stream one iteration at a time would consume."""
+        """Accepted lengths a (rows × slots; 0 off the decoding set) and tokens each slot emits per row
+        before the finishing cap (a + 1 decoding, 1 for a first token). All planned rows are drawn at
+        once, rows in order and decoding slots in slot order: the stream one iteration at a time would
+        consume (the caller consumes the rows it runs, _consume)."""
         n = self.n
         if not self.spec or int(b_rows[:m_plan].sum()) == 0:
             step = np.ones((m_plan, n), dtype=np.int64) if dec is None else (dec[:m_plan] | first[:m_plan]).astype(np.int64)
-            return None, step, None
-        rng_state = None
+            return None, step
         if self.law.stretch:
-            rng_state = self.rng.bit_generator.state if m_plan > 1 else None
             inv = self._inv_neg_log_alpha[self.dom[:n]]
             if dec is None:
-                e = self.rng.standard_exponential((m_plan, n))
+                e = self._exponentials(m_plan * n).reshape(m_plan, n)  # row-major: rows in order
             else:
                 e = np.zeros((m_plan, n))
-                e[dec[:m_plan]] = self.rng.standard_exponential(int(b_rows[:m_plan].sum()))
+                e[dec[:m_plan]] = self._exponentials(int(b_rows[:m_plan].sum()))
             a = np.minimum(e * inv, k0).astype(np.int64)
         else:  # a law that cannot draw a stretch: m_plan == 1
             a = np.zeros((1, n), dtype=np.int64)
@@ -670,7 +684,7 @@ class Replica:
         step = a + 1
         if dec is not None:
             step = np.where(dec[:m_plan], step, first[:m_plan])
-        return a, step, rng_state
+        return a, step
 
     def _extent(self, step, dec, alloc, b0):
         """(m, context sums per row, tokens emitted per row and slot): the stretch runs to its first
