@@ -222,6 +222,9 @@ class Replica:
         self.spec = cfg.draft_cost is not None
         self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
         self.placement = cfg.placement
+        # Passes priced one at a time (CostModel.scalar_pass_time: pass_time's bits, fewer calls).
+        self._target_pass = cfg.target_cost.scalar_pass_time()
+        self._draft_pass = cfg.draft_cost.scalar_pass_time() if cfg.draft_cost is not None else None
         # Stretches (see _stretch): several iterations in one event when the law can draw them at
         # once and α cannot change mid-stretch (no trainer publishing asynchronously).
         self._macro_len = float(cfg.macro_steps)  # moving average of iterations per stretch
@@ -723,6 +726,7 @@ class Replica:
         cfg = self.cfg
         dc = cfg.draft_cost
         tc = cfg.target_cost
+        draft_pass, target_pass = self._draft_pass, self._target_pass
         if (m >= PRICE_ARRAY_MIN_ROWS and not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m
                 and wsets.count(wsets[0]) == m):
             groups = [((b_list[0], k_list[0], wsets[0]), None)]  # one batch shape, no prefill
@@ -752,18 +756,18 @@ class Replica:
                 dur = fl = by = cs = 0.0
                 if k:  # the draft decodes (spec and b > 0)
                     mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
-                    td, fd, bd, cd = dc.pass_time(b, b, c + mean_extra, c + mean_extra + b / 2.0, ws)
+                    td, fd, bd, cd = draft_pass(b, b, c + mean_extra, c + mean_extra + b / 2.0, ws)
                     dur += k * td
                     fl += k * fd
                     by += k * bd
                     cs += k * cd
                     if pf_tok[j]:  # the draft prefills the same chunks to build its own KV cache
-                        td, fd, bd, cd = dc.pass_time(pf_tok[j], 0, pf_ctx[j], pf_pairs[j])
+                        td, fd, bd, cd = draft_pass(pf_tok[j], 0, pf_ctx[j], pf_pairs[j])
                         dur += td
                         fl += fd
                         by += bd
                         cs += cd
-                tt, ft, bt, ct = tc.pass_time(b * q + pf_tok[j], b * q + n_comp[j], c + pf_ctx[j],
+                tt, ft, bt, ct = target_pass(b * q + pf_tok[j], b * q + n_comp[j], c + pf_ctx[j],
                                               q * c + b * q * q / 2.0 + pf_pairs[j])
                 duration[j] = dur + tt
                 flops[j] = fl + ft
