@@ -256,6 +256,67 @@ class CostModel:
             return 0.0, 0.0, 0.0, 0.0
         return self._pass(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets, max)[:4]
 
+    def scalar_pass_time(self):
+        """pass_time as a closure over this model's constants (the simulator prices a few passes per
+        iteration one at a time): the expressions of _pass and pass_core for scalars, in the same
+        order, so it returns the same bits (tests/unit/test_cost_model.py checks every profile)."""
+        fpp, fpt, fpl = self._flops_per_pair, self._flops_per_token, self._flops_per_logit
+        kvpt, wb, gemv = self._kv_bytes_per_token, self._weight_bytes, self._gemv_max
+        eta_max, t_half = self._eta_max, self._t_half
+        apt, lb = self._act_bytes_per_token, self._logit_bytes
+        ngs, ngmin = self._nongemm_s_per_token, self._nongemm_min
+        c = self._coefs
+        peak, eff_bw, kvx, gpu, p = c.peak, c.eff_bw, c.kv_extra_s_per_byte, c.gpu, c.sharpness
+        att_peak, kv_bw, nongemm = c.attention_peak, c.kv_bw, c.nongemm
+        fixed, comm_fixed, cpt, per_seq = self._fixed_s, self._comm_fixed, self._comm_per_token, self._per_seq_s
+
+        def pass_time(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets=1):
+            if tokens <= 0:
+                return 0.0, 0.0, 0.0, 0.0
+            att_flops = fpp * attention_pairs
+            gemm_flops = fpt * tokens + fpl * logit_tokens
+            flops = gemm_flops + att_flops
+            kv_bytes = kvpt * (context_tokens + tokens)
+            weights = weight_sets * wb
+            if tokens <= gemv:
+                weights *= tokens
+                eta = eta_max
+            else:
+                eta = eta_max * tokens / (tokens + t_half)
+            act_bytes = apt * tokens
+            logit_bytes = lb * logit_tokens
+            nbytes = weights + kv_bytes + act_bytes + logit_bytes
+            if not gpu:
+                compute_s = flops / (peak * eta)
+                memory_s = nbytes / eff_bw + kv_bytes * kvx
+                core = max(compute_s, memory_s)
+            else:
+                if att_peak is not None:
+                    gemm_bytes = weights + logit_bytes
+                    mem_bytes = gemm_bytes if nongemm else gemm_bytes + act_bytes
+                    compute_s = gemm_flops / (peak * eta)
+                    memory_s = mem_bytes / eff_bw
+                else:
+                    mem_bytes = nbytes - act_bytes if nongemm else nbytes
+                    compute_s = flops / (peak * eta)
+                    memory_s = mem_bytes / eff_bw + kv_bytes * kvx
+                core = max(compute_s, memory_s)
+                if p is not None:
+                    lo = compute_s + memory_s - core
+                    core = core * (1.0 + (lo / (core + 1e-300)) ** p) ** (1.0 / p)
+                if att_peak is not None:
+                    att_c = att_flops / att_peak
+                    core = core + max(att_c, kv_bytes / kv_bw)
+                    compute_s = compute_s + att_c
+                if nongemm:
+                    core = core + ngs * (tokens if tokens > ngmin else ngmin)
+            time_s = core + fixed + comm_fixed + cpt * tokens
+            if per_seq:
+                time_s = time_s + per_seq * logit_tokens
+            return time_s, flops, nbytes, compute_s
+
+        return pass_time
+
     def pass_times(
         self, tokens: float, logit_tokens: float, context_tokens: np.ndarray, attention_pairs: np.ndarray,
         weight_sets: int = 1,

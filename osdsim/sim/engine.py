@@ -377,6 +377,10 @@ def _run_until_done(env: simpy.Environment, scenario: Scenario, req: Requests, t
         env.process(_closed_loop(env, req.arrival_s[0] if n_req else 0.0, req.think_s, table, replicas,
                                  scenario.router, route_rng))
     else:
+        if scenario.router == "round-robin" or len(replicas) == 1:  # routing known ahead (_route)
+            rids = np.arange(n_req)
+            for r, rep in enumerate(replicas):
+                rep.know_arrivals(req.arrival_s[r::len(replicas)], rids[r::len(replicas)])
         env.process(_arrivals(env, req.arrival_s, replicas, scenario.router, route_rng))
     if n_req == 0:
         all_done.succeed()

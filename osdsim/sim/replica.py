@@ -32,8 +32,18 @@ from osdsim.specdec import optimal_k
 # Shortest stretch worth planning: below it, drawing and pricing ahead (and rewinding the
 # random stream when an arrival cuts the stretch) costs more than the events it saves.
 MACRO_MIN_STEPS = 4
+# Rows of one batch shape are priced with one array call (CostModel.pass_times) from this many on;
+# below it, numpy's per-call overhead exceeds the scalar pass_time calls it replaces.
+PRICE_ARRAY_MIN_ROWS = 10
+# The same with the arrival times known ahead: the horizon is rarely overshot, so short stretches pay.
+MACRO_ARRIVALS_MIN_STEPS = 2
 # Memory of the moving average of stretch lengths (only arrivals cut stretches): new = KEEP·old + (1 − KEEP)·last.
 MACRO_LEN_KEEP = 0.8
+# With the arrival times known ahead, a stretch is planned to just past the next arrival that would be
+# admitted: rows ≈ gap / (ROW_S_MARGIN · shortest iteration of the last stretch) + ROW_EXTRA (too few
+# rows only cost one more stretch; too many are planned, drawn and priced for nothing).
+ROW_S_MARGIN = 0.9
+ROW_EXTRA = 2
 
 
 @dataclass
@@ -212,10 +222,26 @@ class Replica:
         self.spec = cfg.draft_cost is not None
         self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
         self.placement = cfg.placement
+        # Passes priced one at a time (CostModel.scalar_pass_time: pass_time's bits, fewer calls).
+        self._target_pass = cfg.target_cost.scalar_pass_time()
+        self._draft_pass = cfg.draft_cost.scalar_pass_time() if cfg.draft_cost is not None else None
         # Stretches (see _stretch): several iterations in one event when the law can draw them at
         # once and α cannot change mid-stretch (no trainer publishing asynchronously).
         self._macro_len = float(cfg.macro_steps)  # moving average of iterations per stretch
         self._stretch_ok = cfg.macro_steps > 0 and (not self.spec or law.stretch) and cfg.placement.stretch_ok
+        # Open loop with routing fixed in advance: the (planned) arrival times of the requests this
+        # replica will get and their ids, set by the engine; None: arrivals are not known ahead.
+        self._ahead_t: np.ndarray | None = None
+        self._ahead_rid: np.ndarray | None = None
+        self._row_s = 0.0  # shortest iteration of the last stretch (0: none yet)
+        # Exp(1) values of the random stream drawn ahead of its position (a stretch draws all the rows
+        # it plans; those it does not run stay here for the next one instead of being rewound).
+        self._exp = np.empty(0)
+
+    def know_arrivals(self, times: np.ndarray, rids: np.ndarray) -> None:
+        """The arrival times (sorted) and ids of every request that will be routed here."""
+        self._ahead_t = times
+        self._ahead_rid = rids
 
     # --- α view ------------------------------------------------------------------------------------
     def refresh_alpha(self) -> None:
@@ -319,10 +345,35 @@ class Replica:
             return 1
         # Recent stretches (cut by arrivals) say how far ahead drawing pays; without prefill, a
         # request also finishes within its out_left iterations (each emits ≥ 1 token).
-        m = min(self.cfg.macro_steps, int(2.0 * self._macro_len) + 1)
+        m = self._rows_to_arrival()
+        shortest = MACRO_ARRIVALS_MIN_STEPS  # the horizon is where the stretch will likely end anyway
+        if m is None:
+            m = min(self.cfg.macro_steps, int(2.0 * self._macro_len) + 1)
+            shortest = MACRO_MIN_STEPS
         if not self.n_prefill:
             m = min(m, int(self.out_left[: self.n].min()))
-        return m if m >= MACRO_MIN_STEPS else 1
+        return m if m >= shortest else 1
+
+    def _rows_to_arrival(self) -> int | None:
+        """Iterations worth planning when the arrivals are known ahead: up to a little past the next
+        one that would be admitted (the stretch's horizon only; an arrival still cuts it exactly as
+        before), the cap when none would be; None when the arrivals are not known ahead."""
+        times = self._ahead_t
+        if times is None or not self._row_s:
+            return None
+        cap = self.cfg.macro_steps
+        if self.waiting or self.n >= self.cfg.max_batch:  # arrivals only join the queue until a finish
+            return cap
+        now = self.env.now
+        i = int(np.searchsorted(times, now, side="right"))
+        if i >= times.size:
+            return cap
+        rid = int(self._ahead_rid[i])  # type: ignore[index]
+        need = int(self.table.prompt[rid] + self.table.output[rid]) + self.lookahead
+        if self.kv_free < need <= self.cfg.kv_capacity:  # it will wait for a finish
+            return cap
+        rows = int((float(times[i]) - now) / (ROW_S_MARGIN * self._row_s)) + ROW_EXTRA
+        return min(cap, rows)
 
     def _plan_prefill(self, m_cap: int, k0: int, auto_k: bool):
         """Prefill chunks of up to m_cap iterations (deterministic: FIFO over the prefill budget left
@@ -464,10 +515,10 @@ class Replica:
         harvesting = self._harvest_pending()
         if harvesting:
             m = 1
-            a = emit = rng_state = None
+            a = emit = None
             c_sum = np.array([float(np.add.reduce(ctx0 if dec is None else ctx0[dec[0]]))])
         else:
-            a, step, rng_state = self._draw(m_plan, dec, first, b_rows, k0, alpha_slot)
+            a, step = self._draw(m_plan, dec, first, b_rows, k0, alpha_slot)
             m, c_sum, emit = self._extent(step, dec, alloc, b0)
 
         # Per-row batch shape: decoding count, k, α mean and draft weight sets (they change only
@@ -491,6 +542,7 @@ class Replica:
                                                          n_comp, wsets)
         if harvesting or self.placement.co_running():  # m == 1 (neither placement allows stretches then)
             duration[0] += self.placement.slow_down(duration[0])
+        self._row_s = min(duration)
 
         t0 = env.now
         ends = []
@@ -531,9 +583,8 @@ class Replica:
             # Only an arrival says how far ahead is worth drawing; a stretch that ran to its end (a
             # finish or the cap) could have been as long as it was allowed to be.
             self._macro_len = MACRO_LEN_KEEP * self._macro_len + (1 - MACRO_LEN_KEEP) * (used if cut else m_cap)
-        if rng_state is not None and used < m_plan:  # rewind: consume exactly the rows used
-            self.rng.bit_generator.state = rng_state
-            self.rng.standard_exponential((used, n) if dec is None else int(b_rows[:used].sum()))
+        if a is not None and self.law.stretch:  # the rows run consume their draws; the rest wait
+            self._consume(int(b_rows[:used].sum()))
 
         spare_took = None
         if harvesting:  # m == used == 1
@@ -541,7 +592,9 @@ class Replica:
             spare = max(duration[0] - compute_s[0], 0.0) * self.placement.spare_rate
             self.spare_s += spare
             spare_took = (spare, self.placement.give(self.distillers, spare, t0, env.now))
-            a, step, _ = self._draw(1, dec, first, b_rows, k0, alpha_slot)
+            a, step = self._draw(1, dec, first, b_rows, k0, alpha_slot)
+            if a is not None and self.law.stretch:
+                self._consume(int(b_rows[0]))
             _, _, emit = self._extent(step, dec, alloc, b0)
         per_iter = emit.sum(axis=1)
 
@@ -598,24 +651,34 @@ class Replica:
         if finished.size:
             self._finish(finished)
 
+    def _exponentials(self, count: int) -> np.ndarray:
+        """The next `count` Exp(1) values of the stream, not consumed (_consume does): one stream
+        drawn in pieces is the stream drawn at once, so values drawn ahead wait for the next stretch."""
+        buf = self._exp
+        if count > buf.size:
+            buf = self._exp = np.concatenate((buf, self.rng.standard_exponential(count - buf.size)))
+        return buf[:count]
+
+    def _consume(self, count: int) -> None:
+        if count:
+            self._exp = self._exp[count:]
+
     def _draw(self, m_plan, dec, first, b_rows, k0, alpha_slot):
-        """Accepted lengths a (rows × slots; 0 off the decoding set), tokens each slot emits per row
-        before the finishing cap (a + 1 decoding, 1 for a first token), and the random stream's state
-        before the draw when it may need rewinding. All planned rows are drawn at once, rows in order
-        and decoding slots in slot order: the stream one iteration at a time would consume."""
+        """Accepted lengths a (rows × slots; 0 off the decoding set) and tokens each slot emits per row
+        before the finishing cap (a + 1 decoding, 1 for a first token). All planned rows are drawn at
+        once, rows in order and decoding slots in slot order: the stream one iteration at a time would
+        consume (the caller consumes the rows it runs, _consume)."""
         n = self.n
         if not self.spec or int(b_rows[:m_plan].sum()) == 0:
             step = np.ones((m_plan, n), dtype=np.int64) if dec is None else (dec[:m_plan] | first[:m_plan]).astype(np.int64)
-            return None, step, None
-        rng_state = None
+            return None, step
         if self.law.stretch:
-            rng_state = self.rng.bit_generator.state if m_plan > 1 else None
             inv = self._inv_neg_log_alpha[self.dom[:n]]
             if dec is None:
-                e = self.rng.standard_exponential((m_plan, n))
+                e = self._exponentials(m_plan * n).reshape(m_plan, n)  # row-major: rows in order
             else:
                 e = np.zeros((m_plan, n))
-                e[dec[:m_plan]] = self.rng.standard_exponential(int(b_rows[:m_plan].sum()))
+                e[dec[:m_plan]] = self._exponentials(int(b_rows[:m_plan].sum()))
             a = np.minimum(e * inv, k0).astype(np.int64)
         else:  # a law that cannot draw a stretch: m_plan == 1
             a = np.zeros((1, n), dtype=np.int64)
@@ -624,7 +687,7 @@ class Replica:
         step = a + 1
         if dec is not None:
             step = np.where(dec[:m_plan], step, first[:m_plan])
-        return a, step, rng_state
+        return a, step
 
     def _extent(self, step, dec, alloc, b0):
         """(m, context sums per row, tokens emitted per row and slot): the stretch runs to its first
@@ -657,22 +720,29 @@ class Replica:
     def _price(self, m, b_list, k_list, c_sum, pf_tok, pf_ctx, pf_pairs, n_comp, wsets):
         """(duration, flops, bytes, compute_s) lists of m iterations: the draft's k passes (+ its
         prefill of the chunks) and the target's verify + prefill pass. Rows without prefill that
-        share a batch shape are priced by one pass_times call; the expressions are those of
-        pass_time, element-wise (so every row equals pricing it alone, bit for bit)."""
+        share a batch shape (PRICE_ARRAY_MIN_ROWS or more) are priced by one pass_times call; the
+        expressions are those of pass_time, element-wise (so every row equals pricing it alone, bit
+        for bit)."""
         cfg = self.cfg
         dc = cfg.draft_cost
         tc = cfg.target_cost
-        if m > 1 and not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m and wsets.count(wsets[0]) == m:
+        draft_pass, target_pass = self._draft_pass, self._target_pass
+        if (m >= PRICE_ARRAY_MIN_ROWS and not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m
+                and wsets.count(wsets[0]) == m):
             groups = [((b_list[0], k_list[0], wsets[0]), None)]  # one batch shape, no prefill
         else:
             shapes: dict[tuple[int, int, int], list[int]] = {}
             groups = []
             for j in range(m):
-                if pf_tok[j] or not b_list[j] or m == 1:
+                if pf_tok[j] or not b_list[j] or m < PRICE_ARRAY_MIN_ROWS:
                     groups.append((None, j))  # priced alone
                 else:
                     shapes.setdefault((b_list[j], k_list[j], wsets[j]), []).append(j)
-            groups.extend(shapes.items())
+            for shape, rows in shapes.items():
+                if len(rows) >= PRICE_ARRAY_MIN_ROWS:
+                    groups.append((shape, rows))
+                else:  # the same bits one row at a time (what a stretch of one iteration computes)
+                    groups.extend((None, j) for j in rows)
         duration = [0.0] * m
         flops = [0.0] * m
         nbytes = [0.0] * m
@@ -686,18 +756,18 @@ class Replica:
                 dur = fl = by = cs = 0.0
                 if k:  # the draft decodes (spec and b > 0)
                     mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
-                    td, fd, bd, cd = dc.pass_time(b, b, c + mean_extra, c + mean_extra + b / 2.0, ws)
+                    td, fd, bd, cd = draft_pass(b, b, c + mean_extra, c + mean_extra + b / 2.0, ws)
                     dur += k * td
                     fl += k * fd
                     by += k * bd
                     cs += k * cd
                     if pf_tok[j]:  # the draft prefills the same chunks to build its own KV cache
-                        td, fd, bd, cd = dc.pass_time(pf_tok[j], 0, pf_ctx[j], pf_pairs[j])
+                        td, fd, bd, cd = draft_pass(pf_tok[j], 0, pf_ctx[j], pf_pairs[j])
                         dur += td
                         fl += fd
                         by += bd
                         cs += cd
-                tt, ft, bt, ct = tc.pass_time(b * q + pf_tok[j], b * q + n_comp[j], c + pf_ctx[j],
+                tt, ft, bt, ct = target_pass(b * q + pf_tok[j], b * q + n_comp[j], c + pf_ctx[j],
                                               q * c + b * q * q / 2.0 + pf_pairs[j])
                 duration[j] = dur + tt
                 flops[j] = fl + ft

@@ -1,10 +1,12 @@
 """The cost model's formulas (DESIGN.md §4.1)."""
 
+import numpy as np
 import pytest
 
 from osdsim.cost.model import BatchShape, CostModel, memory_plan
 from osdsim.cost.profile import load_profile, resolve_profile_path
 from osdsim.models import PRESETS
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,26 @@ def test_pass_time_hot_path_equals_price(a100):
     t, f, b, c = cm.pass_time(s.tokens, s.logit_tokens, s.context_tokens, s.attention_pairs)
     p = cm.price(s)
     assert (t, f, b, c) == pytest.approx((p.time_s, p.flops, p.bytes, p.compute_s))
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (REPO / "calibration").glob("*.yaml")))
+def test_scalar_pass_time_closure_gives_pass_time_bit_for_bit(profile):
+    """The simulator's closure (CostModel.scalar_pass_time) repeats pass_time's expressions: every
+    result must be the same float, for every profile's terms (GEMV regime, smooth roofline, attention
+    kernel, non-GEMM seconds) and tensor-parallel degree."""
+    rng = np.random.default_rng(14)
+    prof = load_profile(resolve_profile_path(profile))
+    for name, tp in (("llama-2-70b", 2), ("llama-160m", 1), ("vicuna-7b", 4)):
+        cm = CostModel(PRESETS[name], prof, tp)
+        fast = cm.scalar_pass_time()
+        for _ in range(300):
+            tokens = int(rng.choice([0, 1, 2, 3, 5, 64, 130, 512, 4096]) if rng.random() < 0.5 else rng.integers(1, 3000))
+            logits = int(rng.integers(0, tokens + 1))
+            ctx = float(rng.integers(0, 200_000)) + rng.choice([0.0, 0.5])
+            pairs = float(rng.uniform(0, 5e7))
+            ws = int(rng.integers(1, 4))
+            assert fast(tokens, logits, ctx, pairs, ws) == cm.pass_time(tokens, logits, ctx, pairs, ws)
+            assert fast(tokens, logits, ctx, pairs) == cm.pass_time(tokens, logits, ctx, pairs)
 
 
 def test_training_step_is_three_forwards(a100):
