@@ -175,19 +175,16 @@ def fit_pass_costs(passes: list[Pass], draft_spec, target_spec, profile) -> tupl
 
     # 2. non-linear: separate compute / memory scales and the efficiency ramp t½, priced by the
     # cost model itself (so the corrected profile prices exactly what was fitted).
-    def priced(theta: np.ndarray) -> tuple[np.ndarray, Any]:
-        prof = _theta_profile(theta)
-        fm = {"draft": CostModel(draft_spec, prof), "target": CostModel(target_spec, prof)}
-        return np.array([price(p, fm) for p in passes]), prof
-
-    def residuals(theta: np.ndarray) -> np.ndarray:
-        pred, _ = priced(theta)
-        return np.append(pred / measured - 1.0, BYTES_SCALE_PRIOR * (theta[1] - theta[0]))
-
-    def _theta_profile(theta: np.ndarray) -> Any:
+    def theta_profile(theta: np.ndarray) -> Any:
         s_f, s_b, half, att, kv = (float(x) for x in np.exp(theta[[0, 1, 2, 5, 6]]))
         return scale_profile(profile, dtype, s_f, float(theta[3]), float(theta[4]), bytes_scale=s_b,
                              flops_half_tokens=half, attention_flops=att, kv_bandwidth=kv)
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        prof = theta_profile(theta)
+        fm = {"draft": CostModel(draft_spec, prof), "target": CostModel(target_spec, prof)}
+        pred = np.array([price(p, fm) for p in passes])
+        return np.append(pred / measured - 1.0, BYTES_SCALE_PRIOR * (theta[1] - theta[0]))
 
     half0 = max(float(eff.flops_half_tokens), 0.5)
     # The attention (QK^T, softmax, PV over the cached columns, and the cache append) as its own
@@ -204,7 +201,7 @@ def fit_pass_costs(passes: list[Pass], draft_spec, target_spec, profile) -> tupl
     nl = least_squares(residuals, theta0, bounds=bounds, loss="soft_l1", f_scale=0.1,
                        x_scale=np.array([1.0, 1.0, 1.0, max(t_layer0, 1e-5), max(t_pass0, 1e-4), 1.0, 1.0]),
                        diff_step=1e-3, max_nfev=300)
-    corrected = _theta_profile(nl.x)
+    corrected = theta_profile(nl.x)
     c_eff = corrected.efficiency_for(dtype)
     fitted_models = {"draft": CostModel(draft_spec, corrected), "target": CostModel(target_spec, corrected)}
     fit = CostFit(float(np.exp(nl.x[0])), float(nl.x[3]), float(nl.x[4]), bytes_scale=float(np.exp(nl.x[1])),

@@ -85,31 +85,33 @@ PROBE_MIN_ITERATIONS = 5
 
 def probe_config(suite: LoadSuite, suite_path: Path, fit: Any) -> Any:
     """The co-location probe P's config: the fit run's, dedicated, shortened (suite `probe:` on top)."""
-    from osdsim.real.config import RealConfig
     from osdsim.validate.pipeline import _merge
 
     if fit.serve is None:
         raise InputError(f"{suite_path}: a dedicated held-out run needs a served fit run (fit: serve:) for its probe")
     data = _merge(_merge(suite.fit, PROBE_DEFAULTS), suite.probe)
-    data = _merge(data, {"name": f"{fit.name}-probe", "serve": {"placement": "dedicated"}})
+    return _real_config(suite_path, "probe",
+                        _merge(data, {"name": f"{fit.name}-probe", "serve": {"placement": "dedicated"}}))
+
+
+def _real_config(suite_path: Path, label: str, data: dict) -> Any:
+    """A suite run's RealConfig; bad input names the run and field in one line."""
+    from osdsim.real.config import RealConfig
+
     try:
         return RealConfig(**data)
     except ValidationError as exc:
-        raise InputError(f"{suite_path}: probe: {format_validation_error(exc)}") from None
+        raise InputError(f"{suite_path}: {label}: {format_validation_error(exc)}") from None
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{suite_path}: {label}: {str(exc).splitlines()[0]}") from None
 
 
 def run_configs(suite: LoadSuite, suite_path: Path) -> tuple[Any, list[tuple[str, Any]]]:
     """(fit config, [(label, held-out config)]) as RealConfigs; bad input names the run and field."""
-    from osdsim.real.config import RealConfig
     from osdsim.validate.pipeline import _merge
 
     def build(label: str, data: dict) -> Any:
-        try:
-            return RealConfig(**data)
-        except ValidationError as exc:
-            raise InputError(f"{suite_path}: {label}: {format_validation_error(exc)}") from None
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"{suite_path}: {label}: {str(exc).splitlines()[0]}") from None
+        return _real_config(suite_path, label, data)
 
     fit = build("fit", suite.fit)
     base = _merge(suite.fit, suite.heldout)
@@ -197,6 +199,17 @@ class Colocation:
                 "idle_iterations": self.idle_iterations}
 
 
+def _twin_models(doc: dict, base_dir: Path, source: str) -> dict:
+    """{'draft', 'target'}: CostModels of a twin scenario's models on its profile."""
+    from osdsim.cost.model import CostModel
+    from osdsim.scenario import scenario_from_dict
+    from osdsim.sim.engine import load_scenario_profile
+
+    sc = scenario_from_dict(doc, base_dir=base_dir, source=source)
+    prof = load_scenario_profile(sc)
+    return {"draft": CostModel(sc.draft, prof), "target": CostModel(sc.target, prof)}
+
+
 def _train_s_per_position(run: ServeRun) -> float:
     done = [t for t in run.training if t.get("status") == "done"]
     pos = sum(_num(t.get("positions")) for t in done)
@@ -207,14 +220,9 @@ def measure_colocation(probe: ServeRun, s1: ServeRun, doc: dict, base_dir: Path)
     """From the probe's iterations: measured / priced pass time (the twin's profile `doc` prices each
     iteration's passes at its own shapes) while the trainer trained vs while it did not; the ratio of
     medians − 1 is the interference. Publish delays and the trainer's step time from its training rows."""
-    from osdsim.cost.model import CostModel
-    from osdsim.scenario import scenario_from_dict
-    from osdsim.sim.engine import load_scenario_profile
     from osdsim.validate import costfit
 
-    sc = scenario_from_dict(doc, base_dir=base_dir, source="twin of the probe")
-    prof = load_scenario_profile(sc)
-    models = {"draft": CostModel(sc.draft, prof), "target": CostModel(sc.target, prof)}
+    models = _twin_models(doc, base_dir, "twin of the probe")
     busy, idle = [], []
     for it in probe.iterations:
         passes = costfit.passes_batched([it])
@@ -371,14 +379,9 @@ def compare_serve(label: str, real: ServeRun, twin: Twin, tol: LoadTolerances) -
 def pass_rows(label: str, real: ServeRun, doc: dict, base_dir: Path) -> list[MetricRow]:
     """Per pass kind, the median measured time of the held-out run's passes vs the twin's profile
     pricing the very same shapes (for information: it separates cost-model error from scheduling)."""
-    from osdsim.cost.model import CostModel
-    from osdsim.scenario import scenario_from_dict
-    from osdsim.sim.engine import load_scenario_profile
     from osdsim.validate import costfit
 
-    sc = scenario_from_dict(doc, base_dir=base_dir, source=f"twin of {label}")
-    prof = load_scenario_profile(sc)
-    models = {"draft": CostModel(sc.draft, prof), "target": CostModel(sc.target, prof)}
+    models = _twin_models(doc, base_dir, f"twin of {label}")
     by_kind: dict[str, tuple[list[float], list[float]]] = {}
     for p in costfit.passes_batched(real.iterations):
         pred, meas = by_kind.setdefault(p.kind, ([], []))
