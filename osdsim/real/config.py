@@ -96,6 +96,9 @@ class ServeCfg(_Strict):
 
     arrival: Literal["poisson", "trace"] = Field("poisson", description="Arrival process (wall clock).")
     rate_per_s: float | None = Field(None, gt=0, description="Poisson arrival rate, requests/s (arrival: poisson).")
+    rate_end_per_s: float | None = Field(
+        None, gt=0, description="arrival: poisson: the rate ramps linearly from rate_per_s (first request) to "
+        "this (last request), by request index; absent: constant rate.")
     trace_file: str | None = Field(
         None, description="CSV with arrival_s, domain and optional uid or prompt columns (arrival: trace).")
     max_batch_size: int = Field(8, ge=1, description="Sequences running at once (prefilling + decoding).")
@@ -111,6 +114,8 @@ class ServeCfg(_Strict):
     def _check(self) -> ServeCfg:
         if self.arrival == "poisson" and self.rate_per_s is None:
             raise ValueError("serve.rate_per_s: required when serve.arrival is poisson (requests/s > 0)")
+        if self.rate_end_per_s is not None and self.arrival != "poisson":
+            raise ValueError("serve.rate_end_per_s: only with serve.arrival poisson")
         if self.arrival == "trace" and not self.trace_file:
             raise ValueError("serve.trace_file: required when serve.arrival is trace")
         return self

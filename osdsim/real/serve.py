@@ -177,10 +177,16 @@ class Arrival:
     query: Any  # osdsim.real.data.Query
 
 
-def poisson_times(n: int, rate_per_s: float, seed: int) -> np.ndarray:
-    """Arrival instants of a Poisson process (rate λ): cumulative sums of Exp(1/λ) gaps, from 0."""
+def poisson_times(n: int, rate_per_s: float, seed: int, rate_end_per_s: float | None = None) -> np.ndarray:
+    """Arrival instants of a Poisson process (rate λ): cumulative sums of Exp(1)/λ_i gaps, from 0.
+    With `rate_end_per_s` the rate ramps linearly by request index, λ_i = λ_0 + (λ_end − λ_0)·i/(n−1)
+    (gap i, before request i, is drawn at request i's rate); the same Exp(1) draws as the constant rate."""
     rng = np.random.default_rng([seed, 11])
-    gaps = rng.exponential(1.0 / rate_per_s, size=n)
+    if rate_end_per_s is None:
+        gaps = rng.exponential(1.0 / rate_per_s, size=n)
+    else:
+        rates = np.linspace(rate_per_s, rate_end_per_s, n) if n > 1 else np.full(n, rate_per_s)
+        gaps = rng.exponential(1.0, size=n) / rates
     gaps[0] = 0.0  # the stream starts with its first request
     return np.cumsum(gaps)
 
@@ -677,7 +683,7 @@ def build_arrivals(cfg: Any, prep: Any) -> list[Arrival]:
     sv = cfg.serve
     if sv.arrival == "poisson":
         reqs = prep.stream.requests
-        times = poisson_times(len(reqs), sv.rate_per_s, cfg.seed)
+        times = poisson_times(len(reqs), sv.rate_per_s, cfg.seed, sv.rate_end_per_s)
         return [Arrival(r.index, r.phase, float(t), r.query) for r, t in zip(reqs, times, strict=True)]
     path = Path(sv.trace_file).expanduser()
     rows = read_arrival_trace(path)

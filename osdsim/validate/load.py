@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from osdsim.errors import InputError, atomic_write_text, format_validation_error
 from osdsim.specdec import alpha_from_counts
@@ -51,6 +51,18 @@ class RunSpec(BaseModel):
 
     label: str = Field(..., min_length=1, description="Name of the held-out run in the report.")
     overrides: dict = Field(default_factory=dict, description="Overrides of the held-out config (serve.rate_per_s ...).")
+    load: float | None = Field(
+        None, gt=0, description="Arrival rate as a fraction of the server's capacity (the saturated throughput "
+        "predicted from the fit run S1): 'low load' means the same on every machine. Sets serve.rate_per_s.")
+    load_end: float | None = Field(
+        None, gt=0, description="With load: the rate ramps from load to load_end (fractions of capacity) over "
+        "the stream (serve.rate_end_per_s), so one run finds the rate at which training falls behind.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunSpec:
+        if self.load_end is not None and self.load is None:
+            raise ValueError("load_end: needs load (the fraction of capacity the ramp starts at)")
+        return self
 
 
 class LoadSuite(BaseModel):
@@ -106,8 +118,11 @@ def _real_config(suite_path: Path, label: str, data: dict) -> Any:
         raise InputError(f"{suite_path}: {label}: {str(exc).splitlines()[0]}") from None
 
 
-def run_configs(suite: LoadSuite, suite_path: Path) -> tuple[Any, list[tuple[str, Any]]]:
-    """(fit config, [(label, held-out config)]) as RealConfigs; bad input names the run and field."""
+def run_configs(suite: LoadSuite, suite_path: Path,
+                capacity_per_s: float | None = None) -> tuple[Any, list[tuple[str, Any]]]:
+    """(fit config, [(label, held-out config)]) as RealConfigs; bad input names the run and field.
+    A run given as a `load` (fraction of capacity) gets its rate from `capacity_per_s`; before S1 has
+    measured it (None) a placeholder rate checks the rest of the config."""
     from osdsim.validate.pipeline import _merge
 
     def build(label: str, data: dict) -> Any:
@@ -120,11 +135,42 @@ def run_configs(suite: LoadSuite, suite_path: Path) -> tuple[Any, list[tuple[str
         if r.label in seen:
             raise InputError(f"{suite_path}: runs: label {r.label!r} given twice")
         seen.add(r.label)
-        cfg = build(f"run {r.label!r}", _merge(base, r.overrides))
+        data = _merge(base, r.overrides)
+        if r.load is not None:
+            if (data.get("serve") or {}).get("arrival", "poisson") != "poisson":
+                raise InputError(f"{suite_path}: run {r.label!r}: load: needs serve.arrival poisson")
+            cap = 1.0 if capacity_per_s is None else capacity_per_s
+            data = _merge(data, {"serve": {"rate_per_s": r.load * cap,
+                                           "rate_end_per_s": None if r.load_end is None else r.load_end * cap}})
+        cfg = build(f"run {r.label!r}", data)
         if cfg.serve is None:
             raise InputError(f"{suite_path}: run {r.label!r}: a held-out run needs a serve: section")
         runs.append((r.label, cfg))
     return fit, runs
+
+
+CAPACITY_MIN_REQUESTS = 10  # finished S1 requests needed for a steady state between the 20th and 80th percentile
+
+
+def predicted_capacity(s1: ServeRun, profile: str, acc_file: Path, law_file: Path, work: Path,
+                       base_dir: Path) -> float:
+    """The server's capacity (requests/s): the saturated throughput its twin predicts for S1's requests
+    (their prompt and output lengths) all waiting at t = 0, served with S1's batching and the untrained
+    draft, no training. Completions per second between the 20th and the 80th percentile finish (the
+    steady state: the batch is full, neither filling nor draining)."""
+    burst = [dict(r, arrival_s="0") for r in s1.requests]
+    doc = serve_twin_scenario(ServeRun(s1.summary, burst, [], [], [], []), profile, acc_file, law_file,
+                              work / "capacity-trace.csv")
+    doc["strategy"] = "static"
+    doc["name"] = "capacity"
+    doc["report"] = {"alpha_window_requests": 8}
+    twin = simulate_twin(doc, base_dir)
+    fin = np.sort(twin.result.requests["finish_s"].to_numpy(dtype=float))
+    fin = fin[np.isfinite(fin)]
+    lo, hi = int(0.2 * len(fin)), int(0.8 * len(fin))
+    if len(fin) < CAPACITY_MIN_REQUESTS or fin[hi - 1] <= fin[lo]:
+        raise InputError("capacity: S1 has too few requests to measure the server's saturated throughput")
+    return float((hi - 1 - lo) / (fin[hi - 1] - fin[lo]))
 
 
 # --- a recorded serve run ------------------------------------------------------------------------------
@@ -489,6 +535,15 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
     serving_path, cost_fit = P.serving_fitted_profile(fit_view, k, profile, acc_file, law_file, work, suite_path,
                                                       twin_fn=twin_fn)
     twin_profile = str(serving_path) if suite.costs == "serving" else profile
+    capacity = None
+    if any(r.load is not None for r in suite.runs):
+        if not isinstance(s1, ServeRun):
+            raise InputError(f"{suite_path}: runs given as a load (fraction of capacity) need a served fit run "
+                             "(fit: serve:) to measure the capacity on")
+        capacity = predicted_capacity(s1, twin_profile, acc_file, law_file, work, suite_path.resolve().parent)
+        if progress:
+            progress(f"capacity of this server (predicted from S1): {capacity:.3f} req/s")
+        fit_cfg, runs = run_configs(suite, suite_path, capacity)
     colocation = None
     if any((cfg.serve.placement == "dedicated") for _, cfg in runs) and isinstance(s1, ServeRun):
         p_cfg = probe_config(suite, suite_path, fit_cfg)
@@ -544,12 +599,16 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
         "profile": profile, "profile_choice": profile_how, "serving_profile": str(serving_path),
         "costs": suite.costs, "serving_fitted_costs": cost_fit.as_dict(), "fitted_acceptance": acc,
         "colocation_probe": None if colocation is None else colocation.as_dict(),
+        "capacity_per_s": None if capacity is None else round(capacity, 4),
         "traces": [p.relative_to(out_dir).as_posix() for p in traces],
         "notes": load_notes() + [
             f"Pass costs fitted on S1's {cost_fit.passes} recorded passes: median |error| per pass kind with the "
             f"microbenchmark profile {P._fmt_errs(cost_fit.before)}; serving-fitted (in sample) "
             f"{P._fmt_errs(cost_fit.after)}; training time x{cost_fit.train_factor:.3f}. The twins use the "
-            f"{suite.costs} profile."] + ([] if colocation is None else [
+            f"{suite.costs} profile."] + ([] if capacity is None else [
+            f"Capacity (the saturated throughput S1's twin predicts with the serving-fitted costs, untrained draft, "
+            f"no training): {capacity:.3f} req/s. Runs given as a load are served at that fraction of it: "
+            + ", ".join(f"{lbl} {_rate_text(cfg.serve)}" for lbl, cfg in runs) + "."]) + ([] if colocation is None else [
             f"Co-location probe P (dedicated, {colocation.busy_iterations} iterations with the trainer training, "
             f"{colocation.idle_iterations} without): serving slowdown while the trainer trains "
             f"{colocation.interference * 100:.1f}%, publish delay median {colocation.sync_delay_s * 1e3:.0f} ms, "
@@ -558,11 +617,19 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
     return P.ValidationResult(rows=rows, meta=meta, files={"work": work}, series={"load": series})
 
 
+def _rate_text(sv: Any) -> str:
+    if sv.arrival != "poisson":
+        return "trace"
+    return (f"{sv.rate_per_s:.3f} req/s" if sv.rate_end_per_s is None
+            else f"{sv.rate_per_s:.3f} -> {sv.rate_end_per_s:.3f} req/s (ramp)")
+
+
 def load_notes() -> list[str]:
     return [
         "Known differences of the twin: the simulator reserves prompt + actual output tokens of KV per "
-        "request, the server prompt + max_new_tokens (kv_token_budget); the simulator's harvest also "
-        "trains in the spare compute inside serving iterations, the server only in idle windows.",
+        "request, the server prompt + max_new_tokens (kv_token_budget). Harvest twins train as the server "
+        "does: in idle windows only, one minibatch per unit, a begun unit finishing before an arrival joins "
+        "(harvest_in_iterations: false, harvest_fraction: 1).",
         "Traces (in <suite>-traces/): open a <run>-side-by-side.trace.json (the measured run and its "
         "prediction as two processes) in ui.perfetto.dev or chrome://tracing; -measured / -predicted hold each alone.",
     ]

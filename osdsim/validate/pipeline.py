@@ -25,7 +25,7 @@ from osdsim.errors import InputError, atomic_write_text, format_validation_error
 from osdsim.scenario import load_model_file
 from osdsim.specdec import alpha_from_counts
 from osdsim.validate.compare import MetricRow
-from osdsim.validate.fingerprint import device_fingerprint, profile_differences
+from osdsim.validate.fingerprint import device_fingerprint, profile_differences, profile_fingerprint
 from osdsim.validate.fingerprint import differences as fingerprint_differences
 from osdsim.validate.fit import empirical_law, fit_joint
 
@@ -634,10 +634,14 @@ def resolve_profile(suite: Suite, suite_path: Path, work: Path, cfg: Any, calibr
         if not suite.profile:
             raise InputError(f"{suite_path}: profile: required unless calibrate is quick or full")
         path = resolve_profile_path(suite.profile, suite_path.resolve().parent)  # type: ignore[arg-type]
-        diff = profile_differences(load_profile(path), device_fingerprint(cfg.device, int(cfg.threads)))
+        fingerprint = device_fingerprint(cfg.device, int(cfg.threads))
+        diff = profile_differences(load_profile(path), fingerprint)
         if not diff:
             return str(path), f"{suite.profile} (measured on this device)"
         where = "; ".join(diff)
+        mate = measured_profile_of(path.resolve().parent, fingerprint)
+        if mate is not None:
+            return str(mate), f"{mate.name} (measured on this device; {path.name} was measured on another: {where})"
         if calibrate_given or suite.on_other_device == "refuse":
             raise InputError(f"{path}: profile was measured on another device ({where}); "
                              "calibrate this one (--calibrate full) or give a profile of this device")
@@ -653,6 +657,21 @@ def resolve_profile(suite: Suite, suite_path: Path, work: Path, cfg: Any, calibr
     # The device the real runs use (a GPU suite calibrates the GPU).
     return str(calibrate_fn(work / "profile.yaml", quick=mode == "quick", device=cfg.device,
                             threads=int(cfg.threads))), how
+
+
+def measured_profile_of(directory: Path, fingerprint: dict) -> Path | None:
+    """A measured profile in `directory` (e.g. calibration/) made on the device of `fingerprint`, if any
+    (datasheet profiles carry no device and never match)."""
+    from osdsim.cost.profile import load_profile
+
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            prof = load_profile(path)
+        except (InputError, OSError, ValueError):
+            continue
+        if profile_fingerprint(prof) is not None and not profile_differences(prof, fingerprint):
+            return path
+    return None
 
 
 def _same_config(schema: Any, recorded: Any, cfg: Any) -> bool:

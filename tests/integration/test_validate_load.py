@@ -41,12 +41,18 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     assert rows["harvest-high: training steps skipped"]["measured"] > 0
     fb = rows["arrival rate at which harvest training first falls behind (req/s; — : never)"]
     assert fb["measured"] is not None and fb["measured"] > 5
-    # Every row within the suite's loose tolerances except the fall-behind rate: the simulator's harvest
-    # also trains in the spare compute inside serving iterations, which this server never does, so its
-    # twin keeps up at 200 req/s (reported in the notes; the row fails rather than hides it).
+    # Every row within the suite's loose tolerances except the fall-behind rate (not gated here: at
+    # 200 req/s both sides fall behind within the first few requests, where the trailing rate is noise).
     bad = [n for n, m in rows.items() if not m["passed"] and m.get("gate", True) and n != fb["name"]]
     assert bad == []
     assert doc["serving_fitted_costs"]["passes"] > 50
+    # harvest-low is given as a load: its rates are those fractions of the capacity S1's twin predicts.
+    cap = doc["capacity_per_s"]
+    served = json.loads((tmp_path / "cpu-load-quick-work" / "run-harvest-low" / "summary.json").read_text())
+    sv = served["config"]["serve"]
+    assert cap > 0 and (sv["rate_per_s"], sv["rate_end_per_s"]) == (pytest.approx(0.05 * cap, rel=1e-3),
+                                                                     pytest.approx(0.2 * cap, rel=1e-3))
+    assert any("Capacity" in n for n in doc["notes"])
     # The co-location probe ran (a held-out run is dedicated) and its figures reached that twin only.
     probe = doc["colocation_probe"]
     assert probe["busy_iterations"] > 0 and probe["idle_iterations"] > 0 and probe["sync_delay_s"] >= 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -140,6 +141,25 @@ def test_poisson_times_and_idle_windows():
             RequestRecord(1, 0, "p", "d", "1", 1.5, finish_s=3.0),
             RequestRecord(2, 0, "p", "d", "2", 5.0, finish_s=6.0)]
     assert idle_windows(recs, 10.0) == pytest.approx(10.0 - 2.0 - 1.0)
+
+
+def test_poisson_ramp_rises_linearly_by_request_index():
+    n = 40_000
+    t = poisson_times(n, 1.0, seed=5, rate_end_per_s=10.0)
+    gaps = np.diff(t)
+    assert t[0] == 0.0 and (gaps >= 0).all()
+    # Gap i is Exp(1)/λ_i with λ_i = 1 + 9·i/(n−1): the first and last tenth run at ≈1.45 and ≈9.55 req/s.
+    for sl, rates in ((slice(0, n // 10), np.linspace(1.0, 10.0, n)[1 : n // 10 + 1]),
+                      (slice(-n // 10, None), np.linspace(1.0, 10.0, n)[-n // 10 :])):
+        assert gaps[sl].mean() == pytest.approx(np.mean(1.0 / rates), rel=0.03)
+    # The same Exp(1) draws as the constant-rate process: a flat ramp is that process (to rounding).
+    assert np.allclose(poisson_times(200, 4.0, 3, rate_end_per_s=4.0), poisson_times(200, 4.0, 3), rtol=1e-12)
+    from osdsim.real.config import ServeCfg
+
+    with pytest.raises(ValueError, match="rate_end_per_s"):
+        ServeCfg(arrival="trace", trace_file="x.csv", rate_end_per_s=2.0)
+    with pytest.raises(ValueError, match="rate_end_per_s"):
+        ServeCfg(rate_per_s=1.0, rate_end_per_s=0.0)
 
 
 # --- the full serving loop on the wall clock (tiny models, real data prompts) ------------------------

@@ -62,6 +62,35 @@ def test_profile_from_another_device_recalibrates_or_refuses(tmp_path, monkeypat
     assert prof.endswith("cpu-amd-epyc.yaml") and len(calls) == 1 and "this device" in how
 
 
+def test_a_measured_profile_of_this_device_beside_the_suites_is_used_instead_of_calibrating(tmp_path, monkeypatch):
+    cal = tmp_path / "calibration"
+    cal.mkdir()
+    shipped = (REPO / "calibration" / "cpu-amd-epyc.yaml").read_text()
+    (cal / "cpu-other.yaml").write_text(shipped.replace("family 25 model 17", "family 25 model 99"))
+    (cal / "cpu-this.yaml").write_text(shipped)
+    (cal / "h100-datasheet.yaml").write_text((REPO / "calibration" / "h100-datasheet.yaml").read_text())
+    (cal / "broken.yaml").write_text("not: [a profile")
+    suite_path = tmp_path / "suites" / "s.yaml"
+    suite_path.parent.mkdir()
+    monkeypatch.setattr(pipeline, "device_fingerprint", lambda device, threads: EPYC_OLD)
+    calls = []
+
+    def fake_cal(path, quick, device, threads):
+        calls.append(quick)
+        return path
+
+    cfg = pipeline.RealConfigLike(device="cpu", threads=1)
+    prof, how = pipeline.resolve_profile(_suite(profile="../calibration/cpu-other.yaml"), suite_path, tmp_path, cfg,
+                                         fake_cal, calibrate_given=False)
+    assert prof == str(cal / "cpu-this.yaml") and calls == [] and "measured on this device" in how
+    assert "cpu-other.yaml was measured on another" in how
+    # Nothing of this device there (a datasheet profile claims no device): calibrate, as before.
+    (cal / "cpu-this.yaml").unlink()
+    prof, how = pipeline.resolve_profile(_suite(profile="../calibration/cpu-other.yaml"), suite_path, tmp_path, cfg,
+                                         fake_cal, calibrate_given=False)
+    assert calls == [False] and "calibrated here" in how
+
+
 def test_cli_refuses_a_foreign_profile_with_calibrate_none_in_one_line(monkeypatch):
     from typer.testing import CliRunner
 

@@ -163,3 +163,39 @@ def test_load_suite_bad_input_names_the_run_and_field(tmp_path):
     d = {**doc, "heldout": {**doc["heldout"], "serve": None}, "runs": [{"label": "x"}]}
     with pytest.raises(InputError, match="needs a serve"):
         load.run_configs(load.LoadSuite(**d), tmp_path / "s.yaml")
+
+
+def test_runs_given_as_a_load_take_their_rate_from_the_capacity(tmp_path):
+    doc = yaml.safe_load((REPO / "validate" / "cpu-load.yaml").read_text())
+    doc["runs"] = [{"label": "low", "load": 0.25}, {"label": "ramp", "load": 0.5, "load_end": 2.0},
+                   {"label": "abs", "overrides": {"serve": {"rate_per_s": 0.7}}}]
+    suite = load.LoadSuite(**doc)
+    _, runs = load.run_configs(suite, tmp_path / "s.yaml", capacity_per_s=0.4)
+    sv = {lbl: c.serve for lbl, c in runs}
+    assert sv["low"].rate_per_s == pytest.approx(0.1) and sv["low"].rate_end_per_s is None
+    assert (sv["ramp"].rate_per_s, sv["ramp"].rate_end_per_s) == (pytest.approx(0.2), pytest.approx(0.8))
+    assert sv["abs"].rate_per_s == 0.7  # an absolute rate stays as given
+    _, placeholder = load.run_configs(suite, tmp_path / "s.yaml")  # before S1: the rest is still checked
+    assert len(placeholder) == 3
+    with pytest.raises(ValueError, match="load_end: needs load"):
+        load.RunSpec(label="x", load_end=2.0)
+    with pytest.raises(ValueError, match="load"):
+        load.RunSpec(label="x", load=0)
+    trace = {**doc, "runs": [{"label": "t", "load": 0.5,
+                              "overrides": {"serve": {"arrival": "trace", "trace_file": "a.csv"}}}]}
+    with pytest.raises(InputError, match="run 't': load: needs serve.arrival poisson"):
+        load.run_configs(load.LoadSuite(**trace), tmp_path / "s.yaml", 1.0)
+
+
+def test_capacity_is_the_twins_saturated_throughput(tmp_path):
+    run = fake_serve_run(tmp_path / "run", n=40)
+    prof = analytic_profile(tmp_path, kernel_s=2e-4, pass_s=1e-3)
+    acc, law = _acceptance(tmp_path)
+    cap = load.predicted_capacity(run, str(prof), acc, law, tmp_path, tmp_path)
+    assert cap > 0 and cap == load.predicted_capacity(run, str(prof), acc, law, tmp_path, tmp_path)
+    # Batching is what raises it: the same requests one at a time are served more slowly.
+    run.summary["config"]["serve"]["max_batch_size"] = 1
+    one = load.predicted_capacity(run, str(prof), acc, law, tmp_path, tmp_path)
+    assert one < cap
+    with pytest.raises(InputError, match="too few requests"):
+        load.predicted_capacity(fake_serve_run(tmp_path / "tiny", n=4), str(prof), acc, law, tmp_path, tmp_path)
