@@ -109,6 +109,8 @@ class IterationRecord:
     trainer_busy: int  # dedicated: the trainer process was training during this iteration
     draft_version: int  # the training step whose weights the serving draft had (0: untrained)
     cache_width: int = 0  # target KV columns W the verify pass attended over (≥ longest row: pads, holes)
+    longest_row: int = 0  # max_i committed tokens of a decoding row (W − longest_row: holes, pads of all rows)
+    draft_cache_width: int = 0  # draft KV columns at the iteration start (k > 0)
 
 
 @dataclass
@@ -335,7 +337,8 @@ class BatchServer:
             self.iteration += 1
             return rec, [], []
         context = sum(len(s.seq) for s in self.rows)
-        width = self.kv_t.width
+        longest = max(len(s.seq) for s in self.rows)
+        width, d_width = self.kv_t.width, (self.kv_d.width if p.k > 0 else 0)
         # 2. k draft passes over the running batch (row i drafts γ_i tokens)
         gammas = [max(min(p.k, p.max_new_tokens - len(s.tokens) - 1), 0) for s in self.rows]
         xs: list[list[int]] = [[] for _ in self.rows]
@@ -434,7 +437,7 @@ class BatchServer:
         rec = IterationRecord(
             self.iteration, t_start, t_end, len(outcomes), pf_rows, pf_tokens, t_pf - t_start,
             t_draft - t_pf, t_verify - t_draft, p.k, sum(g + 1 for g in gammas), context, waiting,
-            prop_sum, acc_sum, emit_sum, int(trainer_busy), draft_version, width,
+            prop_sum, acc_sum, emit_sum, int(trainer_busy), draft_version, width, longest, d_width,
         )
         self.iteration += 1
         return rec, finished, step_rows

@@ -540,7 +540,7 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
         if not isinstance(s1, ServeRun):
             raise InputError(f"{suite_path}: runs given as a load (fraction of capacity) need a served fit run "
                              "(fit: serve:) to measure the capacity on")
-        capacity = predicted_capacity(s1, twin_profile, acc_file, law_file, work, suite_path.resolve().parent)
+        capacity = _capacity(s1, s1_reused, twin_profile, acc_file, law_file, work, suite_path.resolve().parent)
         if progress:
             progress(f"capacity of this server (predicted from S1): {capacity:.3f} req/s")
         fit_cfg, runs = run_configs(suite, suite_path, capacity)
@@ -586,7 +586,8 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
         traces.append(write_trace(meas, tdir / f"{label}-measured.trace.json"))
         traces.append(write_trace(pred, tdir / f"{label}-predicted.trace.json"))
         traces.append(write_trace(combine(meas, pred), tdir / f"{label}-side-by-side.trace.json"))
-    rows += fall_behind_rows(entries, suite.tolerances)
+    fall_behind = fall_behind_rows(entries, suite.tolerances)
+    rows += fall_behind
     meta = {
         "title": f"osdsim validate: {suite.name}",
         "suite": str(suite_path),
@@ -608,13 +609,19 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
             f"{suite.costs} profile."] + ([] if capacity is None else [
             f"Capacity (the saturated throughput S1's twin predicts with the serving-fitted costs, untrained draft, "
             f"no training): {capacity:.3f} req/s. Runs given as a load are served at that fraction of it: "
-            + ", ".join(f"{lbl} {_rate_text(cfg.serve)}" for lbl, cfg in runs) + "."]) + ([] if colocation is None else [
+            + ", ".join(f"{lbl} {_rate_text(cfg.serve)}" for lbl, cfg in runs) + "."
+            + "".join(f" Harvest training first fell behind at {_frac(fb.predicted, capacity)} capacity predicted, "
+                      f"{_frac(fb.measured, capacity)} measured." for fb in fall_behind)]) + ([] if colocation is None else [
             f"Co-location probe P (dedicated, {colocation.busy_iterations} iterations with the trainer training, "
             f"{colocation.idle_iterations} without): serving slowdown while the trainer trains "
             f"{colocation.interference * 100:.1f}%, publish delay median {colocation.sync_delay_s * 1e3:.0f} ms, "
             f"trainer step time x{colocation.train_factor:.3f} vs inline; the dedicated twins use them."]),
     }
     return P.ValidationResult(rows=rows, meta=meta, files={"work": work}, series={"load": series})
+
+
+def _frac(rate: float | None, capacity: float) -> str:
+    return "— (never)" if rate is None else f"{rate / capacity:.2f}×"
 
 
 def _rate_text(sv: Any) -> str:
@@ -646,6 +653,21 @@ def _updates_of(run: ServeRun) -> list[dict]:
         out.append({"requests_seen": int(np.searchsorted(fin, _num(t["due_s"]), side="right")),
                     "train_s": t.get("train_s")})
     return out
+
+
+def _capacity(s1: ServeRun, s1_reused: bool, profile: str, acc_file: Path, law_file: Path, work: Path,
+              base_dir: Path) -> float:
+    """The capacity the held-out rates derive from, recorded beside S1 (S1/capacity.json): a reused S1
+    keeps the capacity its held-out runs were served at, so they stay reusable when the twin changes."""
+    path = work / "S1" / "capacity.json"
+    if s1_reused and path.is_file():
+        try:
+            return float(json.loads(path.read_text())["capacity_per_s"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    cap = predicted_capacity(s1, profile, acc_file, law_file, work, base_dir)
+    atomic_write_text(path, json.dumps({"capacity_per_s": cap, "profile": profile}) + "\n")
+    return cap
 
 
 def _reuse_or_run(cfg, run_dir, reuse, label, progress, notice, runner):

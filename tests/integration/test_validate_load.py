@@ -76,6 +76,9 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     assert s1.stat().st_mtime_ns == before
     doc = json.loads(next(tmp_path.glob("cpu-load-quick-2*.json")).read_text())
     assert "reused" in doc["method"] and "S1" in doc["method"]
+    # The held-out runs too: their rates come from the capacity recorded beside S1.
+    assert "harvest-low" in doc["method"] and "harvest-high" in doc["method"]
+    assert json.loads((tmp_path / "cpu-load-quick-work" / "S1" / "capacity.json").read_text())["capacity_per_s"] == cap
 
 
 def test_bad_load_suite_exits_2_in_one_line(tmp_path):
