@@ -252,6 +252,10 @@ class Batching(_Strict):
         512, ge=1, description="Token budget per iteration (decode/verify tokens first, then prefill chunks); null = unlimited."
     )
     kv_cache_tokens: int | None = Field(None, ge=1, description="KV capacity per replica in tokens; null = from GPU memory.")
+    attention_padding: float | None = Field(
+        None, ge=1, description="null: paged attention (each sequence reads its own context: Σ context, as vLLM). "
+        "A number ρ ≥ 1: a padded batch cache (one KV tensor per batch, as osdsim.real's server): every decoding "
+        "row attends over ρ × the longest row's context (ρ − 1: the holes beyond it).")
 
 
 class Speculation(_Strict):

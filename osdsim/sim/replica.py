@@ -57,6 +57,7 @@ class ReplicaConfig:
     k_max: int
     placement: Placement  # where due training steps run (osdsim.sim.placement)
     macro_steps: int = 64  # decode iterations one event may cover between arrivals/finishes (0: off)
+    attention_padding: float | None = None  # ρ: a padded batch cache (None: paged, Σ context)
 
 
 class RequestTable:
@@ -517,9 +518,13 @@ class Replica:
             m = 1
             a = emit = None
             c_sum = np.array([float(np.add.reduce(ctx0 if dec is None else ctx0[dec[0]]))])
+            if cfg.attention_padding is not None:
+                c_sum = self._padded_context(np.zeros((1, n), dtype=np.int64), None, dec, 1)
         else:
             a, step = self._draw(m_plan, dec, first, b_rows, k0, alpha_slot)
             m, c_sum, emit = self._extent(step, dec, alloc, b0)
+            if cfg.attention_padding is not None:
+                c_sum = self._padded_context(step, alloc, dec, m)
 
         # Per-row batch shape: decoding count, k, α mean and draft weight sets (they change only
         # where a prefill completes).
@@ -716,6 +721,21 @@ class Replica:
         if any_done[m - 1]:  # the finishing iteration emits no more than each request has left
             emit[m - 1] = np.minimum(step[m - 1], out0 - (cum[m - 2] if m > 1 else 0))
         return m, c_sum, emit
+
+    def _padded_context(self, step, alloc, dec, m) -> np.ndarray:
+        """The context the decoding rows' attention reads per iteration with a padded batch cache:
+        n_dec · ρ · (longest decoding row), instead of Σ context (paged attention). One KV tensor
+        [B, H, W, D] per batch: every row's queries meet all W ≥ longest columns (left pads, holes)."""
+        ctx0 = self.ctx[: self.n]
+        if ctx0.size == 0:
+            return np.zeros(m)
+        grow = step[: m - 1] if alloc is None else step[: m - 1] + alloc[: m - 1]
+        rows = ctx0 + np.concatenate((np.zeros((1, ctx0.size), dtype=np.int64), np.cumsum(grow, axis=0)))
+        if dec is None:
+            longest, count = rows.max(axis=1), np.full(m, ctx0.size)
+        else:
+            longest, count = np.where(dec[:m], rows, 0).max(axis=1), dec[:m].sum(axis=1)
+        return self.cfg.attention_padding * count * longest.astype(float)
 
     def _price(self, m, b_list, k_list, c_sum, pf_tok, pf_ctx, pf_pairs, n_comp, wsets):
         """(duration, flops, bytes, compute_s) lists of m iterations: the draft's k passes (+ its

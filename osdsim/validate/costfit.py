@@ -88,15 +88,28 @@ def passes_batched(iterations: list[dict]) -> list[Pass]:
         if b <= 0:
             continue
         c = _num(it["context_tokens"])
+        # What the attention read: the batch cache's B × W columns (pads and holes included) where the
+        # server recorded its widths, else Σ context (records made before widths were recorded).
+        w_t, w_d = _num(it.get("cache_width")), _num(it.get("draft_cache_width"))
+        c_t = b * w_t if w_t > 0 else c
+        c_d = b * w_d if w_d > 0 else c
         d, v, vt = _num(it["draft_s"]), _num(it["verify_s"]), _num(it["verify_tokens"])
         # Draft passes actually run: the longest row's γ (rows near their end draft fewer than k).
         k = min(int(_num(it["k"]) or 0), int(math.ceil(max(vt - b, 0) / b))) if math.isfinite(vt) else 0
         if k > 0 and d > 0:
-            out.append(Pass([("draft", (b, b, c + b * j, c + b * j + b / 2.0)) for j in range(k)], d, "draft step"))
+            out.append(Pass([("draft", (b, b, c_d + b * j, c_d + b * j + b / 2.0)) for j in range(k)], d, "draft step"))
         if v > 0 and vt > 0:
             q = vt / b
-            out.append(Pass([("target", (vt, vt, c, q * c + b * q * q / 2.0))], v, "verify"))
+            out.append(Pass([("target", (vt, vt, c_t, q * c_t + b * q * q / 2.0))], v, "verify"))
     return out
+
+
+def attention_padding(iterations: list[dict]) -> float | None:
+    """ρ for the twin's padded attention: the median ratio of the target cache's width to the longest
+    decoding row over a serve run's iterations (≥ 1; None where the run recorded no widths)."""
+    ratios = [_num(it.get("cache_width")) / _num(it.get("longest_row")) for it in iterations
+              if _num(it.get("longest_row")) > 0 and _num(it.get("cache_width")) > 0]
+    return max(float(np.median(ratios)), 1.0) if ratios else None
 
 
 def recorded_passes(run: Any, k: int) -> list[Pass]:

@@ -159,8 +159,10 @@ def predicted_capacity(s1: ServeRun, profile: str, acc_file: Path, law_file: Pat
     draft, no training. Completions per second between the 20th and the 80th percentile finish (the
     steady state: the batch is full, neither filling nor draining)."""
     burst = [dict(r, arrival_s="0") for r in s1.requests]
+    from osdsim.validate.costfit import attention_padding
+
     doc = serve_twin_scenario(ServeRun(s1.summary, burst, [], [], [], []), profile, acc_file, law_file,
-                              work / "capacity-trace.csv")
+                              work / "capacity-trace.csv", attention_padding=attention_padding(s1.iterations))
     doc["strategy"] = "static"
     doc["name"] = "capacity"
     doc["report"] = {"alpha_window_requests": 8}
@@ -287,9 +289,11 @@ def measure_colocation(probe: ServeRun, s1: ServeRun, doc: dict, base_dir: Path)
 
 
 def serve_twin_scenario(run: ServeRun, profile: str, acc_file: Path, law_file: Path, trace_file: Path,
-                        colocation: Colocation | None = None) -> dict:
+                        colocation: Colocation | None = None, attention_padding: float | None = None) -> dict:
     """The simulator twin of a recorded serve run (open-loop trace replay with its batching/placement);
-    a dedicated run's twin takes the probe's interference, publish delay and trainer speed."""
+    a dedicated run's twin takes the probe's interference, publish delay and trainer speed. The
+    server's batch caches are padded (osdsim.real.batching): `attention_padding` ρ (S1's measured
+    width / longest row) makes the twin price attention over ρ × the longest row of every batch."""
     from osdsim.validate.pipeline import twin_scenario
 
     base = twin_scenario(run.summary, run.requests, profile, acc_file, law_file, trace_file, trace_file.parent,
@@ -297,7 +301,7 @@ def serve_twin_scenario(run: ServeRun, profile: str, acc_file: Path, law_file: P
     sv = run.summary["config"]["serve"]
     base["batching"] = {"max_batch_size": int(sv["max_batch_size"]),
                         "chunked_prefill_tokens": int(sv["chunked_prefill_tokens"]),
-                        "kv_cache_tokens": int(sv["kv_token_budget"])}
+                        "kv_cache_tokens": int(sv["kv_token_budget"]), "attention_padding": attention_padding}
     placement = run.summary.get("placement") or sv["placement"]
     if placement == "none":
         base["strategy"] = "static"
@@ -530,8 +534,13 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
     if progress:
         progress("fitting pass costs on S1's recorded passes")
     twin_fn = None
+    padding = None
     if isinstance(s1, ServeRun):
-        twin_fn = lambda prof: serve_twin_scenario(s1, prof, acc_file, law_file, work / "S1-trace.csv")  # noqa: E731
+        from osdsim.validate.costfit import attention_padding
+
+        padding = attention_padding(s1.iterations)
+        twin_fn = lambda prof: serve_twin_scenario(s1, prof, acc_file, law_file, work / "S1-trace.csv",  # noqa: E731
+                                                   attention_padding=padding)
     serving_path, cost_fit = P.serving_fitted_profile(fit_view, k, profile, acc_file, law_file, work, suite_path,
                                                       twin_fn=twin_fn)
     twin_profile = str(serving_path) if suite.costs == "serving" else profile
@@ -551,7 +560,8 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
                                         run_and_read)
         if p_reused:
             reused.append("P")
-        p_doc = serve_twin_scenario(probe, twin_profile, acc_file, law_file, work / "P-trace.csv")
+        p_doc = serve_twin_scenario(probe, twin_profile, acc_file, law_file, work / "P-trace.csv",
+                                    attention_padding=padding)
         colocation = measure_colocation(probe, s1, p_doc, suite_path.resolve().parent)
         if colocation.train_factor != 1.0:
             from osdsim.cost.profile import load_profile
@@ -573,7 +583,8 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
             reused.append(label)
         if progress:
             progress(f"simulating {label}")
-        doc = serve_twin_scenario(real, twin_profile, acc_file, law_file, work / f"{label}-trace.csv", colocation)
+        doc = serve_twin_scenario(real, twin_profile, acc_file, law_file, work / f"{label}-trace.csv", colocation,
+                                  padding)
         atomic_write_text(work / f"twin-{label}.yaml", yaml.safe_dump(doc, sort_keys=False))
         twin = simulate_twin(doc, suite_path.resolve().parent)
         r_rows, s = compare_serve(label, real, twin, suite.tolerances)
@@ -601,12 +612,17 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
         "costs": suite.costs, "serving_fitted_costs": cost_fit.as_dict(), "fitted_acceptance": acc,
         "colocation_probe": None if colocation is None else colocation.as_dict(),
         "capacity_per_s": None if capacity is None else round(capacity, 4),
+        "attention_padding": None if padding is None else round(padding, 4),
         "traces": [p.relative_to(out_dir).as_posix() for p in traces],
         "notes": load_notes() + [
             f"Pass costs fitted on S1's {cost_fit.passes} recorded passes: median |error| per pass kind with the "
             f"microbenchmark profile {P._fmt_errs(cost_fit.before)}; serving-fitted (in sample) "
             f"{P._fmt_errs(cost_fit.after)}; training time x{cost_fit.train_factor:.3f}. The twins use the "
-            f"{suite.costs} profile."] + ([] if capacity is None else [
+            f"{suite.costs} profile."] + ([] if padding is None else [
+            f"The server's batch caches are padded (one KV tensor per batch, rows left-padded, rejected drafts left "
+            f"as holes until compaction): passes are fitted at the widths they attended over, and the twins price "
+            f"attention over ρ = {padding:.3f} (S1's median cache width / longest row) × the longest row of each "
+            "batch (batching.attention_padding)."]) + ([] if capacity is None else [
             f"Capacity (the saturated throughput S1's twin predicts with the serving-fitted costs, untrained draft, "
             f"no training): {capacity:.3f} req/s. Runs given as a load are served at that fraction of it: "
             + ", ".join(f"{lbl} {_rate_text(cfg.serve)}" for lbl, cfg in runs) + "."

@@ -167,3 +167,33 @@ def test_macro_steps_give_exactly_the_one_iteration_at_a_time_results(make_scena
     assert slow.iterations.equals(fast.iterations)
     assert slow.stats.spare_s_available == fast.stats.spare_s_available
     assert slow.busy_s == fast.busy_s
+
+
+def _two_requests(tmp_path, make_scenario, prompts, padding, strategy="no-spec"):
+    trace = tmp_path / f"pad-{prompts[0]}-{prompts[1]}.csv"
+    trace.write_text(f"arrival_s,domain,prompt_tokens,output_tokens\n0,a,{prompts[0]},40\n0,a,{prompts[1]},40\n")
+    # α = 1: every row accepts all k drafts (rows grow alike, so n · longest tracks Σ context exactly).
+    sc = make_scenario({"workload": {"arrival": "trace", "trace_file": str(trace)}, "strategy": strategy,
+                        "acceptance": {"domains": {"a": {"alpha_0": 1.0}, "b": {"alpha_0": 1.0}}},
+                        "batching": {"attention_padding": padding, "chunked_prefill_tokens": None},
+                        "report": {"iteration_log": "full"}})
+    res = simulate(sc)
+    it = res.iterations
+    return res, it[(it["prefill_tokens"] == 0) & (it["decode_seqs"] == 2)]["duration_s"].to_numpy()
+
+
+@pytest.mark.parametrize("strategy", ["no-spec", "static"])
+def test_padded_attention_prices_every_row_at_the_longest_context(tmp_path, make_scenario, strategy):
+    # A padded batch cache: rows of 100 and 3000 prompt tokens decode as two rows of 3000 would with
+    # paged attention (n · longest = Σ context when the rows are alike), bit for bit.
+    _, padded = _two_requests(tmp_path, make_scenario, (100, 3000), 1.0, strategy)
+    _, alike = _two_requests(tmp_path, make_scenario, (3000, 3000), None, strategy)
+    _, paged = _two_requests(tmp_path, make_scenario, (100, 3000), None, strategy)
+    assert len(padded) > 5 and len(padded) == len(alike) == len(paged)
+    assert (padded == alike).all() and (padded > paged).all()
+    # Holes beyond the longest row (ρ > 1) cost more; alike rows with ρ = 1 are paged attention exactly.
+    _, holes = _two_requests(tmp_path, make_scenario, (100, 3000), 1.5, strategy)
+    assert (holes > padded).all()
+    res_pad, _ = _two_requests(tmp_path, make_scenario, (3000, 3000), 1.0, strategy)
+    res_paged, _ = _two_requests(tmp_path, make_scenario, (3000, 3000), None, strategy)
+    assert res_pad.requests["finish_s"].tolist() == res_paged.requests["finish_s"].tolist()

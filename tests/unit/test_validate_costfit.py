@@ -69,6 +69,21 @@ def test_batched_iterations_are_priced_as_the_simulator_prices_them():
     assert costfit.price(v, {"target": tm}) == pytest.approx(tm.decode_time(4, 200, 4), rel=1e-9)
 
 
+def test_batched_passes_are_priced_at_the_widths_the_padded_cache_attended_over():
+    # 4 rows of Σ 800 committed tokens in a cache 300 columns wide (longest row 250, the rest pads
+    # and holes): the verify pass reads 4 × 300 columns, the draft's j-th pass 4 × (280 + j).
+    it = {"batch_size": 4, "k": 3, "context_tokens": 800, "draft_s": 0.02, "verify_s": 0.05, "verify_tokens": 16,
+          "cache_width": 300, "longest_row": 250, "draft_cache_width": 280}
+    d, v = costfit.passes_batched([it])
+    assert v.shapes == [("target", (16, 16, 1200, 4 * 1200 + 4 * 16 / 2))]
+    assert d.shapes == [("draft", (4, 4, 1120 + 4 * j, 1120 + 4 * j + 2.0)) for j in range(3)]
+    # ρ for the twin: the median width / longest row; none recorded (older runs) -> paged attention.
+    its = [dict(it, cache_width=w, longest_row=200) for w in (200, 260, 300)] + [dict(it, longest_row=0)]
+    assert costfit.attention_padding(its) == pytest.approx(1.3)
+    assert costfit.attention_padding([dict(it, cache_width=0, longest_row=0)]) is None
+    assert costfit.attention_padding([dict(it, cache_width=150, longest_row=200)]) == 1.0
+
+
 def test_too_few_passes_is_bad_input():
     from osdsim.errors import InputError
 

@@ -90,7 +90,8 @@ def test_twin_of_a_recorded_serve_run_reproduces_its_arrivals_exactly(tmp_path, 
     run = fake_serve_run(tmp_path / "run", placement=placement)
     doc, twin = _twin(tmp_path, run)
     assert doc["workload"]["arrival"] == "trace" and doc["workload"]["trace_replay"] == "open"
-    assert doc["batching"] == {"max_batch_size": 4, "chunked_prefill_tokens": 64, "kv_cache_tokens": 4096}
+    assert doc["batching"] == {"max_batch_size": 4, "chunked_prefill_tokens": 64, "kv_cache_tokens": 4096,
+                               "attention_padding": None}
     assert doc["distill"]["placement"] == placement and doc["distill"]["max_pending_steps"] == 2
     assert doc["distill"]["update_interval_requests"] == 4
     sim = twin.result.requests.sort_values("request_id")
