@@ -129,6 +129,16 @@ def gpu_matches(kind: GpuKind, info: DeviceInfo) -> bool:
     )
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); else torch converts them
+    to fp32 per call."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def profile_name(info: DeviceInfo) -> str:
     """Profile name for `--device auto`: the known GPU kind, or `cpu-<model>` / the GPU's slug."""
     if info.kind == "cpu":

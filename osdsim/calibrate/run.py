@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from osdsim.calibrate import micro
-from osdsim.calibrate.devices import DeviceInfo, cpu_info
+from osdsim.calibrate.devices import DeviceInfo, cpu_info, cpu_native_bf16
 from osdsim.calibrate.fit import FitResult, fit_passes
 from osdsim.calibrate.measure import Measurement, Timer, rows_to_csv
 from osdsim.calibrate.passes import Plan, count_pass_steps, cpu_plan, cuda_plan, measure_passes
@@ -179,7 +179,7 @@ def calibrate(opts: Options, tick: Tick | None = None, total: Callable[[int], No
     torch = import_torch()
     torch.set_num_threads(opts.threads)
     cuda = opts.device.startswith("cuda")
-    plan = cuda_plan(opts.quick) if cuda else cpu_plan(opts.quick)
+    plan = cuda_plan(opts.quick) if cuda else cpu_plan(opts.quick, bf16=cpu_native_bf16())
     info = detect(torch, opts.device, opts.threads)
     gemm_dtypes = tuple(dict.fromkeys((*plan.dtypes, *REQUIRED_DTYPES)))
     if total is not None:
@@ -216,7 +216,8 @@ def calibrate(opts: Options, tick: Tick | None = None, total: Callable[[int], No
         f"Llama models at {', '.join(s.name for s in plan.models.values())} dimensions, random weights, "
         f"transformers eager, KV cache in DynamicCache). {anchor}. Efficiencies fitted per dtype by least "
         f"squares on log time of the 'fit' passes; fit_errors are on held-out shapes (split=heldout in the "
-        f"CSV) not used to fit. `efficiency` is {primary}; efficiency_by_dtype holds the others. "
+        f"CSV) not used to fit. `efficiency` is {primary}; efficiency_by_dtype holds the others"
+        f"{'' if cuda or 'bf16' in plan.dtypes else ' (bf16 passes not measured: no native bf16 on this CPU)'}. "
         f"Measured on this device: GEMM peak {', '.join(f'{d} {v / 1e9:.1f} GFLOP/s' for d, v in measured_peaks.items())}; "
         f"bandwidth {measured_bw / 1e9:.1f} GB/s; per-op launch {launch_s * 1e6:.1f} us. "
         f"allreduce_latency_s is not measured (single device). Wall time {wall_s:.0f} s; 1-minute load "

@@ -95,11 +95,9 @@ def native_bf16(device: Any) -> bool:
         import torch
 
         return bool(torch.cuda.is_bf16_supported())
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from osdsim.calibrate.devices import cpu_native_bf16
+
+    return cpu_native_bf16()
 
 
 def resolve_serve_dtype(name: str, device: Any) -> str:

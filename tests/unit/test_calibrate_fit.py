@@ -137,3 +137,11 @@ def test_model_names_with_a_reduced_head():
     assert spec_for("smollm2-135m-l4", "fp32").vocab == 49152
     with pytest.raises(ValueError):
         spec_for("smollm2-135m-x2", "fp32")
+
+
+def test_a_cpu_without_native_bf16_times_its_passes_in_fp32_only():
+    with_bf16, without = cpu_plan(False), cpu_plan(False, bf16=False)
+    assert with_bf16.dtypes == ("fp32", "bf16") and without.dtypes == ("fp32",)
+    assert without.shapes == with_bf16.shapes and without.train_dtypes == ("fp32",)
+    fp32_rows = [r for r in plan_rows(with_bf16) if r.dtype == "fp32"]
+    assert plan_rows(without) == fp32_rows
