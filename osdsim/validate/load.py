@@ -7,7 +7,7 @@ placement; its twin replays the run's exact arrival times, domains and lengths a
 with the run's batching (max batch, chunked prefill, KV budget), placement, update interval and
 pending-step limit, and is compared with it: TTFT / TPOT / E2E p50 and p90, mean batch, queueing
 delay, α per phase, tokens per step, training steps due / done / skipped, training seconds used, α
-at the end of each phase; across runs the arrival rate at which harvest training first falls behind.
+at the end of each phase; across runs the arrival rate at which harvest training falls behind for good.
 """
 
 from __future__ import annotations
@@ -457,23 +457,67 @@ def sim_alpha_at(alpha_events: Any, domain: str, t: float) -> float:
     return float(ev[col].iloc[-1]) if len(ev) else float(alpha_events[col].iloc[0])
 
 
+def behind_from(fates: list[str]) -> int | None:
+    """Index (in due order) of the first step from which training stays behind: it was skipped and at
+    least half of the steps due from it on were skipped. A chance skip that training recovers from (the
+    rest mostly done) is not falling behind. `fates`: 'done' / 'skipped' per due step, in due order
+    (steps still pending at the end of the run left out)."""
+    for i, fate in enumerate(fates):
+        rest = fates[i:]
+        if fate == "skipped" and 2 * rest.count("skipped") >= len(rest):
+            return i
+    return None
+
+
+def nominal_rate(serve: dict, request_index: int, n: int) -> float | None:
+    """The configured Poisson rate at a request index (a ramp rises linearly by index); None for traces."""
+    if serve.get("arrival", "poisson") != "poisson" or not serve.get("rate_per_s"):
+        return None
+    r0 = float(serve["rate_per_s"])
+    r1 = float(serve.get("rate_end_per_s") or r0)
+    return r0 + (r1 - r0) * min(request_index, n - 1) / max(n - 1, 1)
+
+
+def fall_behind_rate(fates: list[str], finishes: np.ndarray, arrivals: np.ndarray, serve: dict,
+                     interval: int) -> float | None:
+    """Arrival rate (req/s) at which training fell behind for good (behind_from): the configured rate
+    at the requests that had arrived when that step was due (the `interval`·(i+1)-th finish), or for a
+    trace the trailing arrival rate there (stall_rate). The same rule on the server and its twin."""
+    i = behind_from(fates)
+    if i is None:
+        return None
+    fin = np.sort(finishes[np.isfinite(finishes)])
+    due = float(fin[min(interval * (i + 1), fin.size) - 1]) if fin.size else 0.0
+    arrived = int(np.searchsorted(np.sort(arrivals), due, side="right"))
+    rate = nominal_rate(serve, max(arrived - 1, 0), arrivals.size)
+    return rate if rate is not None else stall_rate(arrivals, due)
+
+
 def fall_behind_rows(entries: list[tuple[str, ServeRun, Twin]], tol: LoadTolerances) -> list[MetricRow]:
-    """Across the harvest runs (by arrival rate): the rate at which training first falls behind."""
+    """Across the harvest runs (by starting arrival rate): the rate at which training first falls behind
+    for good (fall_behind_rate), from the first run that does, on each side."""
     harvest = [(lbl, r, t) for lbl, r, t in entries if r.summary.get("placement") == "harvest"]
     harvest.sort(key=lambda e: float(e[1].summary["config"]["serve"].get("rate_per_s") or 0.0))
     if len(harvest) < 2:
         return []
     meas = pred = None
     for _, r, t in harvest:
+        sv = r.summary["config"]["serve"]
+        interval = int(r.summary["config"]["distill"]["update_interval"])
         arr = np.array([_num(x["arrival_s"]) for x in r.requests])
         if meas is None:
-            skipped = sorted(_num(x["due_s"]) for x in r.training if x.get("status") == "skipped")
-            meas = stall_rate(arr, skipped[0] if skipped else None)
+            rows = sorted(r.training, key=lambda x: int(_num(x["step"])))
+            fates = [x["status"] for x in rows if x.get("status") in ("done", "skipped")]
+            meas = fall_behind_rate(fates, np.array([_num(x["finish_s"]) for x in r.requests]), arr, sv, interval)
         if pred is None:
             ev = t.result.training
-            sk = ev[ev["kind"] == "skipped"]["time_s"]
-            pred = stall_rate(t.result.requests["arrival_s"].to_numpy(), float(sk.min()) if len(sk) else None)
-    return [MetricRow("arrival rate at which harvest training first falls behind (req/s; — : never)",
+            # The twin consumes due steps oldest first (done or skipped): its events in time order are
+            # the steps' fates in due order.
+            fates = ev[ev["kind"].isin(["done", "skipped"])].sort_values("time_s", kind="stable")["kind"].tolist()
+            req = t.result.requests
+            pred = fall_behind_rate(fates, req["finish_s"].to_numpy(dtype=float),
+                                    req["arrival_s"].to_numpy(dtype=float), sv, interval)
+    return [MetricRow("arrival rate at which harvest training falls behind for good (req/s; — : never)",
                       pred, meas, tol.fall_behind_rate_rel)]
 
 
@@ -626,7 +670,7 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
             f"Capacity (the saturated throughput S1's twin predicts with the serving-fitted costs, untrained draft, "
             f"no training): {capacity:.3f} req/s. Runs given as a load are served at that fraction of it: "
             + ", ".join(f"{lbl} {_rate_text(cfg.serve)}" for lbl, cfg in runs) + "."
-            + "".join(f" Harvest training first fell behind at {_frac(fb.predicted, capacity)} capacity predicted, "
+            + "".join(f" Harvest training fell behind for good at {_frac(fb.predicted, capacity)} capacity predicted, "
                       f"{_frac(fb.measured, capacity)} measured." for fb in fall_behind)]) + ([] if colocation is None else [
             f"Co-location probe P (dedicated, {colocation.busy_iterations} iterations with the trainer training, "
             f"{colocation.idle_iterations} without): serving slowdown while the trainer trains "

@@ -200,3 +200,24 @@ def test_capacity_is_the_twins_saturated_throughput(tmp_path):
     assert one < cap
     with pytest.raises(InputError, match="too few requests"):
         load.predicted_capacity(fake_serve_run(tmp_path / "tiny", n=4), str(prof), acc, law, tmp_path, tmp_path)
+
+
+def test_training_falls_behind_for_good_not_at_a_chance_skip():
+    D, S = "done", "skipped"
+    assert load.behind_from([S, D, S, S, D, D, D, D, D, D]) is None  # an early burst, then it keeps up
+    assert load.behind_from([D, D, S, D, S, S, S, D, S]) == 2  # from step 3 on, 5 of 7 skipped
+    assert load.behind_from([S, D, S, S, S, S]) == 0
+    assert load.behind_from([D, D, D]) is None and load.behind_from([]) is None
+    # The rate there: the configured rate at the requests that had arrived when that step was due
+    # (a step is due at every `interval`-th finish); a ramp rises by request index.
+    arrivals = np.arange(20, dtype=float)  # one per second
+    finishes = arrivals + 0.5
+    ramp = {"arrival": "poisson", "rate_per_s": 1.0, "rate_end_per_s": 20.0}
+    # behind from the 3rd step: due at the 6th finish (5.5 s), 6 requests arrived -> index 5
+    rate = load.fall_behind_rate([D, D, S, S, S, S], finishes, arrivals, ramp, interval=2)
+    assert rate == pytest.approx(1.0 + 19.0 * 5 / 19)
+    assert load.fall_behind_rate([D, D, S, S], finishes, arrivals, {"arrival": "poisson", "rate_per_s": 3.0}, 2) == 3.0
+    assert load.fall_behind_rate([D, D, D], finishes, arrivals, ramp, 2) is None
+    # A trace has no configured rate: the trailing arrival rate (undefined before 10 arrivals).
+    assert load.fall_behind_rate([D] * 6 + [S] * 3, finishes, arrivals, {"arrival": "trace"}, 2) == pytest.approx(1.0)
+    assert load.fall_behind_rate([S], finishes, arrivals, {"arrival": "trace"}, 2) is None
