@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import math
+import os
 import queue as queue_mod
 import time
 from collections import deque
@@ -560,6 +561,20 @@ class HarvestPlacement(Placement):
         return True
 
 
+PARENT_POLL_S = 1.0  # how often an idle trainer checks that its server is still alive
+
+
+def next_message(inbox: Any, parent_pid: int, poll_s: float = PARENT_POLL_S) -> Any:
+    """The trainer's next message, or None when the server asked it to stop or has died: a server killed
+    by a signal never sends the stop message, and an orphaned trainer would hold its memory forever."""
+    while True:
+        try:
+            return inbox.get(timeout=poll_s)
+        except queue_mod.Empty:
+            if os.getppid() != parent_pid:
+                return None
+
+
 def _trainer_main(inbox: Any, outbox: Any, draft: Any, cfg: Any, pad_id: int, seed: int, threads: int) -> None:
     """The dedicated trainer process: receives due steps, trains, sends the new trainable weights.
     Its own torch threads; timestamps on CLOCK_MONOTONIC (time.monotonic), shared by processes."""
@@ -571,8 +586,9 @@ def _trainer_main(inbox: Any, outbox: Any, draft: Any, cfg: Any, pad_id: int, se
     gen = _torch.Generator().manual_seed(seed)
     distiller = OnlineDistiller(draft=draft, target=None, cfg=cfg, pad_id=pad_id, generator=gen)
     outbox.put("ready")
+    parent = os.getppid()
     while True:
-        msg = inbox.get()
+        msg = next_message(inbox, parent)
         if msg is None:
             break
         step_id, samples = msg

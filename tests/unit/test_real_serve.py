@@ -327,3 +327,18 @@ def test_batched_greedy_exact_on_smollm2():
     for j, p in enumerate(prompts):
         ref = target_generate(pair.target, p, 24, eos_ids=tuple(codec.eos_ids)).tokens
         assert seqs[j].tokens == ref, j
+
+
+def test_an_orphaned_trainer_stops_when_its_server_dies():
+    import os
+    import queue
+
+    from osdsim.real.serve import next_message
+
+    inbox: queue.Queue = queue.Queue()
+    inbox.put(("step", 1))
+    assert next_message(inbox, os.getppid(), poll_s=0.01) == ("step", 1)
+    # Nothing arrives and the parent it was started by is gone (getppid differs): stop.
+    assert next_message(inbox, os.getppid() + 1, poll_s=0.01) is None
+    inbox.put(None)  # the server's own stop message
+    assert next_message(inbox, os.getppid(), poll_s=0.01) is None
