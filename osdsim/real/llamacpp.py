@@ -111,6 +111,7 @@ class GGUFBase:
     vocab: int
     hidden: int
     layer_type: str  # the type of the base's attn_q weights, as a LAYER_TYPES name (else f16)
+    head_type: str = "f32"  # the type of its embeddings (and head, when tied)
 
 
 def _field_value(f: Any, gguf: Any) -> tuple[Any, Any, Any]:
@@ -121,16 +122,24 @@ def _field_value(f: Any, gguf: Any) -> tuple[Any, Any, Any]:
     return f.contents(), main, None
 
 
-def read_base(path: Path) -> GGUFBase:
-    """Read a target GGUF; a GGUF that is not a Llama-architecture model is an InputError."""
+def open_reader(path: Path) -> Any:
+    """gguf.GGUFReader of `path` (parsing a 49k-token vocabulary takes seconds: open once)."""
     gguf = _gguf()
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: GGUF file not found")
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError) as exc:
         raise InputError(f"{path}: not a readable GGUF file ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+
+
+def read_base(path: Path, reader: Any = None) -> GGUFBase:
+    """Read a target GGUF; a GGUF that is not a Llama-architecture model is an InputError."""
+    gguf = _gguf()
+    path = Path(path)
+    if reader is None:
+        reader = open_reader(path)
     arch_field = reader.fields.get("general.architecture")
     arch = arch_field.contents() if arch_field is not None else None
     if arch != "llama":
@@ -151,15 +160,19 @@ def read_base(path: Path) -> GGUFBase:
         if name in names:
             t = names[name]
             tensors[name] = (np.array(t.data), t.tensor_type)
+    type_names = {_qtype(n): n for n in LAYER_TYPES}
     q = names.get("blk.0.attn_q.weight")
     if q is not None:
-        layer_type = {v: k for k, v in {n: _qtype(n) for n in LAYER_TYPES}.items()}.get(q.tensor_type, "f16")
+        layer_type = type_names.get(q.tensor_type, "f16")
+    head = names.get("output.weight", names.get("token_embd.weight"))
+    head_type = type_names.get(head.tensor_type, head.tensor_type.name.lower()) if head is not None else "f32"
     if "token_embd.weight" not in tensors or "output_norm.weight" not in tensors:
         raise InputError(f"{path}: GGUF lacks token_embd/output_norm tensors (not a Llama model file)")
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = int(meta.get("llama.vocab_size") or (len(tokens) if tokens is not None else 0))
     return GGUFBase(path=path, fields=fields, tensors=tensors, n_layers=int(meta.get("llama.block_count", 0)),
-                    vocab=vocab, hidden=int(meta.get("llama.embedding_length", 0)), layer_type=layer_type)
+                    vocab=vocab, hidden=int(meta.get("llama.embedding_length", 0)), layer_type=layer_type,
+                    head_type=head_type)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,7 +646,7 @@ class LlamaCppServer:
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "llama.cpp", "llama_cpp_python": self.version, "target_gguf": str(self.base.path),
-                "target_layer_type": self.base.layer_type,
+                "target_layer_type": self.base.layer_type, "head_type": self.base.head_type,
                 "draft_layer_type": self.publisher.layer_type or self.base.layer_type,
                 "draft_gguf_bytes": self.initial_sync.bytes,
                 "initial_export_s": self.initial_sync.export_s, "initial_reload_s": self.initial_sync.reload_s}
@@ -643,14 +656,14 @@ class LlamaCppServer:
         self.publisher.close()
 
 
-def slice_gguf(src: Path, n_layers: int, out: Path) -> Path:
+def slice_gguf(src: Path, n_layers: int, out: Path, reader: Any = None) -> Path:
     """A GGUF of `src`'s first `n_layers` layers with its embeddings, norm and head, every tensor
     copied byte for byte (the untrained layer draft exactly as served; no torch needed)."""
     gguf = _gguf()
-    base = read_base(src)
+    reader = reader if reader is not None else open_reader(src)
+    base = read_base(src, reader)
     if not 1 <= n_layers <= base.n_layers:
         raise InputError(f"{src.name}: cannot take {n_layers} layers of a {base.n_layers}-layer model")
-    reader = gguf.GGUFReader(str(src))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
