@@ -210,3 +210,22 @@ def test_publisher_exports_reloads_and_times(tiny, tiny_gguf, tmp_path):
         assert s["export_s_median"] > 0 and s["reload_s_median"] > 0
     finally:
         pub.close()
+
+
+def test_an_unloadable_llama_cpp_is_reported_unavailable(monkeypatch):
+    """A failed build / missing library: the backend says so in one line; doctor marks it unavailable."""
+    import sys
+
+    from osdsim import doctor
+    from osdsim.real._deps import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    ok, why = L.available()
+    assert ok is False and "llama_cpp" in why
+    with pytest.raises(MissingDependency, match=r"llamacpp.*extra"):
+        L.require_llama_cpp()
+    check = next(c for c in doctor.checks() if c.name == "llama-cpp-python")
+    assert check.ok is False and "unavailable" in check.detail and check.fix
+    caps = doctor.capabilities(doctor.checks())
+    assert caps["osdsim real (models.backend: llamacpp)"].startswith("no")
+    assert caps["osdsim run / sweep / plot"] == "yes"  # everything else keeps working
