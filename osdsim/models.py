@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1,
+                                  # GGUF block quantisations (llama.cpp): bytes per weight incl. scales
+                                  "q8_0": 34 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
+# Weight-only quantised dtypes: activations (and logits) stay fp32 in the engine (llama.cpp on a CPU).
+QUANTISED_DTYPES: frozenset[str] = frozenset({"q8_0", "q4_1", "q4_0"})
 
 
 class ModelSpec(BaseModel):
@@ -26,6 +30,9 @@ class ModelSpec(BaseModel):
     vocab: int = Field(..., ge=1, description="Vocabulary size V.")
     dtype: str = Field("bf16", description=f"Weight/activation dtype, one of {sorted(DTYPE_BYTES)}.")
     kv_dtype: str | None = Field(None, description="KV-cache dtype; default = dtype.")
+    head_dtype: str | None = Field(
+        None, description="Embeddings/LM-head dtype where it differs from the layers' (a GGUF's Q8_0 head "
+        "over Q4_1 layers); default = dtype.")
     mlp_matrices: int = Field(3, ge=2, le=3, description="3 = gated (SwiGLU), 2 = plain MLP.")
     tied_embeddings: bool = Field(False, description="LM head shares the embedding matrix.")
 
@@ -35,6 +42,8 @@ class ModelSpec(BaseModel):
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.kv_dtype is not None and self.kv_dtype not in DTYPE_BYTES:
             raise ValueError(f"kv_dtype must be one of {sorted(DTYPE_BYTES)}, got {self.kv_dtype!r}")
+        if self.head_dtype is not None and self.head_dtype not in DTYPE_BYTES:
+            raise ValueError(f"head_dtype must be one of {sorted(DTYPE_BYTES)}, got {self.head_dtype!r}")
         if self.hidden % self.n_heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:
@@ -56,11 +65,20 @@ class ModelSpec(BaseModel):
         return self.kv_heads * self.head_dim
 
     @property
-    def weight_bytes_per_param(self) -> int:
+    def weight_bytes_per_param(self) -> float:
         return DTYPE_BYTES[self.dtype]
 
     @property
-    def kv_bytes_per_element(self) -> int:
+    def head_bytes_per_param(self) -> float:
+        return DTYPE_BYTES[self.head_dtype or self.dtype]
+
+    @property
+    def act_bytes_per_element(self) -> float:
+        """Activations and logits: the dtype's own width, fp32 under weight-only quantisation."""
+        return 4 if self.dtype in QUANTISED_DTYPES else DTYPE_BYTES[self.dtype]
+
+    @property
+    def kv_bytes_per_element(self) -> float:
         return DTYPE_BYTES[self.kv_dtype or self.dtype]
 
     @property
@@ -87,8 +105,11 @@ class ModelSpec(BaseModel):
         return self.dense_params + embeddings + head
 
     @property
-    def weight_bytes(self) -> int:
-        return self.total_params * self.weight_bytes_per_param
+    def weight_bytes(self) -> float:
+        if self.head_dtype is None:
+            return self.total_params * self.weight_bytes_per_param
+        vocab_params = self.total_params - self.dense_params  # embeddings (+ an untied head)
+        return self.dense_params * self.weight_bytes_per_param + vocab_params * self.head_bytes_per_param
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -120,6 +141,16 @@ PRESETS: dict[str, ModelSpec] = {
     "smollm2-135m-l2": _spec(
         name="smollm2-135m-l2", n_layers=2, hidden=576, n_heads=9, n_kv_heads=3, ffn=1536,
         vocab=49152, tied_embeddings=True,
+    ),
+    # The same as served by llama.cpp from the packaged GGUF: Q4_1 layers, Q8_0 embeddings/head,
+    # f16 KV cache (llama.cpp's default); the draft exported from PyTorch in the same types.
+    "smollm2-135m-q4_1": _spec(
+        name="smollm2-135m-q4_1", n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, ffn=1536,
+        vocab=49152, tied_embeddings=True, dtype="q4_1", head_dtype="q8_0", kv_dtype="fp16",
+    ),
+    "smollm2-135m-q4_1-l2": _spec(
+        name="smollm2-135m-q4_1-l2", n_layers=2, hidden=576, n_heads=9, n_kv_heads=3, ffn=1536,
+        vocab=49152, tied_embeddings=True, dtype="q4_1", head_dtype="q8_0", kv_dtype="fp16",
     ),
 }
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from osdsim.errors import InputError
+from osdsim.real._deps import MissingDependency
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -22,9 +23,12 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _command(gpu: str | None, device: str, out: Path | None, force: bool, quick: bool, threads: int) -> str:
+def _command(gpu: str | None, device: str, out: Path | None, force: bool, quick: bool, threads: int,
+             backend: str = "torch") -> str:
     parts = ["osdsim", "calibrate"]
     parts += ["--gpu", gpu] if gpu else ["--device", device]
+    if backend != "torch":
+        parts += ["--backend", backend]
     parts += ["--threads", str(threads)]
     if quick:
         parts.append("--quick")
@@ -66,6 +70,12 @@ def calibrate(
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch threads on a CPU.")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    backend: Annotated[
+        str,
+        typer.Option("--backend", help="torch (transformers passes of random-weight models, the default) or "
+                                       "llamacpp (llama.cpp passes of the packaged SmolLM2 GGUF and its 2-layer "
+                                       "draft at batch 1; CPU only; writes calibration/cpu-llamacpp-<cpu>.yaml)."),
+    ] = "torch",
     from_: Annotated[
         Path | None,
         typer.Option("--from", help="Fit on measured kernel timings instead of measuring here: a directory or file "
@@ -78,10 +88,16 @@ def calibrate(
     from osdsim.calibrate import devices
     from osdsim.calibrate import run as cal
 
+    if backend not in ("torch", "llamacpp"):
+        raise _fail(f"--backend {backend!r}: must be torch or llamacpp")
     if from_ is not None:
+        if backend != "torch":
+            raise _fail("--from imports kernel timings for the torch cost model; it does not combine with --backend")
         _calibrate_from(from_, gpu, out, force, quiet, as_json)
         return
     try:
+        if backend == "llamacpp" and ((gpu or "cpu").strip().lower() != "cpu" or device not in ("auto", "cpu")):
+            raise InputError("--backend llamacpp: calibrates the CPU only (use --gpu cpu)")
         if gpu is not None and gpu.strip().lower() not in devices.KNOWN_NAMES:
             raise InputError(
                 f"--gpu {gpu!r}: unknown device name; known: {', '.join(devices.KNOWN_NAMES)} (or --device auto)"
@@ -101,12 +117,21 @@ def calibrate(
             raise InputError(f"--device {device}: no CUDA device here (torch sees only the {info.describe()})")
         info = cal.detect(torch, dev, threads)
         name = devices.check_requested(gpu, info) if gpu is not None else devices.profile_name(info)
+        if backend == "llamacpp":
+            from osdsim.calibrate import llamacpp as lcal
+
+            name = lcal.profile_name(name)
         path = cal.resolve_out(name, out)
         cal.check_writable(path)
-        opts = cal.Options(dev, name, quick, threads, _command(gpu, device, out, force, quick, threads))
-        outcome = _measure(cal, opts, show_progress=not (quiet or as_json))
+        opts = cal.Options(dev, name, quick, threads, _command(gpu, device, out, force, quick, threads, backend))
+        if backend == "llamacpp":
+            outcome = _measure_llamacpp(opts, show_progress=not (quiet or as_json))
+        else:
+            outcome = _measure(cal, opts, show_progress=not (quiet or as_json))
         yaml_path, csv_path, prev = cal.write_outputs(outcome, path, force)
     except InputError as exc:
+        raise _fail(str(exc)) from None
+    except MissingDependency as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; no profile was written") from None
@@ -150,6 +175,25 @@ def _measure(cal, opts, show_progress: bool):
             prog.update(task, advance=1, description=msg)
 
         return cal.calibrate(opts, tick=tick, total=total)
+
+
+def _measure_llamacpp(opts, show_progress: bool):
+    from osdsim.calibrate.llamacpp import calibrate_llamacpp
+
+    if not show_progress or not sys.stderr.isatty():
+        return calibrate_llamacpp(opts.name, opts.quick, opts.threads, opts.command)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]calibrating llama.cpp"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True,
+    ) as prog:
+        task = prog.add_task("starting", total=1)
+        return calibrate_llamacpp(
+            opts.name, opts.quick, opts.threads, opts.command,
+            tick=lambda msg: prog.update(task, advance=1, description=msg),
+            total=lambda n: prog.update(task, total=n),
+        )
 
 
 def _calibrate_from(source: Path, gpu: str | None, out: Path | None, force: bool, quiet: bool, as_json: bool) -> None:

@@ -4,7 +4,7 @@ DESIGN.md §4.1. A pass over a batch with new tokens q_i and cached contexts c_i
 
     FLOPs = 2·P_dense·T + 2·d·V·T_logits + 4·L·d_attn·Σ q_i·(c_i + q_i/2)
             (matmuls: 2 FLOPs per multiply-add; attention: QKᵀ and AV over the causal span)
-    bytes = w·(P_dense + d·V)·b_w          weights, read once per pass (w distinct weight sets)
+    bytes = w·(P_dense·b_w + d·V·b_h)      weights, read once per pass (w distinct weight sets; b_h: head dtype)
           + 2·L·d_kv·(Σ c_i + T)·b_kv      KV read for cached tokens + KV written for new ones
           + 2·L·T·(2·d + ffn)·b_a          activations in and out of each layer
           + T_logits·V·b_a                 logits written
@@ -149,14 +149,15 @@ class CostModel:
         eff = profile.efficiency_for(model.dtype)
         m = model
         b_w = m.weight_bytes_per_param
-        b_a = m.weight_bytes_per_param
+        b_h = m.head_bytes_per_param
+        b_a = m.act_bytes_per_element
         self.peak_flops = profile.peak_flops(m.dtype)  # per GPU
         self.bandwidth = profile.memory_bandwidth_bytes_per_s
         # Per-GPU coefficients (divide by tp once here).
         self._flops_per_token = 2.0 * m.dense_params / tp
         self._flops_per_logit = 2.0 * m.hidden * m.vocab / tp
         self._flops_per_pair = 4.0 * m.n_layers * m.hidden / tp
-        self._weight_bytes = (m.dense_params + m.head_params) * b_w / tp
+        self._weight_bytes = (m.dense_params * b_w + m.head_params * b_h) / tp
         self._kv_bytes_per_token = m.kv_bytes_per_token / tp
         self._act_bytes_per_token = 2.0 * m.n_layers * (2 * m.hidden + m.ffn) * b_a / tp
         self._logit_bytes = m.vocab * b_a / tp

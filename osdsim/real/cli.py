@@ -192,3 +192,9 @@ def _print_table(summary: dict[str, Any], out_dir: Path) -> None:
     console.print(t)
     console.print(f"c (draft pass / target decode step) = {_fmt(summary['c_measured'])}; "
                   f"wrote {out_dir}")
+    sync = summary.get("sync") or {}
+    if (summary.get("backend") or {}).get("engine") == "llama.cpp" and sync.get("n"):
+        console.print(f"served on llama.cpp; draft export + reload per update (n={sync['n']}): median "
+                      f"{_fmt(sync['sync_s_median'] * 1e3, 0)} ms, p90 {_fmt(sync['sync_s_p90'] * 1e3, 0)} ms "
+                      f"(export {_fmt(sync['export_s_median'] * 1e3, 0)} ms, reload "
+                      f"{_fmt(sync['reload_s_median'] * 1e3, 0)} ms)")

@@ -29,6 +29,15 @@ class ModelsCfg(_Strict):
     draft_vocab: int = Field(
         0, ge=0, description="Reduced draft head: propose only the N most frequent prompt tokens (0: full)."
     )
+    backend: Literal["transformers", "llamacpp"] = Field(
+        "transformers", description="Serving engine: transformers (eager PyTorch) or llamacpp (llama-cpp-python "
+        "on GGUF files: the target's GGUF, the draft exported from PyTorch and reloaded after every update; "
+        "training stays in PyTorch). llamacpp serves at batch 1 on the CPU with the full draft head.",
+    )
+    gguf_draft_type: Literal["auto", "f32", "f16", "q8_0", "q4_1", "q4_0"] = Field(
+        "auto", description="backend llamacpp: GGUF type of the exported draft's layers (auto: the type of the "
+        "target GGUF's layers, f32 for a target exported from PyTorch).",
+    )
 
 
 class PhaseCfg(_Strict):
@@ -150,6 +159,14 @@ class RealConfig(_Strict):
             raise ValueError(f"unknown domain(s) {unknown}; known: {list(DOMAINS)}")
         if self.serve is not None and self.distill.enabled and self.distill.sample_source != "teacher":
             raise ValueError("distill.sample_source: serving mode labels with the verify pass only (teacher)")
+        if self.models.backend == "llamacpp":
+            if self.serve is not None:
+                raise ValueError("serve: the llamacpp backend serves at batch 1 (closed loop); remove the serve section")
+            if self.models.draft_vocab:
+                raise ValueError("models.draft_vocab: the llamacpp backend serves the draft with its full head "
+                                 "(llama.cpp's output tensor covers the whole vocabulary); use 0")
+            if self.device not in ("cpu", "auto"):
+                raise ValueError(f"device: the llamacpp backend runs on the CPU (got {self.device})")
         if self.stream.shape == "smooth" and self.stream.phases is None and len(self.stream.domains) < 2:
             raise ValueError("a smooth stream needs at least two domains")
         return self

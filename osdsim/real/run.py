@@ -81,6 +81,19 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _sync_summary(sync_s: list[float], records: list[Any]) -> dict[str, Any]:
+    """Publication of each update to the server (the simulator's sync_delay_s): median and p90;
+    on llama.cpp split into GGUF export and reload."""
+    import statistics
+
+    from osdsim.real.llamacpp import p90, sync_summary
+
+    if records:
+        return sync_summary(records)
+    return {"n": len(sync_s), "sync_s_median": statistics.median(sync_s) if sync_s else float("nan"),
+            "sync_s_p90": p90(sync_s)}
+
+
 def device_fingerprint_of(device: Any, threads: int) -> dict[str, Any]:
     """What a recorded run was measured on (CPU model/family, GPU name, torch threads): the
     validator's fingerprint, so `--reuse-runs` can tell another device's runs apart."""
@@ -266,6 +279,12 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
     from osdsim.real.stats import summarize
 
     t_run = time.perf_counter()
+    if cfg.models.backend == "llamacpp":  # fail before minutes of loading: a non-Llama GGUF, no llama.cpp
+        from osdsim.real import llamacpp as LC
+
+        if cfg.models.target.endswith(".gguf"):
+            LC.read_base(Path(cfg.models.target).expanduser())
+        LC.require_llama_cpp()
     prep = prepare(cfg)
     torch, pair, codec, target, draft, device = (prep.torch, prep.pair, prep.codec, prep.target,
                                                  prep.draft, prep.device)
@@ -277,6 +296,46 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
     sync_serving, eval_heldout, alpha_rows = prep.sync_serving, prep.eval_heldout, prep.alpha_rows
 
     initial = eval_heldout("initial", 0, 0, draft)
+
+    # --- the serving engine: transformers (the models above) or llama.cpp (GGUF files) -----------
+    server = None
+    workdir = None
+    if cfg.models.backend == "llamacpp":
+        import shutil
+        import tempfile
+
+        from osdsim.real import llamacpp as LC
+
+        workdir = Path(tempfile.mkdtemp(prefix="osdsim-llamacpp-"))
+        n_ctx = cfg.stream.max_prompt_tokens + dc.max_new_tokens + dc.k + 16
+        try:
+            server = LC.LlamaCppServer(cfg.models.target, target, draft, workdir, cfg.threads, n_ctx,
+                                       cfg.models.gguf_draft_type)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+    def serve_spec(prompt: list[int], params: Any) -> Any:
+        if server is None:
+            return speculative_generate(s_target, s_draft_call, prompt, params, codec.eos_ids, gen)
+        return LC.speculative_generate_llamacpp(server.target, server.draft, prompt, params, codec.eos_ids, gen)
+
+    def serve_baseline(prompt: list[int]) -> Any:
+        if server is None:
+            return target_generate(s_target, prompt, dc.max_new_tokens, dc.greedy, dc.temperature,
+                                   codec.eos_ids, gen)
+        return LC.target_generate_llamacpp(server.target, prompt, dc.max_new_tokens, dc.greedy, dc.temperature,
+                                           codec.eos_ids, gen)
+
+    def publish() -> dict[str, float]:
+        """Hand the updated draft to the server; its export + reload time is the sync delay."""
+        t0 = time.perf_counter()
+        if server is None:
+            sync_serving()
+            return {"sync_s": round(time.perf_counter() - t0, 6)}
+        rec = server.publisher.publish(draft)
+        return {"sync_s": round(rec.total_s, 6), "export_s": round(rec.export_s, 6),
+                "reload_s": round(rec.reload_s, 6)}
 
     # --- optional offline-distilled baseline draft (measured on held-out α) ---------------------
     offline_summary: dict[str, Any] | None = None
@@ -339,7 +398,7 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
             q = r.query
             prompt = ids_of(q)
             start = time.perf_counter() - clock0
-            g = speculative_generate(s_target, s_draft_call, prompt, params, codec.eos_ids, gen)
+            g = serve_spec(prompt, params)
             finish = time.perf_counter() - clock0
             s = summarize(g.steps, dc.k)
             steps_by_phase.setdefault(r.phase, []).extend(g.steps)
@@ -361,11 +420,10 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
                 "verify_s": round(sum(st.verify_s for st in g.steps), 6),
                 "decode_s": round(g.total_s - g.prefill_s, 6),
                 "baseline_decode_s": "", "baseline_prefill_s": "", "baseline_tokens": "",
-                "baseline_same_tokens": "", "label_s": 0.0, "train_s": 0.0, "update": "",
+                "baseline_same_tokens": "", "label_s": 0.0, "train_s": 0.0, "sync_s": 0.0, "update": "",
             }
             if r.index in baseline_idx:
-                b = target_generate(s_target, prompt, dc.max_new_tokens, dc.greedy, dc.temperature,
-                                    codec.eos_ids, gen)
+                b = serve_baseline(prompt)
                 row.update(baseline_decode_s=round(b.total_s - b.prefill_s, 6),
                            baseline_prefill_s=round(b.prefill_s, 6), baseline_tokens=len(b.tokens),
                            baseline_same_tokens=b.tokens == g.tokens)
@@ -375,11 +433,12 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
                 row["label_s"] = round(distiller.label_s - l0, 6)
                 upd = distiller.request_done(sample)
                 if upd is not None:
-                    sync_serving()
+                    sync = publish()
                     n_updates = upd.update
                     row["train_s"] = round(upd.train_s, 6)
+                    row["sync_s"] = sync["sync_s"]
                     row["update"] = upd.update
-                    upd_rows.append({**upd.__dict__, "phase": r.phase,
+                    upd_rows.append({**upd.__dict__, "phase": r.phase, **sync,
                                      "time_s": round(time.perf_counter() - clock0, 6)})
                     if upd.update % cfg.eval.every_updates == 0:
                         eval_heldout("online", r.index + 1, upd.update, draft)
@@ -398,6 +457,15 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
             partial = {"name": cfg.name, "partial": True, "requests": len(req_rows), "stopped": "interrupted"}
             write_outputs(RealRunResult(partial, req_rows, step_rows, upd_rows, alpha_rows), out_dir)
         raise
+    finally:
+        sync_records = list(server.publisher.records) if server is not None else []
+        backend_info = server.describe() if server is not None else {"engine": "transformers"}
+        if server is not None:
+            server.close()
+        if workdir is not None:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
 
     stream_s = time.perf_counter() - clock0
 
@@ -409,7 +477,7 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         base = [x for x in rows if x["baseline_decode_s"] != ""]
         spec_tok_s = sum(x["output_tokens"] for x in base) / max(sum(x["decode_s"] for x in base), 1e-9)
         spec_incl = sum(x["output_tokens"] for x in rows) / max(
-            sum(x["decode_s"] + x["train_s"] + x["label_s"] for x in rows), 1e-9)
+            sum(x["decode_s"] + x["train_s"] + x["label_s"] + x["sync_s"] for x in rows), 1e-9)
         base_tok_s = sum(x["baseline_tokens"] for x in base) / max(sum(x["baseline_decode_s"] for x in base), 1e-9)
         all_tok_s = sum(x["output_tokens"] for x in rows) / max(sum(x["decode_s"] for x in rows), 1e-9)
         start_alpha = {a["domain"]: a["alpha_heldout"] for a in alpha_rows
@@ -434,6 +502,7 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
             "draft_pass_s_mean": _mean(draft_pass),
             "verify_pass_s_mean": _mean(verify_pass),
             "train_s": sum(x["train_s"] for x in rows),
+            "sync_s": sum(x["sync_s"] for x in rows),
             "label_s": sum(x["label_s"] for x in rows),
         })
     base_step = [
@@ -461,6 +530,8 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         "target_decode_s_per_token": _mean(base_step),
         "draft_pass_s_mean": _mean(all_draft),
         "c_measured": _mean(all_draft) / _mean(base_step) if base_step else float("nan"),
+        "backend": backend_info,
+        "sync": _sync_summary([u["sync_s"] for u in upd_rows], sync_records),
         "timing_s": {"load": load_s, "heldout_answers": heldout_s, "stream": stream_s,
                      "total": time.perf_counter() - t_run},
     }

@@ -178,13 +178,25 @@ def fit_acceptance(run: RecordedRun, k: int) -> tuple[dict, dict]:
 
 
 # --- the simulated twin of a real run ----------------------------------------------------------------
-def _spec(d: dict, name: str, dtype: str, vocab: int | None = None) -> dict:
-    return {
+GGUF_DTYPES = {"f32": "fp32", "f16": "fp16", "q8_0": "q8_0", "q4_1": "q4_1", "q4_0": "q4_0"}
+
+
+def _spec(d: dict, name: str, dtype: str, vocab: int | None = None, gguf: dict | None = None) -> dict:
+    """The twin's ModelSpec of a recorded model; `gguf` = {layers, head} types when llama.cpp served
+    it (weights in those types, f16 KV cache: llama.cpp's default)."""
+    spec = {
         "name": name, "n_layers": d["layers"], "hidden": d["hidden"], "n_heads": d["heads"],
         "n_kv_heads": d["kv_heads"], "ffn": d["ffn"], "vocab": vocab or d["vocab"],
         "dtype": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32"),
         "tied_embeddings": d.get("tied_embeddings", False),
     }
+    if gguf is not None:
+        spec["dtype"] = GGUF_DTYPES.get(gguf["layers"], "fp16")
+        head = GGUF_DTYPES.get(gguf.get("head") or gguf["layers"], "fp16")
+        if head != spec["dtype"]:
+            spec["head_dtype"] = head
+        spec["kv_dtype"] = "fp16"
+    return spec
 
 
 def twin_trace_rows(requests: list[dict]) -> list[str]:
@@ -208,6 +220,11 @@ def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: P
     train_dtype = cfg["models"]["dtype"]
     dtype = summary.get("serve_dtype") or cfg["models"].get("serve_dtype") or train_dtype
     draft_vocab = summary.get("draft_vocab") or None
+    backend = summary.get("backend") or {}
+    gguf: dict = {}
+    if backend.get("engine") == "llama.cpp":  # served on llama.cpp: the GGUF types price the passes
+        gguf = {"target": {"layers": backend["target_layer_type"], "head": backend.get("head_type")},
+                "draft": {"layers": backend["draft_layer_type"], "head": backend.get("head_type")}}
     doms = sorted({r["domain"] for r in requests})
     atomic_write_text(trace_file, "\n".join(trace_rows or twin_trace_rows(requests)) + "\n")
     # Phases by request index, as the real stream was built.
@@ -225,8 +242,8 @@ def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: P
     return {
         "name": f"twin-{summary['name']}",
         "seed": int(cfg.get("seed", 0)),
-        "models": {"target": _spec(summary["target"], "real-target", dtype),
-                   "draft": _spec(summary["draft"], "real-draft", dtype, draft_vocab)},
+        "models": {"target": _spec(summary["target"], "real-target", dtype, gguf=gguf.get("target")),
+                   "draft": _spec(summary["draft"], "real-draft", dtype, draft_vocab, gguf=gguf.get("draft"))},
         "hardware": {"profile": profile},
         "batching": {"max_batch_size": 1, "chunked_prefill_tokens": None},
         "strategy": "osd",

@@ -100,3 +100,49 @@ def test_quick_cpu_calibration_writes_a_profile_osdsim_run_accepts(tmp_path):
     assert r2.exit_code == 0, r2.output
     assert (tmp_path / "cpu.prev.yaml").is_file()
     assert "cpu.prev.yaml" in r2.output
+
+
+def test_llamacpp_backend_needs_the_cpu(tmp_path):
+    r = invoke("calibrate", "--gpu", "h100", "--backend", "llamacpp", "--out", tmp_path / "x.yaml")
+    assert r.exit_code == 2
+    assert "--backend llamacpp" in one_error_line(r)
+    r = invoke("calibrate", "--gpu", "cpu", "--backend", "vllm", "--out", tmp_path / "x.yaml")
+    assert r.exit_code == 2
+    assert "--backend" in one_error_line(r)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.real
+def test_quick_llamacpp_calibration_writes_a_profile_the_simulator_prices(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    from osdsim.real._deps import MissingDependency
+    from osdsim.real.models import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except MissingDependency as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "cal"
+    r = invoke("calibrate", "--gpu", "cpu", "--backend", "llamacpp", "--quick", "--json", "--out", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    path = out / (doc["profile"].rsplit("/", 1)[-1])
+    assert path.name.startswith("cpu-llamacpp-") and path.is_file() and path.with_suffix(".csv").is_file()
+    prof = yaml.safe_load(path.read_text())
+    assert {"q4_1", "fp32", "bf16"} <= set(prof["peak_flops_per_s"])
+    assert "llama_cpp_python" in prof["provenance"]["versions"]
+    held = doc["heldout_errors"]
+    assert {"decode/q4_1", "verify/q4_1", "all"} <= set(held)
+    assert all(math.isfinite(v["median_ape_pct"]) for v in held.values())
+    # the simulator prices the llama.cpp models with it: a verify pass costs more than a decode step
+    from osdsim.cost.model import CostModel
+    from osdsim.cost.profile import load_profile
+    from osdsim.models import PRESETS
+
+    cm = CostModel(PRESETS["smollm2-135m-q4_1"], load_profile(path))
+    decode = cm.pass_time(1, 1, 200.0, 200.5)[0]
+    verify = cm.pass_time(4, 4, 200.0, 4 * 202.0)[0]
+    assert 0 < decode < verify

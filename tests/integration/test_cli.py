@@ -180,3 +180,20 @@ def test_doctor_reports_capabilities():
     doc = json.loads(r.stdout)
     assert doc["capabilities"]["osdsim run / sweep / plot"] == "yes"
     assert any(c["name"] == "torch" for c in doc["checks"])
+
+
+def test_doctor_says_whether_the_llamacpp_backend_is_available():
+    import importlib.util
+
+    r = invoke("doctor", "--json")
+    assert r.exit_code == 0
+    doc = json.loads(r.stdout)
+    check = next(c for c in doc["checks"] if c["name"] == "llama-cpp-python")
+    cap = doc["capabilities"]["osdsim real (models.backend: llamacpp)"]
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert check["ok"] is False and "unavailable" in check["detail"] and "llamacpp" in check["fix"]
+        assert cap.startswith("no")
+    else:
+        assert check["ok"] is True and "available" in check["detail"]
+        if all(c["ok"] for c in doc["checks"] if c["name"] in ("torch", "transformers", "gguf")):
+            assert cap == "yes"

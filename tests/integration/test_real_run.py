@@ -98,3 +98,55 @@ def test_out_of_memory_keeps_what_was_recorded(tmp_path, monkeypatch):
     rows = list(csv.DictReader((out / "requests.csv").open()))
     assert len(rows) == 5
     assert json.loads((out / "summary.json").read_text())["partial"] is True
+
+
+def test_tiny_osd_run_on_llamacpp_publishes_each_update(tmp_path, monkeypatch):
+    """Serving on llama.cpp, training in PyTorch: the draft is exported and reloaded after every
+    update (timed), greedy speculative output equals llama.cpp's own target-only output."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("OSDSIM_CACHE", str(tmp_path / "cache"))
+    cfg = RealConfig.model_validate({
+        "name": "tiny-llamacpp", "seed": 3, "threads": 1,
+        "models": {"target": "tiny", "draft": "layers:2", "backend": "llamacpp"},
+        "stream": {"domains": ["finance", "gsm8k"], "requests_per_phase": 6, "heldout_per_domain": 3,
+                   "max_prompt_tokens": 300},
+        "decode": {"k": 3, "max_new_tokens": 12},
+        "distill": {"update_interval": 3, "teacher_topk": 16, "positions": "target", "lr": 1e-2},
+        "baseline": {"requests_per_phase": 3},
+    })
+    out = tmp_path / "out"
+    res = run_real(cfg, out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"]["engine"] == "llama.cpp"
+    assert summary["backend"]["target_layer_type"] == "f32" and summary["backend"]["draft_layer_type"] == "f32"
+    assert summary["updates"] == 4
+    sync = summary["sync"]
+    assert sync["n"] == 4 and sync["sync_s_median"] > 0 and sync["export_s_median"] > 0
+    assert sync["reload_s_median"] > 0 and sync["sync_s_p90"] >= sync["sync_s_median"]
+    upd = list(csv.DictReader((out / "updates.csv").open()))
+    assert len(upd) == 4 and all(float(u["sync_s"]) > 0 for u in upd)
+    rows = list(csv.DictReader((out / "requests.csv").open()))
+    base = [r for r in rows if r["baseline_tokens"] != ""]
+    assert len(base) == 6 and all(r["baseline_same_tokens"] == "True" for r in base)
+    assert sum(float(r["sync_s"]) for r in rows) == pytest.approx(sum(float(u["sync_s"]) for u in upd), abs=1e-5)
+    assert res.summary["overall_acceptance"]["proposed"] > 0
+    # the exported GGUFs lived in a temporary directory that is gone after the run
+    from pathlib import Path
+
+    exported = Path(summary["backend"]["target_gguf"])
+    assert exported.name == "target.gguf" and not exported.parent.exists()
+
+
+def test_llamacpp_backend_config_errors():
+    from pydantic import ValidationError
+
+    base = {"models": {"target": "tiny", "backend": "llamacpp"}}
+    with pytest.raises(ValidationError, match="draft_vocab"):
+        RealConfig.model_validate({**base, "models": {**base["models"], "draft_vocab": 512}})
+    with pytest.raises(ValidationError, match="batch 1"):
+        RealConfig.model_validate({**base, "serve": {"rate_per_s": 1.0}})
+    with pytest.raises(ValidationError, match="CPU"):
+        RealConfig.model_validate({**base, "device": "cuda"})
+    with pytest.raises(ValidationError):
+        RealConfig.model_validate({"models": {"backend": "vllm"}})

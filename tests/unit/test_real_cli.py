@@ -68,3 +68,26 @@ def test_device_is_checked_before_any_work():
             resolve_device(torch, "cuda:0")
     with pytest.raises(ValidationError):
         RealConfig(device="gpu")
+
+
+def test_llamacpp_backend_rejects_a_non_llama_gguf_in_one_line(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    model = tmp_path / "phi.gguf"
+    w = gguf.GGUFWriter(str(model), arch="phi2")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path = tmp_path / "s.yaml"
+    path.write_text(f"models: {{target: {model}, backend: llamacpp}}\nstream: {{domains: [gsm8k]}}\n")
+    res = CliRunner().invoke(_app(), [str(path), "--quiet"])
+    assert res.exit_code == 2
+    out = res.output.strip()
+    assert len(out.splitlines()) == 1 and out.startswith("error:")
+    assert "architecture is 'phi2'" in out and "Llama" in out
+    assert "Traceback" not in res.output

@@ -1,0 +1,250 @@
+"""`osdsim calibrate --gpu cpu --backend llamacpp`: price a llama.cpp server (issue 15, item 3).
+
+Measures real passes of the models osdsim real serves on llama.cpp — the packaged SmolLM2-135M GGUF
+(Q4_1 layers, Q8_0 embeddings/head, f16 KV cache) and its 2-layer draft sliced from it byte for byte
+(the untrained layer draft exactly as the run exports it) — at batch 1, the shapes the simulator
+prices: decode (1 token after c cached), verify (k+1 tokens, logits at every position), prefill
+(q tokens, logits at the last), the draft's decode/verify passes. Each pass is llama_decode plus the
+copy of its logits out of llama.cpp (what the server pays). Fitted with the same cost model and
+least-squares fit as `osdsim calibrate` (`fit.fit_passes`), held-out shapes scored apart.
+
+Peaks: the profile carries torch's best fp32/bf16 GEMM here (so transformers-dtype models price too)
+and a `q4_1` peak = max(the fp32 GEMM peak, 1.25 × the best FLOP rate of a measured llama.cpp pass),
+an anchor for η (the fitted efficiencies are relative to it). Bandwidth: best streaming rate (torch).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from osdsim.calibrate.measure import Measurement, Timer
+from osdsim.calibrate.passes import PassShape, shape_row
+from osdsim.errors import InputError
+from osdsim.models import ModelSpec
+
+DTYPE = "q4_1"
+TARGET = "smollm2-135m-q4_1"
+
+
+@dataclass(frozen=True)
+class LPlan:
+    models: dict[str, int]  # model name (a preset or '<preset>-l<N>') -> layers sliced from the GGUF
+    shapes: tuple[PassShape, ...]
+    repeats: int
+
+
+def _grid(model: str, pass_type: str, split: str, contexts, qs) -> list[PassShape]:
+    return [PassShape(model, pass_type, 1, c, q, split) for c in contexts for q in qs]
+
+
+def plan(quick: bool) -> LPlan:
+    """Batch-1 grid (llama.cpp serves one sequence here). Full: the 30-layer target and its 2-layer
+    draft (≈ 1–2 min on one core); quick (tests): 4- and 2-layer slices, a handful of shapes."""
+    if quick:
+        models = {f"{TARGET}-l4": 4, f"{TARGET}-l2": 2}
+        shapes: list[PassShape] = []
+        for m in models:
+            shapes += _grid(m, "decode", "fit", (16, 128), (1,))
+            shapes += _grid(m, "verify", "fit", (64,), (3, 6))
+            shapes += _grid(m, "prefill", "fit", (0,), (16, 64))
+            shapes += _grid(m, "decode", "heldout", (64,), (1,))
+            shapes += _grid(m, "verify", "heldout", (64,), (4,))
+        return LPlan(models, tuple(shapes), 3)
+    models = {TARGET: 30, f"{TARGET}-l2": 2}
+    shapes = []
+    for m in models:
+        shapes += _grid(m, "decode", "fit", (32, 256, 1024), (1,))
+        shapes += _grid(m, "verify", "fit", (128,), (2, 3, 5, 9))
+        shapes += _grid(m, "verify", "fit", (768,), (3, 5))
+        shapes += _grid(m, "prefill", "fit", (0,), (16, 64, 256))
+        shapes += _grid(m, "prefill", "fit", (256,), (64,))
+        shapes += _grid(m, "decode", "heldout", (128, 512), (1,))
+        shapes += _grid(m, "verify", "heldout", (384,), (4, 6))
+        shapes += _grid(m, "verify", "heldout", (64,), (7,))
+        shapes += _grid(m, "prefill", "heldout", (0,), (32, 128))
+    return LPlan(models, tuple(shapes), 9)
+
+
+def spec_of(name: str) -> ModelSpec:
+    from osdsim.calibrate.fit import spec_for
+
+    return spec_for(name, DTYPE)
+
+
+def build_models(gguf_path: Path, lplan: LPlan, workdir: Path, threads: int, n_ctx: int) -> dict[str, Any]:
+    from osdsim.real.llamacpp import LlamaCppLM, open_reader, read_base, slice_gguf
+
+    reader = open_reader(gguf_path)
+    base = read_base(gguf_path, reader)
+    if base.layer_type != DTYPE:
+        raise InputError(f"{gguf_path.name}: layers are {base.layer_type}, the llamacpp calibration prices {DTYPE}")
+    out: dict[str, Any] = {}
+    for name, layers in lplan.models.items():
+        path = (gguf_path if layers == base.n_layers
+                else slice_gguf(gguf_path, layers, workdir / f"{name}.gguf", reader))
+        out[name] = LlamaCppLM(path, n_ctx=n_ctx, threads=threads)
+    return out
+
+
+def measure(models: dict[str, Any], lplan: LPlan, tick=None, seed: int = 0) -> list[Measurement]:
+    """Sweep the grid `repeats` times after a warm-up sweep, one call per shape per sweep (load that
+    comes and goes spreads over all shapes), median per shape. Within a sweep shapes run in order of
+    context per model, so each context is built by extending (untimed) the one before."""
+    rng = np.random.default_rng(seed)
+    order = sorted(range(len(lplan.shapes)), key=lambda i: (lplan.shapes[i].model, lplan.shapes[i].context))
+    times: list[list[float]] = [[] for _ in lplan.shapes]
+    for sweep in range(lplan.repeats + 1):
+        for lm in models.values():
+            lm.reset()
+        for i in order:
+            shape = lplan.shapes[i]
+            lm = models[shape.model]
+            vocab = lm.n_vocab
+            if lm.n_past > shape.context:
+                lm.truncate(shape.context)
+            if lm.n_past < shape.context:
+                lm.feed([int(x) for x in rng.integers(3, vocab, shape.context - lm.n_past)], all_logits=False)
+            ids = [int(x) for x in rng.integers(3, vocab, shape.q)]
+            all_logits = shape.pass_type != "prefill"
+            t0 = time.perf_counter()
+            lm.feed(ids, all_logits=all_logits)
+            dt = time.perf_counter() - t0
+            lm.truncate(shape.context)
+            if sweep:
+                times[i].append(dt)
+        if tick is not None:
+            tick(f"llama.cpp passes: sweep {sweep}/{lplan.repeats}")
+    return [shape_row(spec_of(s.model), s, t) for s, t in zip(lplan.shapes, times, strict=True)]
+
+
+def _micro(torch: Any, threads: int) -> list[Measurement]:
+    """torch's GEMM peaks (fp32, bf16) and streaming bandwidth on this CPU (the profile's anchors)."""
+    from osdsim.calibrate import micro
+
+    torch.set_num_threads(threads)
+    timer = Timer(torch, "cpu", 5, warmup=1, budget_s=0.5)
+    rows = [micro.copy_bandwidth(torch, timer, "cpu", 256 << 20), micro.read_bandwidth(torch, timer, "cpu", 256 << 20),
+            micro.gemv_bandwidth(torch, timer, "cpu", "fp32", 256 << 20)]
+    for dtype in ("fp32", "bf16"):
+        for t in (64, 256):
+            rows.append(micro.gemm(torch, timer, "cpu", dtype, t, 576, 1536))
+    return rows
+
+
+def torch_profile_for(name: str) -> Any:
+    """The shipped torch profile of the same CPU (cpu-<slug>.yaml for cpu-llamacpp-<slug>), or None."""
+    from osdsim.cost.profile import calibration_dir, load_profile
+
+    if not name.startswith("cpu-llamacpp-"):
+        return None
+    path = calibration_dir() / f"cpu-{name[len('cpu-llamacpp-'):]}.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return load_profile(path)
+    except InputError:
+        return None
+
+
+def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=None, total=None) -> Any:
+    """Measure, fit and build the profile (nothing written here). Returns run.Outcome.
+
+    When the torch profile of this CPU is shipped (cpu-<slug>.yaml), its fp32/bf16 peaks, bandwidth
+    and efficiency blocks are carried over, so one profile prices both what runs in PyTorch (the
+    draft's training steps, fp32) and what llama.cpp serves (q4_1); else they are measured here."""
+    from datetime import datetime, timezone
+
+    from osdsim.calibrate.fit import fit_passes
+    from osdsim.calibrate.run import Outcome, _load_average, detect, import_torch, versions
+    from osdsim.cost.profile import SCHEMA_VERSION, HardwareProfile, Provenance
+    from osdsim.real.llamacpp import require_llama_cpp
+    from osdsim.real.models import smollm2_gguf_path
+
+    t0 = time.perf_counter()
+    load_start = _load_average()
+    llama_cpp = require_llama_cpp()
+    torch = import_torch()
+    lplan = plan(quick)
+    if total is not None:
+        total(lplan.repeats + 3)
+    tick = tick or (lambda _msg: None)
+    gguf_path = smollm2_gguf_path()
+    info = detect(torch, "cpu", threads)
+    torch_prof = torch_profile_for(name)
+    rows = [] if torch_prof is not None else _micro(torch, threads)
+    tick("GEMM peaks and bandwidth (torch)")
+    with tempfile.TemporaryDirectory(prefix="osdsim-cal-llamacpp-") as tmp:
+        max_ctx = max(s.context + s.q for s in lplan.shapes) + 8
+        models = build_models(gguf_path, lplan, Path(tmp), threads, max_ctx)
+        try:
+            rows += measure(models, lplan, tick)
+        finally:
+            for lm in models.values():
+                lm.close()
+    if torch_prof is not None:
+        gemm_peak = {d: v for d, v in torch_prof.peak_flops_per_s.items() if d != DTYPE}
+        bandwidth = torch_prof.memory_bandwidth_bytes_per_s
+        carried = {d: torch_prof.efficiency_for(d) for d in gemm_peak}
+        anchor = (f"peak_flops_per_s.{'/'.join(gemm_peak)}, the memory bandwidth and the "
+                  f"{'/'.join(carried)} efficiencies (PyTorch: the draft's training) are carried over from "
+                  f"the torch profile {torch_prof.name}.yaml of this CPU")
+    else:
+        gemm_peak = {d: max(r.rate for r in rows if r.kind == "gemm" and r.dtype == d) for d in ("fp32", "bf16")}
+        bandwidth = max(r.rate for r in rows if r.kind == "bandwidth")
+        carried = {}
+        anchor = ("peak_flops_per_s.fp32/bf16 = best torch GEMM here, memory bandwidth = best torch streaming "
+                  "rate (no torch profile of this CPU shipped: fp32/bf16 passes fall back to the q4_1 efficiency)")
+    from osdsim.calibrate.fit import pass_terms
+
+    passes = [r for r in rows if r.kind == "pass"]
+    flops = pass_terms(passes, {DTYPE: 1.0}, bandwidth).flops
+    best_rate = float(max(f / r.median_s for f, r in zip(flops, passes, strict=True)))
+    peaks = {**gemm_peak, DTYPE: max(gemm_peak["fp32"], 1.25 * best_rate)}
+    decode_target = [r.median_s for r in passes if r.pass_type == "decode" and r.n_layers == max(lplan.models.values())]
+    fit = fit_passes(rows, peaks, bandwidth, overhead_guess_s=20e-6)
+    tick("fit")
+    wall_s = time.perf_counter() - t0
+    lc_version = str(getattr(llama_cpp, "__version__", "?"))
+    notes = (
+        f"Measured by osdsim calibrate --backend llamacpp ({'quick' if quick else 'full'} grid, {len(fit.rows)} "
+        f"real llama.cpp passes at batch 1 of {', '.join(lplan.models)}: the packaged {gguf_path.name} and "
+        f"slices of its first layers copied byte for byte; llama-cpp-python {lc_version}, {threads} thread(s), "
+        f"f16 KV cache; each pass = llama_decode + copying its logits out). Dtype {DTYPE}: Q4_1 layers, Q8_0 "
+        f"embeddings/head (ModelSpec head_dtype), activations fp32. {anchor}; peak_flops_per_s.{DTYPE} = "
+        f"max(fp32 peak, 1.25 x the best llama.cpp pass rate {best_rate / 1e9:.1f} GFLOP/s), an anchor for the "
+        f"fitted efficiencies; memory bandwidth {bandwidth / 1e9:.1f} GB/s. `efficiency` is {DTYPE} (llama.cpp). "
+        f"Target decode step median "
+        f"{statistics.median(decode_target) * 1e3 if decode_target else float('nan'):.2f} ms. Efficiencies fitted "
+        f"by least squares on log time of the 'fit' passes; fit_errors are on held-out shapes. Wall time "
+        f"{wall_s:.0f} s; 1-minute load average {load_start} at start, {_load_average()} at end."
+    )
+    eff = fit.efficiency[DTYPE]
+    vers = versions(torch, "cpu")
+    vers["llama_cpp_python"] = lc_version
+    profile = HardwareProfile(
+        schema_version=SCHEMA_VERSION, name=name,
+        device=info.describe().replace("torch threads", "threads") + ", llama.cpp",
+        peak_flops_per_s=peaks, memory_bandwidth_bytes_per_s=bandwidth, memory_bytes=info.memory_bytes,
+        interconnect_bandwidth_bytes_per_s=bandwidth, efficiency=eff, efficiency_by_dtype=carried,
+        provenance=Provenance(
+            source="measured", measured_on=info.describe(),
+            date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), command=command,
+            efficiencies_are_defaults=False, notes=notes, versions=vers,
+        ),
+        fit_errors=fit.heldout,
+    )
+    return Outcome(profile, rows, fit, wall_s)
+
+
+def profile_name(torch_profile_name: str) -> str:
+    """cpu-llamacpp-<cpu slug> (the torch profile of the same CPU is cpu-<cpu slug>)."""
+    base = torch_profile_name
+    return "cpu-llamacpp-" + base[len("cpu-"):] if base.startswith("cpu-") else f"{base}-llamacpp"
+

@@ -1,0 +1,231 @@
+"""The llama.cpp backend on tiny random Llamas: GGUF export (layout, q/k permutation: llama.cpp's
+logits equal the PyTorch model's), KV rollback, greedy exactness and full acceptance of speculative
+decoding on llama.cpp, and the one-line errors (non-Llama GGUF, vocabulary mismatch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from osdsim.errors import InputError  # noqa: E402
+from osdsim.real import llamacpp as L  # noqa: E402
+from osdsim.real.models import layer_draft, tiny_llama  # noqa: E402
+from osdsim.real.specdec import DecodeParams  # noqa: E402
+
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_torch_thread")]
+
+PROMPTS = [[1, 40, 41, 42, 43], [1, 200, 7, 99, 300, 12, 5, 77], [1, 9]]
+
+
+def _needs_llama_cpp():
+    return pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(seed=3, num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "target.gguf"
+    L.export_gguf(tiny, path, "f32")
+    return path
+
+
+def _torch_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+
+
+def test_export_writes_llama_layout(tiny, tiny_gguf):
+    r = gguf.GGUFReader(str(tiny_gguf))
+    names = {t.name for t in r.tensors}
+    assert "token_embd.weight" in names and "output_norm.weight" in names
+    assert "output.weight" not in names  # tied: llama.cpp reuses the embeddings
+    for i in range(4):
+        for part in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate",
+                     "ffn_up", "ffn_down"):
+            assert f"blk.{i}.{part}.weight" in names
+    assert r.fields["llama.block_count"].contents() == 4
+    assert r.fields["llama.vocab_size"].contents() == 512
+    # the K rows are permuted (rotary halves -> pairs): not the HF matrix, but the same rows
+    k = next(t for t in r.tensors if t.name == "blk.0.attn_k.weight")
+    hf = tiny.model.layers[0].self_attn.k_proj.weight.numpy()
+    got = np.array(k.data).reshape(hf.shape)
+    assert not np.allclose(got, hf)
+    assert np.allclose(got, L.permute_qk(hf, 2))
+    assert np.allclose(np.sort(got, axis=0), np.sort(hf, axis=0))
+
+
+def test_base_must_be_llama(tmp_path):
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(path), arch="gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(InputError, match="architecture is 'gpt2'"):
+        L.read_base(path)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(InputError, match="not a readable GGUF"):
+        L.read_base(tmp_path / "junk.gguf")
+
+
+def test_draft_vocabulary_must_match_the_target(tiny_gguf):
+    base = L.read_base(tiny_gguf)
+    assert base.vocab == 512 and base.n_layers == 4 and base.layer_type == "f32"
+    other = tiny_llama(seed=1, num_layers=2, vocab_size=640)
+    with pytest.raises(InputError, match="vocabulary"):
+        L.export_gguf(other, tiny_gguf.parent / "bad.gguf", base=base)
+    assert not (tiny_gguf.parent / "bad.gguf").exists()
+    assert not list(tiny_gguf.parent.glob(".bad.gguf.*"))  # no temp file left behind
+
+
+def test_failed_export_is_one_line_and_leaves_nothing(tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="GGUF export to .* failed"):
+        L.export_gguf(tiny, blocker / "sub" / "x.gguf", "f32")
+    with pytest.raises(InputError, match="layer type"):
+        L.export_gguf(tiny, tmp_path / "y.gguf", "q3_k")
+
+
+@pytest.mark.parametrize("layer_type,tol", [("f32", 2e-3), ("f16", 3e-2)])
+def test_llamacpp_logits_match_pytorch(tiny, tmp_path, layer_type, tol):
+    _needs_llama_cpp()
+    path = tmp_path / f"t-{layer_type}.gguf"
+    L.export_gguf(tiny, path, layer_type)
+    lm = L.LlamaCppLM(path, n_ctx=256)
+    try:
+        for ids in PROMPTS:
+            lm.reset()
+            got = lm.feed(ids, all_logits=True)
+            want = _torch_logits(tiny, ids)
+            scale = np.abs(want).max()
+            assert np.abs(got - want).max() <= tol * scale, layer_type
+            assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+    finally:
+        lm.close()
+
+
+def test_layer_draft_exported_against_the_target_gguf(tiny, tiny_gguf, tmp_path):
+    """The draft's own layers from PyTorch, the target's embeddings/norm copied from its GGUF."""
+    _needs_llama_cpp()
+    draft = layer_draft(tiny, 2)
+    with torch.no_grad():  # a trained draft differs from the target's layers
+        draft.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    path = tmp_path / "draft.gguf"
+    rec = L.export_gguf(draft, path, base=L.read_base(tiny_gguf))
+    assert rec.layer_type == "f32" and rec.bytes == path.stat().st_size
+    lm = L.LlamaCppLM(path, n_ctx=256)
+    try:
+        ids = PROMPTS[1]
+        got = lm.feed(ids)
+        want = _torch_logits(draft, ids)
+        assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+    finally:
+        lm.close()
+
+
+def test_truncate_rolls_back_the_kv_cache(tiny_gguf):
+    _needs_llama_cpp()
+    lm = L.LlamaCppLM(tiny_gguf, n_ctx=256)
+    try:
+        fresh = lm.feed([1, 5, 6, 7, 8, 9])
+        lm.reset()
+        lm.feed([1, 5, 6])
+        lm.feed([100, 101, 102])  # rejected continuation
+        lm.truncate(3)
+        assert lm.n_past == 3
+        again = lm.feed([7, 8, 9])
+        assert np.allclose(again, fresh[3:], atol=1e-4 * np.abs(fresh).max())
+    finally:
+        lm.close()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_speculative_equals_target_greedy_on_llamacpp(tiny, tiny_gguf, tmp_path, k):
+    _needs_llama_cpp()
+    target = L.LlamaCppLM(tiny_gguf, n_ctx=512)
+    dpath = tmp_path / "draft.gguf"
+    L.export_gguf(layer_draft(tiny, 2), dpath, base=L.read_base(tiny_gguf))
+    draft = L.LlamaCppLM(dpath, n_ctx=512)
+    try:
+        params = DecodeParams(k=k, greedy=True, max_new_tokens=40, positions="target", teacher_topk=8)
+        proposed = accepted = 0
+        for ids in PROMPTS:
+            base = L.target_generate_llamacpp(target, ids, 40)
+            spec = L.speculative_generate_llamacpp(target, draft, ids, params)
+            assert spec.tokens == base.tokens
+            assert len(spec.tokens) == 40
+            assert sum(s.emitted for s in spec.steps) == 40
+            proposed += sum(s.proposed for s in spec.steps)
+            accepted += sum(s.accepted for s in spec.steps)
+            assert spec.teacher is not None and spec.teacher.index.shape[1] == 8
+        assert proposed > 0 and 0 < accepted < proposed  # both branches of the rollback ran
+    finally:
+        target.close()
+        draft.close()
+
+
+def test_self_draft_accepts_everything_greedy_and_sampling(tiny_gguf):
+    """Draft = target: every drafted token is accepted (p = q), greedy and under rejection sampling."""
+    _needs_llama_cpp()
+    target = L.LlamaCppLM(tiny_gguf, n_ctx=512)
+    draft = L.LlamaCppLM(tiny_gguf, n_ctx=512)
+    try:
+        for greedy in (True, False):
+            gen = torch.Generator().manual_seed(0)
+            params = DecodeParams(k=4, greedy=greedy, temperature=1.0, max_new_tokens=30)
+            out = L.speculative_generate_llamacpp(target, draft, PROMPTS[0], params, generator=gen)
+            full = [s for s in out.steps if s.proposed == 4]
+            assert full and all(s.accepted == 4 for s in full)
+            assert len(out.tokens) == 30
+    finally:
+        target.close()
+        draft.close()
+
+
+def test_publisher_exports_reloads_and_times(tiny, tiny_gguf, tmp_path):
+    _needs_llama_cpp()
+    draft = layer_draft(tiny, 2)
+    pub = L.DraftPublisher(tmp_path / "work", L.read_base(tiny_gguf), None, threads=1, n_ctx=256)
+    try:
+        pub.publish(draft)
+        before = pub.lm.feed(PROMPTS[0])
+        with torch.no_grad():
+            draft.model.layers[0].self_attn.o_proj.weight.mul_(-1.0)
+        pub.publish(draft)
+        after = pub.lm.feed(PROMPTS[0])
+        assert not np.allclose(before, after)  # the server serves the updated weights
+        assert np.abs(after - _torch_logits(draft, PROMPTS[0])).max() <= 2e-3 * np.abs(after).max()
+        s = L.sync_summary(pub.records)
+        assert s["n"] == 2 and s["sync_s_median"] > 0 and s["sync_s_p90"] >= s["sync_s_median"] * 0.5
+        assert s["export_s_median"] > 0 and s["reload_s_median"] > 0
+    finally:
+        pub.close()
+
+
+def test_an_unloadable_llama_cpp_is_reported_unavailable(monkeypatch):
+    """A failed build / missing library: the backend says so in one line; doctor marks it unavailable."""
+    import sys
+
+    from osdsim import doctor
+    from osdsim.real._deps import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    ok, why = L.available()
+    assert ok is False and "llama_cpp" in why
+    with pytest.raises(MissingDependency, match=r"llamacpp.*extra"):
+        L.require_llama_cpp()
+    check = next(c for c in doctor.checks() if c.name == "llama-cpp-python")
+    assert check.ok is False and "unavailable" in check.detail and check.fix
+    caps = doctor.capabilities(doctor.checks())
+    assert caps["osdsim real (models.backend: llamacpp)"].startswith("no")
+    assert caps["osdsim run / sweep / plot"] == "yes"  # everything else keeps working
