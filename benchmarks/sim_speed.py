@@ -8,7 +8,8 @@ Then the operating point of issue 14: 1.0 request/s per replica with the request
 Splitwise conversation trace (Vidur's processed_traces/splitwise_conv.csv, read from
 ../shared/vidur-data/processed_traces or --trace-dir; skipped with a message when absent).
 Each configuration runs in a fresh subprocess (so peak RSS is its own), end to end: scenario
-load, simulation, and results written to disk (Parquet + summary.json; no plots).
+load, simulation, and results written to disk (Parquet + summary.json; no plots); "cpu req/s"
+counts the child's CPU time instead of wall time (steadier on a shared machine).
 
     python benchmarks/sim_speed.py [--requests 10000] [--repeats 3] [--rate-per-replica 0.6]
                                    [--only splitwise] [--baseline-src DIR]
@@ -54,6 +55,7 @@ BASE = {
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
+c0 = time.process_time()
 from osdsim.api import compare
 from osdsim.report.writers import write_output
 from osdsim.scenario import scenario_from_dict
@@ -66,7 +68,7 @@ write_output(cmp, out, fmt="parquet", plots=False)
 t3 = time.perf_counter()
 res = next(iter(cmp.results.values()))
 events = len(res.iterations) + 2 * len(res.requests)  # iterations + arrivals + finishes
-print(json.dumps({"wall_s": t3 - t0, "sim_s": t2 - t1, "write_s": t3 - t2, "events": events,
+print(json.dumps({"wall_s": t3 - t0, "cpu_s": time.process_time() - c0, "sim_s": t2 - t1, "write_s": t3 - t2, "events": events,
                   "finished": res.summary["requests"]["finished"], "mean_batch": res.summary["utilisation"]["mean_batch"],
                   "busy": res.summary["utilisation"]["busy_fraction"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -162,15 +164,16 @@ def main() -> None:
         for label, _ in sources:
             rr = runs[label]
             wall = statistics.median(r["wall_s"] for r in rr)
+            cpu = statistics.median(r["cpu_s"] for r in rr)
             r0 = rr[0]
-            rows.append((label + name, replicas, r0["finished"], wall, r0["finished"] / wall,
+            rows.append((label + name, replicas, r0["finished"], wall, r0["finished"] / wall, r0["finished"] / cpu,
                          r0["events"] / statistics.median(r["sim_s"] for r in rr),
                          max(r["peak_rss_mb"] for r in rr), r0["mean_batch"], r0["busy"]))
     tmp_lengths.cleanup()
-    print(f"{'strategy':<24}{'replicas':>9}{'requests':>10}{'wall s':>9}{'req/s':>9}{'events/s':>10}"
+    print(f"{'strategy':<24}{'replicas':>9}{'requests':>10}{'wall s':>9}{'req/s':>9}{'cpu req/s':>10}{'events/s':>10}"
           f"{'peak MB':>9}{'batch':>7}{'busy':>6}")
-    for s, rep, n, wall, rps, eps, mem, batch, busy in rows:
-        print(f"{s:<24}{rep:>9}{n:>10}{wall:>9.2f}{rps:>9.0f}{eps:>10.0f}{mem:>9.0f}{batch:>7.1f}{busy:>6.2f}")
+    for s, rep, n, wall, rps, cps, eps, mem, batch, busy in rows:
+        print(f"{s:<24}{rep:>9}{n:>10}{wall:>9.2f}{rps:>9.0f}{cps:>10.0f}{eps:>10.0f}{mem:>9.0f}{batch:>7.1f}{busy:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -186,10 +186,23 @@ def resolve_profile_path(name_or_path: str, base_dir: Path | None = None) -> Pat
     )
 
 
+_FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _safe_load(text: str):
+    """yaml.safe_load, parsed by libyaml when present (the same resolver and constructor, so the same
+    objects, several times faster); its error messages differ, so a bad file is parsed again by the
+    Python parser for the message."""
+    try:
+        return yaml.load(text, Loader=_FAST_LOADER)
+    except yaml.YAMLError:
+        return yaml.safe_load(text)
+
+
 def load_profile(path: Path) -> HardwareProfile:
     """Read and validate a profile YAML; bad files raise InputError naming file and field."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = _safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise InputError(f"{path}: profile file not found") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

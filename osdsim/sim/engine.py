@@ -380,8 +380,11 @@ def _run_until_done(env: simpy.Environment, scenario: Scenario, req: Requests, t
     else:
         if scenario.router == "round-robin" or len(replicas) == 1:  # routing known ahead (_route)
             rids = np.arange(n_req)
+            # With no time limit, only the arrivals steer a replica (Replica._chain needs their instants).
+            clock = _arrival_instants(req.arrival_s) if scenario.limits.max_sim_time_s is None else None
             for r, rep in enumerate(replicas):
-                rep.know_arrivals(req.arrival_s[r::len(replicas)], rids[r::len(replicas)])
+                sl = slice(r, None, len(replicas))
+                rep.know_arrivals(req.arrival_s[sl], rids[sl], None if clock is None else clock[sl])
         env.process(_arrivals(env, req.arrival_s, replicas, scenario.router, route_rng))
     if n_req == 0:
         all_done.succeed()
@@ -410,6 +413,20 @@ def _arrivals(env: simpy.Environment, times: np.ndarray, replicas: list[Replica]
             yield env.timeout(at - now)
             now = at
         _route(rid, replicas, router, rng).submit(rid)
+
+
+def _arrival_instants(times: np.ndarray) -> np.ndarray:
+    """The clock's instants when _arrivals submits each request: it sleeps the gaps between distinct
+    times, and the clock adds each sleep to itself, so the instants may differ from `times` in the
+    last bits (Replica._chain checks each against the instant its arrival came at)."""
+    out = np.empty(times.size)
+    now = clock = 0.0
+    for i, at in enumerate(times.tolist()):
+        if at > now:
+            clock = clock + (at - now)  # Environment.timeout: now + delay
+            now = at
+        out[i] = clock
+    return out
 
 
 def _route(rid: int, replicas: list[Replica], router: str, rng) -> Replica:

@@ -10,15 +10,18 @@ Admission is FCFS, limited by `max_batch_size` and KV capacity; a request reserv
 prompt + output (+ k look-ahead slots) on admission, so there is no preemption.
 The running batch is kept as arrays (struct of arrays) so an iteration costs O(1) numpy calls.
 
-There is one iteration path, Replica._stretch: it plans m ≥ 1 iterations (prefill chunks are
+The general iteration path is Replica._stretch: it plans m ≥ 1 iterations (prefill chunks are
 deterministic, acceptances are drawn at once when the law can draw a stretch), prices them with
-one pass_times call per batch shape, and applies them at once; m = 1 is the same code.
+one pass_times call per batch shape, and applies them at once; m = 1 is the same code. When only
+the (known) arrivals can change what a replica does, Replica._chain runs its iterations back to
+back across finishes and admissions, with the same results (docs/architecture.md, "Chains").
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +29,7 @@ import simpy
 
 from osdsim.cost.model import CostModel
 from osdsim.sim.distill import Distiller
-from osdsim.sim.placement import Placement
+from osdsim.sim.placement import NoTraining, Placement
 from osdsim.specdec import optimal_k
 
 # Shortest stretch worth planning: below it, drawing and pricing ahead (and rewinding the
@@ -44,6 +47,12 @@ MACRO_LEN_KEEP = 0.8
 # rows only cost one more stretch; too many are planned, drawn and priced for nothing).
 ROW_S_MARGIN = 0.9
 ROW_EXTRA = 2
+# Iterations one chain (see Replica._chain) may run before the clock catches up with it: bounds what
+# it holds back (done counts for progress, arrivals taken ahead) without costing noticeable events.
+CHAIN_MAX_ROWS = 1024
+# Exp(1) values drawn at least at once when the stream must be drawn further (the rest wait, so a
+# stretch or run asking for a few more does not copy what is waiting each time).
+EXP_BLOCK = 4096
 
 
 @dataclass
@@ -73,11 +82,11 @@ class RequestTable:
         self.admitted = np.full(n, np.nan)
         self.first_token = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
-        self.steps = np.zeros(n, dtype=np.int64)  # decode iterations (spec steps)
-        self.accepted = np.zeros(n, dtype=np.int64)  # accepted draft tokens
-        self.proposed = np.zeros(n, dtype=np.int64)  # drafted tokens
-        self.rejections = np.zeros(n, dtype=np.int64)  # steps ending in a rejection (a < k)
-        self.emitted = np.zeros(n, dtype=np.int64)  # output tokens emitted so far
+        # Outcome counters, one row each (views of one array, so a finish copies a replica's in one go):
+        # decode iterations (spec steps), accepted draft tokens, drafted tokens, steps ending in a
+        # rejection (a < k), output tokens emitted.
+        self.counters = np.zeros((5, n), dtype=np.int64)
+        self.steps, self.accepted, self.proposed, self.rejections, self.emitted = self.counters
         self.alpha_model = np.full(n, np.nan)  # the draft's α for this request at its first step
         self.rejected = np.zeros(n, dtype=bool)  # can never fit in KV capacity
         self.done = 0
@@ -97,7 +106,7 @@ AGG_COLUMNS = ("duration_s", "flops", "bytes", "emitted_tokens", "spare_flops", 
 
 
 class IterationLog:
-    """Per-iteration records of one replica (one tuple per iteration; a DataFrame at the end)."""
+    """Per-iteration records of one replica, kept as one list per field (a DataFrame at the end)."""
 
     FIELDS = (
         "t_s", "duration_s", "decode_seqs", "prefill_tokens", "emitted_tokens", "k",
@@ -105,17 +114,25 @@ class IterationLog:
     )
 
     def __init__(self) -> None:
-        self.rows: list[tuple] = []
-        self.add = self.rows.append  # one list append per iteration (hot path)
-        self.extend = self.rows.extend  # the iterations of one stretch
+        self.cols: tuple[list, ...] = tuple([] for _ in self.FIELDS)
+
+    def add(self, rec: tuple) -> None:
+        """One iteration (a value per field)."""
+        for col, v in zip(self.cols, rec, strict=True):
+            col.append(v)
+
+    def extend(self, *cols) -> None:
+        """The iterations of one stretch: a sequence per field (no tuple per iteration to build)."""
+        for col, vals in zip(self.cols, cols, strict=True):
+            col.extend(vals)
 
     def frame(self):
         import pandas as pd
 
-        if self.rows:  # column by column (from_records goes through object arrays)
-            df = pd.DataFrame({f: np.array(col) for f, col in zip(self.FIELDS, zip(*self.rows, strict=True), strict=True)})
+        if self.cols[0]:  # column by column (from_records goes through object arrays)
+            df = pd.DataFrame({f: np.array(col) for f, col in zip(self.FIELDS, self.cols, strict=True)})
         else:
-            df = pd.DataFrame.from_records(self.rows, columns=list(self.FIELDS))
+            df = pd.DataFrame.from_records([], columns=list(self.FIELDS))
         serve = (df["kind"] == "serve").to_numpy()
         n = df["decode_seqs"].to_numpy(dtype=float)
         alpha = df["alpha_mean"].to_numpy(dtype=float)
@@ -135,8 +152,8 @@ class BinnedIterationLog:
         self.width = width_s
         self.bins: dict[int, list[float]] = {}
 
-    def extend(self, recs) -> None:
-        for rec in recs:
+    def extend(self, *cols) -> None:
+        for rec in zip(*cols, strict=True):
             self.add(rec)
 
     def add(self, rec: tuple) -> None:
@@ -168,6 +185,38 @@ class BinnedIterationLog:
         df.insert(0, "t_s", np.asarray(keys, dtype=float) * self.width)
         df["kind"] = "bin"
         return df
+
+
+def _prefill_row(active: list[int], left: list[int], ctxs: list[int], budget: float) -> tuple[int, int, float, list]:
+    """One iteration's prefill chunks: FIFO over the prompts still prefilling (`active`, indices into
+    `left` and `ctxs`, which it advances) within the token budget left after decode/verify. Returns
+    the prefill tokens, the context sum of the chunked prompts, their attention pairs (a sum of ≤ 7
+    terms added left to right, as numpy does; longer ones by numpy) and (index, chunk) pairs."""
+    tok = c_sum = 0
+    pairs = 0.0
+    got = []
+    if active and budget > 0:
+        before = 0
+        terms = []
+        for p in active:
+            lp = left[p]
+            x = budget - before
+            before += lp
+            al = 0 if x <= 0 else (lp if x >= lp else int(x))
+            terms.append(al * (ctxs[p] + al / 2.0))
+            if al:
+                tok += al
+                c_sum += ctxs[p]
+                left[p] = lp - al
+                ctxs[p] += al
+                got.append((p, al))
+        if tok:
+            if len(terms) <= 7:
+                for t in terms:
+                    pairs += t
+            else:
+                pairs = float(np.add.reduce(np.array(terms)))
+    return tok, c_sum, pairs, got
 
 
 class Replica:
@@ -205,20 +254,13 @@ class Replica:
         self._k_cache: dict[tuple[int, int, int], int] = {}
         cap = cfg.max_batch
         self.n = 0
-        self.rid = np.zeros(cap, dtype=np.int64)
-        self.ctx = np.zeros(cap, dtype=np.int64)  # tokens with KV (prefilled prompt + generated)
-        self.pf_left = np.zeros(cap, dtype=np.int64)  # prompt tokens not yet prefilled
-        self.out_left = np.zeros(cap, dtype=np.int64)  # output tokens still to emit
-        self.dom = np.zeros(cap, dtype=np.int64)
-        self.kv_res = np.zeros(cap, dtype=np.int64)
-        # Per-slot outcome counters, copied to the request table when the request finishes.
-        self.s_steps = np.zeros(cap, dtype=np.int64)
-        self.s_accepted = np.zeros(cap, dtype=np.int64)
-        self.s_proposed = np.zeros(cap, dtype=np.int64)
-        self.s_rejections = np.zeros(cap, dtype=np.int64)
-        self.s_emitted = np.zeros(cap, dtype=np.int64)
-        self._slot_arrays = (self.rid, self.ctx, self.pf_left, self.out_left, self.dom, self.kv_res,
-                             self.s_steps, self.s_accepted, self.s_proposed, self.s_rejections, self.s_emitted)
+        # One row per slot field (views of one array: removing finished slots is one copy).
+        self._slots = np.zeros((11, cap), dtype=np.int64)
+        (self.rid, self.ctx, self.pf_left, self.out_left, self.dom, self.kv_res,
+         self.s_steps, self.s_accepted, self.s_proposed, self.s_rejections, self.s_emitted) = self._slots
+        # ctx: tokens with KV (prefilled prompt + generated); pf_left: prompt tokens not yet prefilled;
+        # out_left: output tokens still to emit. The s_* outcome counters (RequestTable.counters' order)
+        # are copied to the request table when the request finishes.
         self.n_prefill = 0  # running sequences still prefilling
         self.spec = cfg.draft_cost is not None
         self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
@@ -238,11 +280,28 @@ class Replica:
         # Exp(1) values of the random stream drawn ahead of its position (a stretch draws all the rows
         # it plans; those it does not run stay here for the next one instead of being rewound).
         self._exp = np.empty(0)
+        # Chains (see _chain): the exact clock instants of this replica's arrivals when its whole future
+        # is determined by them (None: no chains), how many of them have been submitted, and the done
+        # counts a running chain holds back until the clock reaches its end.
+        self._ahead_clock: list[float] | None = None
+        self._ahead_rid_list: list[int] = []
+        self._submitted = 0
+        self._done_later: list[int] | None = None
 
-    def know_arrivals(self, times: np.ndarray, rids: np.ndarray) -> None:
-        """The arrival times (sorted) and ids of every request that will be routed here."""
+    def know_arrivals(self, times: np.ndarray, rids: np.ndarray, clock: np.ndarray | None = None) -> None:
+        """The arrival times (sorted) and ids of every request that will be routed here. `clock`: the
+        exact instants the simulated clock will submit them at, when nothing else can stop or steer
+        the run (no time limit); then a replica whose future only its arrivals decide runs chains."""
         self._ahead_t = times
         self._ahead_rid = rids
+        cfg = self.cfg
+        t = self.table
+        determined = (cfg.macro_steps > 0 and not self.distillers and isinstance(cfg.placement, NoTraining)
+                      and (not self.spec or (self.law.stretch and cfg.k is not None)))
+        tokens_ok = rids.size == 0 or (int(t.prompt[rids].min()) >= 1 and int(t.output[rids].min()) >= 1)
+        if clock is not None and determined and tokens_ok:
+            self._ahead_clock = clock.tolist()
+            self._ahead_rid_list = rids.tolist()
 
     # --- α view ------------------------------------------------------------------------------------
     def refresh_alpha(self) -> None:
@@ -255,19 +314,26 @@ class Replica:
     # --- arrivals ------------------------------------------------------------------------------------
     def submit(self, rid: int) -> None:
         self.outstanding += 1
+        self._submitted += 1
         self.table.replica[rid] = self.index
         # The simulated clock reached the arrival by summing gaps; record that exact instant so
         # causality (admitted ≥ arrival) holds to the last bit.
         self.table.arrival[rid] = self.env.now
-        self.inbox.put(rid)
+        if self.inbox.get_queue:
+            self.inbox.put(rid)
+        else:  # nobody waits on the inbox: the item is all a put leaves (its event has no callbacks)
+            self.inbox.items.append(rid)
 
     def _drain_inbox(self) -> None:
         if self.inbox.items:
             self.waiting.extend(self.inbox.items)
             self.inbox.items.clear()
 
-    def _admit(self) -> None:
+    def _admit(self, now: float | None = None) -> None:
+        """FCFS admission at an iteration boundary (`now`: the boundary, default the clock)."""
         t = self.table
+        if now is None:
+            now = self.env.now
         cap = self.cfg.max_batch
         while self.waiting and self.n < cap:
             rid = self.waiting[0]
@@ -276,7 +342,7 @@ class Replica:
                 self.waiting.popleft()
                 t.rejected[rid] = True
                 self.outstanding -= 1
-                t.mark_done()
+                self._mark_done(1)
                 if t.on_release is not None:
                     self._unreleased.append(rid)
                 continue
@@ -293,7 +359,7 @@ class Replica:
             self.s_steps[i] = self.s_accepted[i] = self.s_proposed[i] = 0
             self.s_rejections[i] = self.s_emitted[i] = 0
             self.kv_free -= need
-            t.admitted[rid] = self.env.now
+            t.admitted[rid] = now
             # The draft's α for this request as it enters the batch (the served α it will see).
             if self.spec:
                 t.alpha_model[rid] = self.alpha_by_domain[t.domain[rid]]
@@ -329,7 +395,11 @@ class Replica:
             if self.n == 0:
                 yield from self._idle()
                 continue
-            yield from self._stretch()
+            b = self._chain_start()
+            if b is None:
+                yield from self._stretch()
+            else:
+                yield from self._chain(b)
 
     def _choose_k(self, batch: int, alpha: float, ctx_mean: float) -> int:
         key = (batch, int(alpha * 100 + 0.5), int(ctx_mean) >> 8)
@@ -403,37 +473,18 @@ class Replica:
             if m and auto_k and b != b0:
                 break
             q = (k0 if spec and b else 0) + 1
-            budget = chunk - b * q
-            tok = comp = c_sum = 0
-            pairs = 0.0
+            tok, c_sum, pairs, got = _prefill_row(active, left, ctxs, chunk - b * q)
+            comp = 0
             ends_request = False
-            if active and budget > 0:
-                before = 0
-                terms = []
-                for p in active:
-                    lp = left[p]
-                    x = budget - before
-                    before += lp
-                    al = 0 if x <= 0 else (lp if x >= lp else int(x))
-                    terms.append(al * (ctxs[p] + al / 2.0))
-                    if al:
-                        tok += al
-                        c_sum += ctxs[p]
-                        left[p] = lp - al
-                        ctxs[p] += al
-                        cells_r.append(m)
-                        cells_s.append(slots[p])
-                        cells_v.append(al)
-                        if al == lp:
-                            comp += 1
-                            done_at[p] = m
-                            ends_request = ends_request or single_token[p]
-                if tok:
-                    if len(terms) <= 7:
-                        for t in terms:
-                            pairs += t
-                    else:
-                        pairs = float(np.add.reduce(np.array(terms)))
+            for p, al in got:
+                cells_r.append(m)
+                cells_s.append(slots[p])
+                cells_v.append(al)
+                if not left[p]:
+                    comp += 1
+                    done_at[p] = m
+                    ends_request = ends_request or single_token[p]
+            if comp:
                 active = [p for p in active if left[p]]
             pf_tok.append(tok)
             pf_ctx.append(float(c_sum))
@@ -649,19 +700,274 @@ class Replica:
                 for x in spares:
                     total += x
                 self.spare_s = total
-        self.log.extend(zip([t0, *ends[: used - 1]], dur, b_list[:used], pf_tok[:used], per_iter[:used].tolist(),
-                            k_list[:used], alpha_mean[:used], flops[:used], nbytes[:used], cs,
-                            spares, took, ["serve"] * used, strict=True))
+        self.log.extend([t0, *ends[: used - 1]], dur, b_list[:used], pf_tok[:used], per_iter[:used].tolist(),
+                        k_list[:used], alpha_mean[:used], flops[:used], nbytes[:used], cs,
+                        spares, took, ["serve"] * used)
         finished = np.flatnonzero(self.out_left[:n] <= 0)
         if finished.size:
             self._finish(finished)
+
+    # --- chains ------------------------------------------------------------------------------------
+    def _chain_start(self) -> int | None:
+        """The number of decoding sequences when the next event may be a chain, else None. A chain needs
+        the arrivals known to the last bit (know_arrivals), none of them due at this very instant (its
+        order against this replica's wake-up is the event queue's), and the decoding sequences to be
+        a prefix of the slots (FIFO prefill completes in slot order and admissions append: they are,
+        unless a chain never ran)."""
+        clock = self._ahead_clock
+        if clock is None or self.cfg.attention_padding is not None:  # runs price paged attention only
+            return None
+        i = self._submitted
+        if i < len(clock) and clock[i] == self.env.now:
+            return None
+        n = self.n
+        b = n - int(np.count_nonzero(self.pf_left[:n]))
+        if self.pf_left[:b].any():
+            return None
+        return b
+
+    def _chain(self, b: int) -> Generator[simpy.Event, None, None]:
+        """Runs of iterations back to back in one event, exactly as one iteration at a time would run.
+
+        With the arrivals known to the last bit (open loop, routing fixed in advance), no trainer and
+        a fixed k, nothing but the arrivals can change what this replica does, so it need not wait
+        for them: a run (_chain_run) goes as far as the batch's membership holds (to the first finish,
+        the first completed prompt, or the iteration boundary where an arrival can be admitted), and
+        at its end the arrivals before that boundary join the queue ahead of their events and FCFS
+        admission runs as at any boundary. The clock then sleeps once, to the chain's end; every time
+        written meanwhile is the iteration boundary's own (the sums one iteration at a time makes).
+        Done counts wait for that end, so the run cannot end before the clock reaches the last
+        finish; the arrivals taken ahead are dropped from the inbox when their events have come."""
+        env = self.env
+        t_start = t = env.now
+        i0 = self._submitted
+        durs: list[float] = []
+        taken = 0  # arrivals put in the queue ahead of their events
+        self._done_later = []
+        rows_left = CHAIN_MAX_ROWS
+        while True:
+            t, b, rows, stop = self._chain_run(t, b, rows_left, i0 + taken, durs)
+            rows_left -= rows
+            if stop or rows_left <= 0:
+                break
+            taken += self._take_arrivals(t, i0 + taken)
+            self._admit(t)
+            if self.n == 0:
+                break
+        if not durs:  # an arrival lands on the first iteration's end: the event queue orders them
+            self._done_later = None
+            yield from self._stretch()
+            return
+        if t_start + (t - t_start) == t:
+            yield env.timeout(t - t_start)
+        else:  # the clock cannot land on the sum at once: the iterations' own sleeps (rare)
+            for d in durs:
+                yield env.timeout(d)
+        self._settle_chain(i0, taken)
+
+    def _take_arrivals(self, t: float, i: int) -> int:
+        """Arrivals (from the i-th known one) the clock submits before the boundary t: into the queue."""
+        clock = self._ahead_clock
+        j = i
+        while j < len(clock) and clock[j] < t:  # type: ignore[arg-type]
+            j += 1
+        self.waiting.extend(self._ahead_rid_list[i:j])
+        return j - i
+
+    def _settle_chain(self, i0: int, taken: int) -> None:
+        """At the chain's end: the arrivals taken ahead came as planned (their events have put them in
+        the inbox, at the instants used): drop them there; release the held done counts."""
+        items = self.inbox.items
+        rids = self._ahead_rid_list[i0:i0 + taken]
+        if items[:taken] != rids or self.table.arrival[rids].tolist() != self._ahead_clock[i0:i0 + taken]:
+            raise RuntimeError(f"replica {self.index}: arrivals did not come as the chain planned")
+        del items[:taken]
+        done, self._done_later = self._done_later, None
+        for count in done:  # type: ignore[union-attr]
+            self.table.mark_done(count)
+
+    def _chain_run(self, t0: float, b: int, rows_max: int, i_next: int,
+                   durs: list[float]) -> tuple[float, int, int, bool]:
+        """Iterations from t0 while the batch's membership holds: slots [0, b) decode, [b, n) prefill.
+        Returns (its end, decoding sequences after it, iterations, whether the chain stops there).
+
+        It ends with the first iteration where a sequence finishes or a prompt completes (both join
+        or leave the decoding set after it), or the one in flight when an arrival that can be
+        admitted (or rejected) comes; it stops the chain short of an iteration whose end is an
+        arrival's instant (the event queue orders those). Decoding rows draw their accepted lengths
+        row by row over the decoding slots in slot order, the stream one iteration at a time draws;
+        what is drawn and not run waits for the next (see _exponentials)."""
+        cfg = self.cfg
+        n = self.n
+        kk = cfg.k if self.spec and b else 0
+        out_dec = self.out_left[:b]
+        out_min = min(out_dec.tolist()) if b else rows_max
+        cap = min(rows_max, out_min, self._rows_hint(t0, i_next))  # each row emits ≥ 1 per sequence
+        # Prefill chunks, row by row, until a prompt completes (the chunks are deterministic).
+        left = self.pf_left[b:n].tolist()
+        ctxs = self.ctx[b:n].tolist()
+        active = list(range(n - b))
+        budget = cfg.chunk_tokens - b * (kk + 1)
+        pf_tok: list[int] = []
+        pf_ctx: list[float] = []
+        pf_pairs: list[float] = []
+        n_comp: list[int] = []
+        chunks: list[list] = []
+        completes = False
+        while active and len(pf_tok) < cap:
+            tok, c_sum, pairs, got = _prefill_row(active, left, ctxs, budget)
+            if not tok:  # the decoders take the whole budget: no chunk fits until one finishes
+                break
+            comp = sum(1 for p, _ in got if not left[p])
+            pf_tok.append(tok)
+            pf_ctx.append(float(c_sum))
+            pf_pairs.append(pairs)
+            n_comp.append(comp)
+            chunks.append(got)
+            if comp:
+                completes = True
+                cap = len(pf_tok)
+        rest = cap - len(pf_tok)
+        if rest:
+            pf_tok.extend([0] * rest)
+            pf_ctx.extend([0.0] * rest)
+            pf_pairs.extend([0.0] * rest)
+            n_comp.extend([0] * rest)
+        # Decoding rows: accepted lengths and the first finish (no-spec: every row emits one token).
+        m = cap
+        c0 = sum(self.ctx[:b].tolist())
+        a = cum = None
+        m_fin = out_min  # the row count at whose end a decoder finishes (no-spec: the shortest)
+        if kk:
+            inv = self._inv_neg_log_alpha[self.dom[:b]]
+            rows = min(m, 2 * (out_min // (kk + 1)) + 4)  # the first finish is likely before (else: more)
+            while True:
+                e = self._exponentials(rows * b).reshape(rows, b)
+                a = np.minimum(e * inv, kk).astype(np.int64)
+                cum = np.cumsum(a + 1, axis=0)
+                done_rows = (cum >= out_dec).any(axis=1)
+                if done_rows.any():
+                    m = m_fin = int(np.argmax(done_rows)) + 1
+                    break
+                if rows == m:
+                    m_fin = 0
+                    break
+                rows = min(m, 2 * rows)
+            emitted = np.add.reduce(cum[:m], axis=1).tolist()  # by the decoders up to each row's end
+            c_sum = np.array([c0, *[c0 + x for x in emitted[:-1]]], dtype=float)
+        else:
+            c_sum = (c0 + b * np.arange(m)).astype(float)
+        b_list = [b] * m
+        duration, flops, nbytes, compute_s = self._price(m, b_list, [kk] * m, c_sum, pf_tok, pf_ctx, pf_pairs,
+                                                         n_comp, [1] * m)
+        ends = []
+        t = t0
+        for d in duration:
+            t += d
+            ends.append(t)
+        # Arrivals during these rows: the first that can be admitted ends the run at the boundary after
+        # it; one landing on a boundary stops the chain short of it.
+        m, stop = self._arrival_cut(ends, m, i_next)
+        if not m:
+            return t0, b, 0, True
+        completes = completes and m == cap
+        # Book the rows run.
+        dur = duration[:m]
+        durs.extend(dur)
+        busy = self.busy_s
+        for d in dur:
+            busy += d
+        self.busy_s = busy
+        self._row_s = min(dur)
+        if kk:
+            self._consume(m * b)
+            tot = cum[m - 1]  # type: ignore[index]
+            self.s_accepted[:b] += tot - m  # cum sums a + 1
+            self.s_proposed[:b] += kk * m
+            self.s_rejections[:b] += np.add.reduce(a[:m] < kk, axis=0)  # type: ignore[index]
+            sums = emitted[:m]
+            if m == m_fin:  # the finishing row emits no more than each sequence has left
+                tot = np.minimum(tot, out_dec)
+                sums[m - 1] = int(np.add.reduce(tot))
+            per_row = [x - y for x, y in zip(sums, [0, *sums[:-1]], strict=True)]
+        else:
+            tot = m
+            per_row = b_list[:m]
+        if b:
+            self.out_left[:b] -= tot
+            self.ctx[:b] += tot
+            self.s_emitted[:b] += tot
+            self.s_steps[:b] += m
+        for got in chunks[:m]:
+            for p, al in got:
+                self.pf_left[b + p] -= al
+                self.ctx[b + p] += al
+        end = ends[m - 1]
+        finishes = bool(b) and m == m_fin
+        firsts = 0
+        if completes:  # the prompts completed in the last row emit their first token
+            for p, _ in chunks[m - 1]:
+                if not left[p]:
+                    i = b + p
+                    self.out_left[i] -= 1
+                    self.ctx[i] += 1
+                    self.s_emitted[i] += 1
+                    self.table.first_token[self.rid[i]] = end
+                    firsts += 1
+                    finishes = finishes or not self.out_left[i]  # its only output token
+            self.n_prefill -= firsts
+            per_row[m - 1] += firsts
+        alpha_mean = float(np.add.reduce(self.alpha_by_domain[self.dom[:b]])) / b if self.spec and b else np.nan
+        self.log.extend([t0, *ends[: m - 1]], dur, b_list[:m], pf_tok[:m], per_row, [kk] * m,
+                        [alpha_mean] * m, flops[:m], nbytes[:m], compute_s[:m], [0.0] * m, [0.0] * m,
+                        ["serve"] * m)
+        b_after = b + firsts
+        if finishes:
+            finished = np.flatnonzero(self.out_left[:n] <= 0)
+            self._finish(finished, end)
+            b_after -= int(finished.size)
+        return end, b_after, m, stop
+
+    def _rows_hint(self, t0: float, i: int) -> int:
+        """Rows worth planning from t0 when the i-th known arrival can be admitted: a little past it by
+        the shortest iteration of the last run (too few only cost one more run); else the chain cap."""
+        clock = self._ahead_clock
+        if not self._row_s or self.waiting or self.n >= self.cfg.max_batch or i >= len(clock):  # type: ignore[arg-type]
+            return CHAIN_MAX_ROWS
+        rid = self._ahead_rid_list[i]
+        need = int(self.table.prompt[rid] + self.table.output[rid]) + self.lookahead
+        if self.kv_free < need <= self.cfg.kv_capacity:  # it will wait for a finish
+            return CHAIN_MAX_ROWS
+        return int((clock[i] - t0) / (ROW_S_MARGIN * self._row_s)) + ROW_EXTRA  # type: ignore[index]
+
+    def _arrival_cut(self, ends: list[float], m: int, i: int) -> tuple[int, bool]:
+        """(rows to run, whether the chain stops after them) given the known arrivals from the i-th:
+        the first that can be admitted or rejected ends the run with the iteration in flight (one that
+        can only join the queue changes nothing until a finish); one landing exactly on a boundary
+        stops the chain before that boundary."""
+        clock = self._ahead_clock
+        blocked = bool(self.waiting) or self.n >= self.cfg.max_batch
+        while i < len(clock) and clock[i] <= ends[m - 1]:  # type: ignore[arg-type]
+            c = clock[i]  # type: ignore[index]
+            j = bisect_left(ends, c, 0, m)  # the iteration in flight when it comes
+            if ends[j] == c:
+                return j, True
+            if not blocked:
+                rid = self._ahead_rid_list[i]
+                need = int(self.table.prompt[rid] + self.table.output[rid]) + self.lookahead
+                if need <= self.kv_free or need > self.cfg.kv_capacity:
+                    m = j + 1
+                blocked = True  # it heads the queue from here on: those behind it wait
+            i += 1
+        return m, False
 
     def _exponentials(self, count: int) -> np.ndarray:
         """The next `count` Exp(1) values of the stream, not consumed (_consume does): one stream
         drawn in pieces is the stream drawn at once, so values drawn ahead wait for the next stretch."""
         buf = self._exp
         if count > buf.size:
-            buf = self._exp = np.concatenate((buf, self.rng.standard_exponential(count - buf.size)))
+            more = self.rng.standard_exponential(max(count - buf.size, EXP_BLOCK))
+            buf = self._exp = np.concatenate((buf, more))
         return buf[:count]
 
     def _consume(self, count: int) -> None:
@@ -747,14 +1053,15 @@ class Replica:
         dc = cfg.draft_cost
         tc = cfg.target_cost
         draft_pass, target_pass = self._draft_pass, self._target_pass
-        if (m >= PRICE_ARRAY_MIN_ROWS and not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m
-                and wsets.count(wsets[0]) == m):
+        if m < PRICE_ARRAY_MIN_ROWS:
+            groups: list = [(None, j) for j in range(m)]  # every row alone
+        elif not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m and wsets.count(wsets[0]) == m:
             groups = [((b_list[0], k_list[0], wsets[0]), None)]  # one batch shape, no prefill
         else:
             shapes: dict[tuple[int, int, int], list[int]] = {}
             groups = []
             for j in range(m):
-                if pf_tok[j] or not b_list[j] or m < PRICE_ARRAY_MIN_ROWS:
+                if pf_tok[j] or not b_list[j]:
                     groups.append((None, j))  # priced alone
                 else:
                     shapes.setdefault((b_list[j], k_list[j], wsets[j]), []).append(j)
@@ -824,30 +1131,38 @@ class Replica:
         need = int(self.table.prompt[rid] + self.table.output[rid]) + self.lookahead
         return self.kv_free < need <= self.cfg.kv_capacity
 
-    def _finish(self, finished: np.ndarray) -> None:
+    def _mark_done(self, count: int) -> None:
+        """Requests done (finished or rejected); during a chain the count waits for its end (_chain)."""
+        if self._done_later is None:
+            self.table.mark_done(count)
+        else:
+            self._done_later.append(count)
+
+    def _finish(self, finished: np.ndarray, now: float | None = None) -> None:
         t = self.table
-        now = self.env.now
+        if now is None:
+            now = self.env.now
         n = self.n
         rids = self.rid[finished]
         t.finish[rids] = now
-        t.steps[rids] = self.s_steps[finished]
-        t.accepted[rids] = self.s_accepted[finished]
-        t.proposed[rids] = self.s_proposed[finished]
-        t.rejections[rids] = self.s_rejections[finished]
-        t.emitted[rids] = self.s_emitted[finished]
+        t.counters[:, rids] = self._slots[6:, finished]  # s_steps .. s_emitted
         self.kv_free += int(self.kv_res[finished].sum())
-        for rid in rids.tolist():
-            dom = int(t.domain[rid])
-            dist = self.distiller_for_domain[dom]
-            if dist is not None:
-                dist.add_request(dom, int(t.prompt[rid]), int(t.output[rid]), int(t.rejections[rid]), now)
-        keep = np.ones(n, dtype=bool)
-        keep[finished] = False
+        if self.distillers:
+            for rid in rids.tolist():
+                dom = int(t.domain[rid])
+                dist = self.distiller_for_domain[dom]
+                if dist is not None:
+                    dist.add_request(dom, int(t.prompt[rid]), int(t.output[rid]), int(t.rejections[rid]), now)
         m = n - int(finished.size)
-        for arr in self._slot_arrays:
-            arr[:m] = arr[:n][keep]
+        if m == n - 1:  # one finish (the usual case): shift the slots after it down by one
+            f = int(finished[0])
+            self._slots[:, f:m] = self._slots[:, f + 1:n]
+        else:
+            keep = np.ones(n, dtype=bool)
+            keep[finished] = False
+            self._slots[:, :m] = self._slots[:, :n][:, keep]
         self.n = m
         self.outstanding -= int(finished.size)
-        t.mark_done(int(finished.size))
+        self._mark_done(int(finished.size))
         if t.on_release is not None:
             self._unreleased.extend(rids.tolist())

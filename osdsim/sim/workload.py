@@ -7,6 +7,7 @@ every strategy of a comparison sees the same arrivals and lengths (common random
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +146,21 @@ def _sample_categorical(rng: np.random.Generator, weights: np.ndarray) -> np.nda
 
 # --- lengths -------------------------------------------------------------------------------------
 def read_length_file(path: Path) -> np.ndarray:
+    """The token counts of an empirical length file (read-only: a file is parsed once per version)."""
     if not path.is_file():
         raise InputError(f"{path}: empirical length file not found")
+    st = path.stat()
+    return _read_length_file(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_length_file(name: str, _mtime_ns: int, _size: int) -> np.ndarray:
+    values = _parse_length_file(Path(name))
+    values.flags.writeable = False
+    return values
+
+
+def _parse_length_file(path: Path) -> np.ndarray:
     values: list[int] = []
     try:
         text = path.read_text(encoding="utf-8")
@@ -159,6 +173,12 @@ def read_length_file(path: Path) -> np.ndarray:
             raise InputError(f"{path}: expected one integer per line or a CSV with a 'tokens' column")
         col = header.index("tokens")
         lines = [ln.split(",")[col] for ln in lines[1:]]
+    try:  # all lines at once; the loop below finds the line to report when one is not a count
+        counts = np.asarray(lines, dtype=np.float64)
+    except ValueError:
+        counts = np.empty(0)
+    if counts.size and np.isfinite(counts).all() and counts.min() >= 1:
+        return np.trunc(counts).astype(np.int64)  # int(float(line)) of every line
     for i, ln in enumerate(lines):
         try:
             v = int(float(ln))
