@@ -678,13 +678,15 @@ def resolve_profile(suite: Suite, suite_path: Path, work: Path, cfg: Any, calibr
 
 def measured_profile_of(directory: Path, fingerprint: dict) -> Path | None:
     """A measured profile in `directory` (e.g. calibration/) made on the device of `fingerprint`, if any
-    (datasheet profiles carry no device and never match)."""
+    (datasheet profiles carry no device and never match; llama.cpp profiles price another backend)."""
     from osdsim.cost.profile import load_profile
 
     for path in sorted(directory.glob("*.yaml")):
         try:
             prof = load_profile(path)
         except (InputError, OSError, ValueError):
+            continue
+        if "llama.cpp" in str(prof.device):  # prices another serving backend than the torch runs
             continue
         if profile_fingerprint(prof) is not None and not profile_differences(prof, fingerprint):
             return path

@@ -68,6 +68,8 @@ def test_a_measured_profile_of_this_device_beside_the_suites_is_used_instead_of_
     shipped = (REPO / "calibration" / "cpu-amd-epyc.yaml").read_text()
     (cal / "cpu-other.yaml").write_text(shipped.replace("family 25 model 17", "family 25 model 99"))
     (cal / "cpu-this.yaml").write_text(shipped)
+    # A llama.cpp profile of this very CPU (sorted first) prices another backend: never chosen.
+    (cal / "cpu-a-llamacpp.yaml").write_text(shipped.replace("avx512_bf16)", "avx512_bf16), llama.cpp"))
     (cal / "h100-datasheet.yaml").write_text((REPO / "calibration" / "h100-datasheet.yaml").read_text())
     (cal / "broken.yaml").write_text("not: [a profile")
     suite_path = tmp_path / "suites" / "s.yaml"
