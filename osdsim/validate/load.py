@@ -153,16 +153,14 @@ CAPACITY_MIN_REQUESTS = 10  # finished S1 requests needed for a steady state bet
 
 
 def predicted_capacity(s1: ServeRun, profile: str, acc_file: Path, law_file: Path, work: Path,
-                       base_dir: Path) -> float:
+                       base_dir: Path, attention_padding: float | None = None) -> float:
     """The server's capacity (requests/s): the saturated throughput its twin predicts for S1's requests
     (their prompt and output lengths) all waiting at t = 0, served with S1's batching and the untrained
     draft, no training. Completions per second between the 20th and the 80th percentile finish (the
     steady state: the batch is full, neither filling nor draining)."""
     burst = [dict(r, arrival_s="0") for r in s1.requests]
-    from osdsim.validate.costfit import attention_padding
-
     doc = serve_twin_scenario(ServeRun(s1.summary, burst, [], [], [], []), profile, acc_file, law_file,
-                              work / "capacity-trace.csv", attention_padding=attention_padding(s1.iterations))
+                              work / "capacity-trace.csv", attention_padding=attention_padding)
     doc["strategy"] = "static"
     doc["name"] = "capacity"
     doc["report"] = {"alpha_window_requests": 8}
@@ -593,7 +591,8 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
         if not isinstance(s1, ServeRun):
             raise InputError(f"{suite_path}: runs given as a load (fraction of capacity) need a served fit run "
                              "(fit: serve:) to measure the capacity on")
-        capacity = _capacity(s1, s1_reused, twin_profile, acc_file, law_file, work, suite_path.resolve().parent)
+        capacity = _capacity(s1, s1_reused, twin_profile, acc_file, law_file, work, suite_path.resolve().parent,
+                             padding)
         if progress:
             progress(f"capacity of this server (predicted from S1): {capacity:.3f} req/s")
         fit_cfg, runs = run_configs(suite, suite_path, capacity)
@@ -716,7 +715,7 @@ def _updates_of(run: ServeRun) -> list[dict]:
 
 
 def _capacity(s1: ServeRun, s1_reused: bool, profile: str, acc_file: Path, law_file: Path, work: Path,
-              base_dir: Path) -> float:
+              base_dir: Path, attention_padding: float | None) -> float:
     """The capacity the held-out rates derive from, recorded beside S1 (S1/capacity.json): a reused S1
     keeps the capacity its held-out runs were served at, so they stay reusable when the twin changes."""
     path = work / "S1" / "capacity.json"
@@ -725,7 +724,7 @@ def _capacity(s1: ServeRun, s1_reused: bool, profile: str, acc_file: Path, law_f
             return float(json.loads(path.read_text())["capacity_per_s"])
         except (ValueError, KeyError, TypeError):
             pass
-    cap = predicted_capacity(s1, profile, acc_file, law_file, work, base_dir)
+    cap = predicted_capacity(s1, profile, acc_file, law_file, work, base_dir, attention_padding)
     atomic_write_text(path, json.dumps({"capacity_per_s": cap, "profile": profile}) + "\n")
     return cap
 
