@@ -294,6 +294,10 @@ class Distill(_Strict):
         0.0, ge=0, le=10, description="dedicated: fractional slowdown of a serving iteration while the trainer "
         "trains on the same host (CPU cores sharing memory bandwidth and cache; 0: separate hardware).")
     sync_delay_s: float = Field(1.0, ge=0, description="Delay until new draft weights reach replicas (dedicated).")
+    publish_pause_s: float = Field(
+        0.0, ge=0, description="inline: serving pause after each step while the new draft weights are handed to "
+        "the serving engine (a llama.cpp server: GGUF export + reload, osdsim real's sync_s); α changes after it. "
+        "0: the trained weights are the served ones.")
     max_pending_steps: int = Field(2, ge=1, description="Due steps that may wait; beyond this the oldest is skipped.")
     trainable: Literal["all", "layers"] = Field("all", description="Train all draft parameters or only decoder layers.")
     train_dtype: str | None = Field(

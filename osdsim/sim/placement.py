@@ -55,6 +55,10 @@ class NoTraining(Placement):
 class Inline(Placement):
     name = "inline"
 
+    def __init__(self, stats: DistillStats, publish_pause_s: float = 0.0):
+        super().__init__(stats)
+        self.publish_pause_s = publish_pause_s  # serving pause to publish each step's weights (export + reload)
+
     def blocks_serving(self, distillers: Iterable[Distiller]) -> bool:
         return any(d.pending for d in distillers)
 
@@ -75,6 +79,11 @@ class Inline(Placement):
                 st.work_s_used += step.work_s
                 replica.log.add((env.now - dur, dur, 0, 0, 0, 0, np.nan, step.cost.flops, step.cost.bytes,
                                  step.cost.compute_s, 0.0, step.work_s, "train"))
+                if self.publish_pause_s > 0:  # the server exports and reloads the draft: no serving, α unchanged
+                    pause = self.publish_pause_s
+                    yield env.timeout(pause)
+                    st.latency_cost_s += pause
+                    replica.log.add((env.now - pause, pause, 0, 0, 0, 0, np.nan, 0.0, 0.0, 0.0, 0.0, 0.0, "publish"))
                 dist.complete(step, env.now, dur)
 
 
@@ -221,7 +230,7 @@ class Dedicated(Placement):
 def make_placement(name: str, stats: DistillStats, distill) -> Placement:
     """The placement for a scenario's distill section (`name` is "none" without online training)."""
     if name == "inline":
-        return Inline(stats)
+        return Inline(stats, getattr(distill, "publish_pause_s", 0.0))
     if name == "harvest":
         return Harvest(stats, distill.harvest_fraction, distill.interference,
                        getattr(distill, "harvest_in_iterations", True))

@@ -45,6 +45,8 @@ class Tolerances(BaseModel):
     regain_alpha_abs: float = Field(0.05, gt=0, description="α regained within a new phase (last third − first third).")
     speedup_rel: float = Field(0.10, gt=0, description="Speedup of OSD over target-only decoding.")
     alpha_rmse_abs: float = Field(0.08, gt=0, description="RMSE of the α trajectory (moving window).")
+    publish_rel: float = Field(0.20, gt=0, description="llama.cpp: median publication (GGUF export + reload) per "
+                               "update, predicted from the fit run.")
 
 
 class Suite(BaseModel):
@@ -199,10 +201,11 @@ def _spec(d: dict, name: str, dtype: str, vocab: int | None = None, gguf: dict |
     return spec
 
 
-def twin_trace_rows(requests: list[dict]) -> list[str]:
+def twin_trace_rows(requests: list[dict], priced_sync: bool = False) -> list[str]:
     """The held-out run as a closed-loop trace: think_s = the pause before a request that is not
     training (target-only baseline decodes, labelling, held-out evaluation, bookkeeping): start_i −
-    finish_{i−1} − train_s_{i−1}. The twin prices the training itself."""
+    finish_{i−1} − train_s_{i−1} (− sync_s_{i−1}, the publication of the update, when the twin prices
+    it as distill.publish_pause_s). The twin prices the training itself."""
     rows = sorted(requests, key=lambda r: int(r["request_index"]))
     lines = ["arrival_s,domain,prompt_tokens,output_tokens,think_s"]
     prev_finish = prev_train = None
@@ -210,12 +213,21 @@ def twin_trace_rows(requests: list[dict]) -> list[str]:
         start = _num(r["start_s"])
         think = 0.0 if prev_finish is None else max(start - prev_finish - prev_train, 0.0)
         lines.append(f"{start:.6f},{r['domain']},{int(r['prompt_tokens'])},{max(int(r['output_tokens']), 1)},{think:.6f}")
-        prev_finish, prev_train = _num(r["finish_s"]), _num(r.get("train_s") or 0.0)
+        prev_finish = _num(r["finish_s"])
+        prev_train = _num(r.get("train_s") or 0.0) + (_num(r.get("sync_s") or 0.0) if priced_sync else 0.0)
     return lines
 
 
+def publish_pause_of(run: Any) -> float:
+    """The fit run's median publication time per update (updates' sync_s: GGUF export + reload on
+    llama.cpp, the copy into the serving draft on transformers): the twin's distill.publish_pause_s."""
+    vals = [x for x in (_num(u.get("sync_s")) for u in run.updates) if math.isfinite(x) and x >= 0]
+    return float(np.median(vals)) if vals else 0.0
+
+
 def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: Path, law_file: Path,
-                  trace_file: Path, workdir: Path, trace_rows: list[str] | None = None) -> dict:
+                  trace_file: Path, workdir: Path, trace_rows: list[str] | None = None,
+                  publish_pause_s: float = 0.0) -> dict:
     cfg = summary["config"]
     train_dtype = cfg["models"]["dtype"]
     dtype = summary.get("serve_dtype") or cfg["models"].get("serve_dtype") or train_dtype
@@ -226,7 +238,7 @@ def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: P
         gguf = {"target": {"layers": backend["target_layer_type"], "head": backend.get("head_type")},
                 "draft": {"layers": backend["draft_layer_type"], "head": backend.get("head_type")}}
     doms = sorted({r["domain"] for r in requests})
-    atomic_write_text(trace_file, "\n".join(trace_rows or twin_trace_rows(requests)) + "\n")
+    atomic_write_text(trace_file, "\n".join(trace_rows or twin_trace_rows(requests, publish_pause_s > 0)) + "\n")
     # Phases by request index, as the real stream was built.
     phase_rows = sorted(requests, key=lambda r: int(r["request_index"]))
     bounds = []
@@ -258,7 +270,7 @@ def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: P
                     "train_vocab": int(summary["draft"]["vocab"]),
                     "epochs_per_step": int(dist.get("epochs_per_update", 1)),
                     "batch_sequences": int(dist.get("batch_size", 8)), "logits_at": "loss",
-                    "progress": "trained_tokens"},
+                    "progress": "trained_tokens", "publish_pause_s": round(float(publish_pause_s), 6)},
         "workload": {"arrival": "trace", "trace_file": str(trace_file), "trace_replay": "closed",
                      "domains": {d: {} for d in doms}, "shift": {"unit": "requests", "phases": phases}},
         "report": {"alpha_window_requests": 8},
@@ -334,6 +346,14 @@ def compare_runs(real: Any, sim: Any, suite: Suite, k: int, nospec: Any = None,
     if real_train and len(sim_train):
         rows.append(MetricRow("training step time", float(sim_train.mean()), float(np.mean(real_train)),
                               tol.pass_time_rel, unit="s"))
+    if (real.summary.get("backend") or {}).get("engine") == "llama.cpp":
+        # The server exports the draft to GGUF and reloads it after every update (blocking serving):
+        # predicted = the fit run's median (the twin's publish_pause_s), measured = this run's.
+        real_sync = [x for x in (_num(u.get("sync_s")) for u in real.updates) if math.isfinite(x)]
+        if real_sync:
+            rows.append(MetricRow("publish per update (GGUF export + reload), median",
+                                  float(sim.scenario.distill.publish_pause_s), float(np.median(real_sync)),
+                                  tol.publish_rel, unit="s"))
     real_e2e = np.array([_num(r["finish_s"]) - _num(r["start_s"]) for r in reqs])
     sim_e2e = sim.requests["e2e_s"].dropna().to_numpy()
     if series is not None:
@@ -515,7 +535,7 @@ def _predicted_pass_times(sim: Any, k: int) -> tuple[float, float]:
 
 # --- serving-fitted pass costs (issue 12, 5a) ---------------------------------------------------------
 def serving_fitted_profile(s1: Any, k: int, profile: str, acc_file: Path, law_file: Path, work: Path,
-                           suite_path: Path, twin_fn: Any = None) -> tuple[Path, Any]:
+                           suite_path: Path, twin_fn: Any = None, publish_pause_s: float = 0.0) -> tuple[Path, Any]:
     """The profile corrected on S1's own recorded passes (costfit.fit_pass_costs), and its training
     time scaled by S1's measured / twin-predicted training-step time; written to the work directory."""
     from osdsim.api import simulate
@@ -525,7 +545,7 @@ def serving_fitted_profile(s1: Any, k: int, profile: str, acc_file: Path, law_fi
     from osdsim.validate import costfit
 
     twin_fn = twin_fn or (lambda prof: twin_scenario(s1.summary, s1.requests, prof, acc_file, law_file,
-                                                     work / "S1-trace.csv", work))
+                                                     work / "S1-trace.csv", work, publish_pause_s=publish_pause_s))
     sc = scenario_from_dict(twin_fn(profile), base_dir=suite_path.resolve().parent, source="twin scenario of S1")
     micro = load_scenario_profile(sc)
     fit, corrected = costfit.fit_pass_costs(costfit.recorded_passes(s1, k), sc.draft, sc.target, micro)
@@ -652,11 +672,16 @@ def resolve_profile(suite: Suite, suite_path: Path, work: Path, cfg: Any, calibr
             raise InputError(f"{suite_path}: profile: required unless calibrate is quick or full")
         path = resolve_profile_path(suite.profile, suite_path.resolve().parent)  # type: ignore[arg-type]
         fingerprint = device_fingerprint(cfg.device, int(cfg.threads))
-        diff = profile_differences(load_profile(path), fingerprint)
+        backend = serving_backend(cfg)
+        prof = load_profile(path)
+        if not prices_backend(prof, backend):
+            raise InputError(f"{path}: profile prices {'llama.cpp' if 'llama.cpp' in str(prof.device) else 'PyTorch'} "
+                             f"passes but the suite's runs serve on {backend}; give a profile of that backend")
+        diff = profile_differences(prof, fingerprint)
         if not diff:
             return str(path), f"{suite.profile} (measured on this device)"
         where = "; ".join(diff)
-        mate = measured_profile_of(path.resolve().parent, fingerprint)
+        mate = measured_profile_of(path.resolve().parent, fingerprint, backend)
         if mate is not None:
             return str(mate), f"{mate.name} (measured on this device; {path.name} was measured on another: {where})"
         if calibrate_given or suite.on_other_device == "refuse":
@@ -671,14 +696,26 @@ def resolve_profile(suite: Suite, suite_path: Path, work: Path, cfg: Any, calibr
         raise InputError("calibrate: this osdsim has no calibrate command installed")
     if progress:
         progress(f"calibrating this device ({mode})")
-    # The device the real runs use (a GPU suite calibrates the GPU).
+    # The device the real runs use (a GPU suite calibrates the GPU), on their serving backend.
+    extra = {"backend": "llamacpp"} if serving_backend(cfg) == "llamacpp" else {}
     return str(calibrate_fn(work / "profile.yaml", quick=mode == "quick", device=cfg.device,
-                            threads=int(cfg.threads))), how
+                            threads=int(cfg.threads), **extra)), how
 
 
-def measured_profile_of(directory: Path, fingerprint: dict) -> Path | None:
-    """A measured profile in `directory` (e.g. calibration/) made on the device of `fingerprint`, if any
-    (datasheet profiles carry no device and never match; llama.cpp profiles price another backend)."""
+def serving_backend(cfg: Any) -> str:
+    """The real runs' serving engine: transformers or llamacpp (a profile prices one of them)."""
+    return str(getattr(getattr(cfg, "models", None), "backend", "transformers"))
+
+
+def prices_backend(prof: Any, backend: str) -> bool:
+    """Whether a profile prices passes of this serving backend (llama.cpp profiles say so in `device`)."""
+    return ("llama.cpp" in str(prof.device)) == (backend == "llamacpp")
+
+
+def measured_profile_of(directory: Path, fingerprint: dict, backend: str = "transformers") -> Path | None:
+    """A measured profile in `directory` (e.g. calibration/) made on the device of `fingerprint` for the
+    serving `backend`, if any (datasheet profiles carry no device and never match; a llama.cpp profile
+    prices only llama.cpp runs, a torch profile only transformers runs)."""
     from osdsim.cost.profile import load_profile
 
     for path in sorted(directory.glob("*.yaml")):
@@ -686,7 +723,7 @@ def measured_profile_of(directory: Path, fingerprint: dict) -> Path | None:
             prof = load_profile(path)
         except (InputError, OSError, ValueError):
             continue
-        if "llama.cpp" in str(prof.device):  # prices another serving backend than the torch runs
+        if not prices_backend(prof, backend):
             continue
         if profile_fingerprint(prof) is not None and not profile_differences(prof, fingerprint):
             return path
@@ -701,12 +738,29 @@ def _same_config(schema: Any, recorded: Any, cfg: Any) -> bool:
         return False
 
 
-def calibrate_here(path: Path, quick: bool, device: str = "cpu", threads: int = 1) -> Path:
-    """Measure this device in-process (osdsim.calibrate's API) and write the profile to `path`."""
+def calibrate_here(path: Path, quick: bool, device: str = "cpu", threads: int = 1, backend: str = "torch") -> Path:
+    """Measure this device in-process (osdsim.calibrate's API) and write the profile to `path`
+    (backend llamacpp: llama.cpp passes of the packaged GGUF, as `osdsim calibrate --backend llamacpp`)."""
     from osdsim.calibrate import devices
     from osdsim.calibrate import run as cal
 
     torch = cal.import_torch()
+    if backend == "llamacpp":
+        from osdsim.calibrate import llamacpp as lcal
+
+        if device not in ("cpu", "auto"):
+            raise InputError(f"calibrate: the llamacpp backend runs on the CPU (got device {device})")
+        name = lcal.profile_name(devices.profile_name(cal.detect(torch, "cpu", threads)))
+        command = (f"osdsim calibrate --gpu cpu --backend llamacpp --threads {threads} --out {path} --force"
+                   + (" --quick" if quick else ""))
+        old = torch.get_num_threads()
+        try:
+            outcome = lcal.calibrate_llamacpp(name, quick, threads, command)
+        finally:
+            torch.set_num_threads(old)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yaml_path, _, _ = cal.write_outputs(outcome, path, force=True)
+        return yaml_path
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"calibrate: device {device}: no CUDA device here")
@@ -753,7 +807,9 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
     atomic_write_text(law_file, yaml.safe_dump(law, sort_keys=False))
     if progress:
         progress("fitting pass costs on S1's recorded passes")
-    serving_path, cost_fit = serving_fitted_profile(s1, k, profile, acc_file, law_file, work, suite_path)
+    pause = publish_pause_of(s1)
+    serving_path, cost_fit = serving_fitted_profile(s1, k, profile, acc_file, law_file, work, suite_path,
+                                                    publish_pause_s=pause)
     serving_profile = str(serving_path)
     s2, s2_reused = _recorded_or_run(held_cfg, work / "S2", reuse, "held-out run S2", progress, notice)
     if progress:
@@ -762,7 +818,8 @@ def run_validation(suite: Suite, suite_path: Path, out_dir: Path, progress=None,
     main_costs = suite.costs
     results = {}
     for label, prof_path in variants.items():
-        twin = twin_scenario(s2.summary, s2.requests, prof_path, acc_file, law_file, work / "S2-trace.csv", work)
+        twin = twin_scenario(s2.summary, s2.requests, prof_path, acc_file, law_file, work / "S2-trace.csv", work,
+                             publish_pause_s=pause)
         if label == main_costs:
             atomic_write_text(work / "twin-scenario.yaml", yaml.safe_dump(twin, sort_keys=False))
         sc = scenario_from_dict(twin, base_dir=suite_path.resolve().parent, source="twin scenario")

@@ -72,6 +72,8 @@ def sim_trace(result: Any, name: str = "predicted (osdsim)", pid: int = 2) -> di
         t0, d = float(row.t_s), float(row.duration_s)
         if row.kind == "train":
             events.append(_x("train", pid, 2 * r + 1, t0, d, {"placement": "inline"}))
+        elif row.kind == "publish":
+            events.append(_x("publish draft", pid, 2 * r + 1, t0, d, {"placement": "inline"}))
         else:
             events.append(_x("iteration", pid, 2 * r, t0, d, {
                 "batch": int(row.decode_seqs), "prefill_tokens": int(row.prefill_tokens), "k": int(row.k),

@@ -76,6 +76,26 @@ def test_inline_training_adds_exactly_its_cost_to_busy_time(make_scenario):
     assert osd.summary["training"]["latency_cost_s"] == pytest.approx(steps * cost.time_s, rel=1e-5)
 
 
+def test_inline_publish_pause_blocks_serving_and_delays_the_new_alpha(make_scenario):
+    """distill.publish_pause_s (a llama.cpp server exporting and reloading the draft after a step):
+    each done step adds exactly the pause to the serving timeline, logged as a "publish" row, and the
+    step's α reaches serving only after it."""
+    pause = 0.75
+    plain = simulate(make_scenario(sharp({}, n1=20, n2=40, rate=0.02, update_interval_requests=4)))
+    res = simulate(make_scenario(sharp({}, n1=20, n2=40, rate=0.02, update_interval_requests=4, publish_pause_s=pause)))
+    pubs = res.iterations[res.iterations["kind"] == "publish"]
+    trains = res.iterations[res.iterations["kind"] == "train"].reset_index(drop=True)
+    done = res.training[res.training["kind"] == "done"].reset_index(drop=True)
+    assert len(pubs) == len(trains) == len(done) > 0
+    assert pubs["duration_s"].to_numpy() == pytest.approx(np.full(len(pubs), pause))
+    # The publication starts as its training step ends, and the step completes when it ends.
+    assert pubs["t_s"].to_numpy() == pytest.approx((trains["t_s"] + trains["duration_s"]).to_numpy())
+    assert done["time_s"].to_numpy() == pytest.approx((pubs["t_s"] + pause).to_numpy())
+    assert res.summary["training"]["latency_cost_s"] == pytest.approx(
+        plain.summary["training"]["latency_cost_s"] + pause * len(pubs), rel=1e-6)
+    assert plain.iterations["kind"].isin(["serve", "train"]).all()  # 0 (the default): no publish rows
+
+
 def test_harvest_at_near_zero_load_trains_at_the_spare_rate(make_scenario):
     sc = make_scenario(sharp({}, n1=10, n2=20, rate=0.01, placement="harvest", update_interval_requests=2,
                              harvest_fraction=0.25))

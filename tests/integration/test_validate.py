@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from osdsim.cli import app
@@ -78,3 +79,34 @@ def test_score_rows_bound_the_statistic_itself():
     bad = MetricRow("ks", 0.4, None, 0.3, "score")
     assert not bad.passed and bad.error == pytest.approx(0.4)
     assert MetricRow("ks", float("nan"), None, 0.3, "score").error is None
+
+
+@pytest.mark.real
+def test_llamacpp_suite_machinery_prices_publication(tmp_path, monkeypatch):
+    """A batch-1 suite served on llama.cpp (tiny models exported to GGUF, training in PyTorch): the
+    llama.cpp profile prices it, the twin pauses serving for the fit run's publication time, and the
+    report compares it with the held-out run's export + reload."""
+    pytest.importorskip("torch")
+    pytest.importorskip("llama_cpp")
+    from osdsim.cost.profile import load_profile
+    from osdsim.validate import pipeline
+    from osdsim.validate.fingerprint import profile_fingerprint
+
+    prof_path = REPO / "calibration" / "cpu-llamacpp-amd-epyc-zen3.yaml"
+    fp = profile_fingerprint(load_profile(prof_path))
+    monkeypatch.setattr(pipeline, "device_fingerprint", lambda device, threads: fp)  # "this" device made it
+    monkeypatch.setenv("OSDSIM_CACHE", str(tmp_path / "cache"))
+    doc = yaml.safe_load((REPO / "validate" / "cpu-quick.yaml").read_text())
+    doc.update(name="llq", calibrate="none", profile=str(prof_path))
+    doc["fit"]["models"]["backend"] = "llamacpp"
+    doc["tolerances"]["publish_rel"] = 100.0
+    suite_path = tmp_path / "llq.yaml"
+    suite_path.write_text(yaml.safe_dump(doc))
+    result = pipeline.run_validation(pipeline.load_suite(suite_path), suite_path, tmp_path / "out")
+    rows = {r.name: r for r in result.rows}
+    pub = rows["publish per update (GGUF export + reload), median"]
+    assert pub.predicted > 0 and pub.measured > 0
+    twin = yaml.safe_load((tmp_path / "out" / "llq-work" / "twin-scenario.yaml").read_text())
+    assert twin["distill"]["publish_pause_s"] == pytest.approx(pub.predicted, abs=1e-6)
+    assert twin["models"]["target"]["dtype"] == "fp32"  # the tiny target is exported in f32
+    assert "llama.cpp" in result.meta["profile_choice"] or result.meta["profile"] == str(prof_path)

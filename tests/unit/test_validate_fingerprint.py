@@ -97,6 +97,38 @@ def test_a_measured_profile_of_this_device_beside_the_suites_is_used_instead_of_
     assert calls == [False] and "calibrated here" in how
 
 
+def test_a_llamacpp_suite_takes_the_llamacpp_profile_of_this_device_and_calibrates_that_backend(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    cal = tmp_path / "calibration"
+    cal.mkdir()
+    shipped = (REPO / "calibration" / "cpu-amd-epyc.yaml").read_text()
+    (cal / "cpu-this.yaml").write_text(shipped)  # torch profile of this CPU: prices another backend
+    llama = re.sub(r"(?m)^device: (.*)$", r"device: \1, llama.cpp", shipped)
+    (cal / "cpu-llamacpp-other.yaml").write_text(llama.replace("family 25 model 17", "family 25 model 99"))
+    (cal / "cpu-llamacpp-this.yaml").write_text(llama)
+    suite_path = tmp_path / "suites" / "s.yaml"
+    suite_path.parent.mkdir()
+    monkeypatch.setattr(pipeline, "device_fingerprint", lambda device, threads: EPYC_OLD)
+    calls = []
+
+    def fake_cal(path, quick, device, threads, backend="torch"):
+        calls.append(backend)
+        return path
+
+    cfg = SimpleNamespace(device="cpu", threads=1, models=SimpleNamespace(backend="llamacpp"))
+    prof, how = pipeline.resolve_profile(_suite(profile="../calibration/cpu-llamacpp-other.yaml"), suite_path,
+                                         tmp_path, cfg, fake_cal, calibrate_given=False)
+    assert prof == str(cal / "cpu-llamacpp-this.yaml") and calls == []
+    (cal / "cpu-llamacpp-this.yaml").unlink()
+    pipeline.resolve_profile(_suite(profile="../calibration/cpu-llamacpp-other.yaml"), suite_path, tmp_path, cfg,
+                             fake_cal, calibrate_given=False)
+    assert calls == ["llamacpp"]  # recalibrated on llama.cpp, not with torch passes
+    with pytest.raises(InputError, match="serve on llamacpp"):  # a torch profile for llama.cpp runs
+        pipeline.resolve_profile(_suite(profile="../calibration/cpu-this.yaml"), suite_path, tmp_path, cfg,
+                                 fake_cal, calibrate_given=False)
+
+
 def test_cli_refuses_a_foreign_profile_with_calibrate_none_in_one_line(monkeypatch):
     from typer.testing import CliRunner
 

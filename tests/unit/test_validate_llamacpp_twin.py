@@ -53,3 +53,25 @@ def test_head_dtype_prices_the_head_apart():
     assert cm.weight_bytes > all_q4.weight_bytes  # the Q8_0 head costs more bytes than Q4_1 would
     with pytest.raises(ValueError, match="head_dtype"):
         ModelSpec(name="x", n_layers=1, hidden=8, n_heads=2, ffn=16, vocab=10, head_dtype="q3_k")
+
+
+def test_publication_is_priced_by_the_twin_not_replayed_as_think_time(tmp_path):
+    """The fit run's median sync_s becomes distill.publish_pause_s, and the trace's think time no
+    longer contains the measured publication (it would be counted twice)."""
+    from types import SimpleNamespace
+
+    from osdsim.validate.pipeline import publish_pause_of, twin_trace_rows
+
+    reqs = [dict(r) for r in REQS]
+    reqs[0]["train_s"], reqs[0]["sync_s"] = 0.1, 0.2  # request 1 starts at 1.0 = 0.5 + 0.1 + 0.2 + 0.2 think
+    replayed = twin_trace_rows(reqs)[2].split(",")
+    priced = twin_trace_rows(reqs, priced_sync=True)[2].split(",")
+    assert float(replayed[-1]) == pytest.approx(0.4) and float(priced[-1]) == pytest.approx(0.2)
+    run = SimpleNamespace(updates=[{"sync_s": "0.7"}, {"sync_s": "0.9"}, {"sync_s": "0.8"}, {"sync_s": ""}])
+    assert publish_pause_of(run) == pytest.approx(0.8)
+    assert publish_pause_of(SimpleNamespace(updates=[])) == 0.0
+    backend = {"engine": "llama.cpp", "target_layer_type": "q4_1", "draft_layer_type": "q4_1", "head_type": "q8_0"}
+    doc = twin_scenario(_summary(backend), reqs, "cpu-amd-epyc", tmp_path / "a.yaml", tmp_path / "l.yaml",
+                        tmp_path / "t.csv", tmp_path, publish_pause_s=0.8)
+    assert doc["distill"]["publish_pause_s"] == 0.8
+    assert (tmp_path / "t.csv").read_text().splitlines()[2].split(",")[-1] == priced[-1]
