@@ -180,6 +180,12 @@ class Arrival:
     query: Any  # osdsim.real.data.Query
 
 
+def ramp_rates(rate_per_s: float, rate_end_per_s: float, n: int) -> np.ndarray:
+    """The rate at each request index of a ramp: λ_i = λ_0 + (λ_end − λ_0)·i/(n−1) (one definition,
+    for the arrivals and for the validator's nominal rate at an index)."""
+    return np.linspace(rate_per_s, rate_end_per_s, n) if n > 1 else np.full(n, float(rate_per_s))
+
+
 def poisson_times(n: int, rate_per_s: float, seed: int, rate_end_per_s: float | None = None) -> np.ndarray:
     """Arrival instants of a Poisson process (rate λ): cumulative sums of Exp(1)/λ_i gaps, from 0.
     With `rate_end_per_s` the rate ramps linearly by request index, λ_i = λ_0 + (λ_end − λ_0)·i/(n−1)
@@ -188,8 +194,7 @@ def poisson_times(n: int, rate_per_s: float, seed: int, rate_end_per_s: float | 
     if rate_end_per_s is None:
         gaps = rng.exponential(1.0 / rate_per_s, size=n)
     else:
-        rates = np.linspace(rate_per_s, rate_end_per_s, n) if n > 1 else np.full(n, rate_per_s)
-        gaps = rng.exponential(1.0, size=n) / rates
+        gaps = rng.exponential(1.0, size=n) / ramp_rates(rate_per_s, rate_end_per_s, n)
     gaps[0] = 0.0  # the stream starts with its first request
     return np.cumsum(gaps)
 

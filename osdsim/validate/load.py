@@ -471,9 +471,11 @@ def nominal_rate(serve: dict, request_index: int, n: int) -> float | None:
     """The configured Poisson rate at a request index (a ramp rises linearly by index); None for traces."""
     if serve.get("arrival", "poisson") != "poisson" or not serve.get("rate_per_s"):
         return None
+    from osdsim.real.serve import ramp_rates
+
     r0 = float(serve["rate_per_s"])
     r1 = float(serve.get("rate_end_per_s") or r0)
-    return r0 + (r1 - r0) * min(request_index, n - 1) / max(n - 1, 1)
+    return float(ramp_rates(r0, r1, max(n, 1))[min(max(request_index, 0), max(n, 1) - 1)])
 
 
 def fall_behind_rate(fates: list[str], finishes: np.ndarray, arrivals: np.ndarray, serve: dict,
