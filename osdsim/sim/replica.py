@@ -38,6 +38,8 @@ MACRO_MIN_STEPS = 4
 # Rows of one batch shape are priced with one array call (CostModel.pass_times) from this many on;
 # below it, numpy's per-call overhead exceeds the scalar pass_time calls it replaces.
 PRICE_ARRAY_MIN_ROWS = 10
+# Pass shapes a replica keeps priced ahead (Replica._shape_pass); past it the cache starts over.
+SHAPE_CACHE_MAX = 4096
 # The same with the arrival times known ahead: the horizon is rarely overshot, so short stretches pay.
 MACRO_ARRIVALS_MIN_STEPS = 2
 # Memory of the moving average of stretch lengths (only arrivals cut stretches): new = KEEP·old + (1 − KEEP)·last.
@@ -265,9 +267,10 @@ class Replica:
         self.spec = cfg.draft_cost is not None
         self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
         self.placement = cfg.placement
-        # Passes priced one at a time (CostModel.scalar_pass_time: pass_time's bits, fewer calls).
-        self._target_pass = cfg.target_cost.scalar_pass_time()
-        self._draft_pass = cfg.draft_cost.scalar_pass_time() if cfg.draft_cost is not None else None
+        # Passes priced one at a time: per shape (tokens, logit tokens, weight sets), a function of the
+        # context and pairs (CostModel.shape_pass_time: pass_time's bits), one per shape met (_shape_pass).
+        self._target_shapes: dict[tuple[int, int, int], Callable] = {}
+        self._draft_shapes: dict[tuple[int, int, int], Callable] = {}
         # Stretches (see _stretch): several iterations in one event when the law can draw them at
         # once and α cannot change mid-stretch (no trainer publishing asynchronously).
         self._macro_len = float(cfg.macro_steps)  # moving average of iterations per stretch
@@ -1052,7 +1055,7 @@ class Replica:
         cfg = self.cfg
         dc = cfg.draft_cost
         tc = cfg.target_cost
-        draft_pass, target_pass = self._draft_pass, self._target_pass
+        tshapes, dshapes = self._target_shapes, self._draft_shapes
         if m < PRICE_ARRAY_MIN_ROWS:
             groups: list = [(None, j) for j in range(m)]  # every row alone
         elif not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m and wsets.count(wsets[0]) == m:
@@ -1083,19 +1086,22 @@ class Replica:
                 dur = fl = by = cs = 0.0
                 if k:  # the draft decodes (spec and b > 0)
                     mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
-                    td, fd, bd, cd = draft_pass(b, b, c + mean_extra, c + mean_extra + b / 2.0, ws)
+                    f = dshapes.get((b, b, ws)) or self._shape_pass(dshapes, dc, b, b, ws)
+                    td, fd, bd, cd = f(c + mean_extra, c + mean_extra + b / 2.0)
                     dur += k * td
                     fl += k * fd
                     by += k * bd
                     cs += k * cd
                     if pf_tok[j]:  # the draft prefills the same chunks to build its own KV cache
-                        td, fd, bd, cd = draft_pass(pf_tok[j], 0, pf_ctx[j], pf_pairs[j])
+                        f = dshapes.get((pf_tok[j], 0, 1)) or self._shape_pass(dshapes, dc, pf_tok[j], 0, 1)
+                        td, fd, bd, cd = f(pf_ctx[j], pf_pairs[j])
                         dur += td
                         fl += fd
                         by += bd
                         cs += cd
-                tt, ft, bt, ct = target_pass(b * q + pf_tok[j], b * q + n_comp[j], c + pf_ctx[j],
-                                              q * c + b * q * q / 2.0 + pf_pairs[j])
+                key = (b * q + pf_tok[j], b * q + n_comp[j], 1)
+                f = tshapes.get(key) or self._shape_pass(tshapes, tc, *key)
+                tt, ft, bt, ct = f(c + pf_ctx[j], q * c + b * q * q / 2.0 + pf_pairs[j])
                 duration[j] = dur + tt
                 flops[j] = fl + ft
                 nbytes[j] = by + bt
@@ -1119,6 +1125,15 @@ class Replica:
                     for j, v in zip(rows, vals.tolist(), strict=True):
                         col[j] = v
         return duration, flops, nbytes, compute_s
+
+    @staticmethod
+    def _shape_pass(cache: dict, cost: CostModel, tokens: int, logit_tokens: int, weight_sets: int) -> Callable:
+        """The pass function of one shape (CostModel.shape_pass_time), kept in `cache` (bounded: shapes
+        with prefill chunks of every size come and go)."""
+        if len(cache) >= SHAPE_CACHE_MAX:
+            cache.clear()
+        f = cache[(tokens, logit_tokens, weight_sets)] = cost.shape_pass_time(tokens, logit_tokens, weight_sets)
+        return f
 
     def _joins_queue_now(self) -> bool:
         """Whether the request that just arrived mid-stretch (the queue's tail) can neither be admitted
