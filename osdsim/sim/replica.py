@@ -791,77 +791,118 @@ class Replica:
 
     def _chain_run(self, t0: float, b: int, rows_max: int, i_next: int,
                    durs: list[float]) -> tuple[float, int, int, bool]:
-        """Iterations from t0 while the batch's membership holds: slots [0, b) decode, [b, n) prefill.
+        """Iterations from t0 while nobody joins or leaves the batch: slots [0, b) decode, [b, n) prefill.
         Returns (its end, decoding sequences after it, iterations, whether the chain stops there).
 
-        It ends with the first iteration where a sequence finishes or a prompt completes (both join
-        or leave the decoding set after it), or the one in flight when an arrival that can be
-        admitted (or rejected) comes; it stops the chain short of an iteration whose end is an
-        arrival's instant (the event queue orders those). Decoding rows draw their accepted lengths
-        row by row over the decoding slots in slot order, the stream one iteration at a time draws;
-        what is drawn and not run waits for the next (see _exponentials)."""
+        It ends with the first iteration where a sequence finishes, or the one in flight when an
+        arrival that can be admitted (or rejected) comes; it stops the chain short of an iteration
+        whose end is an arrival's instant (the event queue orders those). A prompt that completes
+        (FIFO: the first prefilling slot) emits its first token at that iteration's end and decodes
+        from the next one on, so the decoding set grows within a run and stays a prefix of the
+        slots. Decoding rows draw their accepted lengths row by row over the decoding slots in slot
+        order, the stream one iteration at a time draws; what is drawn and not run waits for the
+        next (see _exponentials)."""
         cfg = self.cfg
         n = self.n
-        kk = cfg.k if self.spec and b else 0
+        kk = cfg.k if self.spec else 0
         out_dec = self.out_left[:b]
         out_min = min(out_dec.tolist()) if b else rows_max
         cap = min(rows_max, out_min, self._rows_hint(t0, i_next))  # each row emits ≥ 1 per sequence
-        # Prefill chunks, row by row, until a prompt completes (the chunks are deterministic).
-        left = self.pf_left[b:n].tolist()
-        ctxs = self.ctx[b:n].tolist()
-        active = list(range(n - b))
-        budget = cfg.chunk_tokens - b * (kk + 1)
+        # Prefill chunks, row by row (deterministic), with the decoding count of each row: a prompt that
+        # completes decodes from the next row on (in slot order: FIFO completes the first ones first).
+        b_rows: list[int] = []
         pf_tok: list[int] = []
         pf_ctx: list[float] = []
         pf_pairs: list[float] = []
         n_comp: list[int] = []
         chunks: list[list] = []
-        completes = False
-        while active and len(pf_tok) < cap:
-            tok, c_sum, pairs, got = _prefill_row(active, left, ctxs, budget)
-            if not tok:  # the decoders take the whole budget: no chunk fits until one finishes
-                break
-            comp = sum(1 for p, _ in got if not left[p])
-            pf_tok.append(tok)
-            pf_ctx.append(float(c_sum))
-            pf_pairs.append(pairs)
-            n_comp.append(comp)
-            chunks.append(got)
-            if comp:
-                completes = True
-                cap = len(pf_tok)
+        new: list[tuple[int, int]] = []  # (prefilling slot p, row where its prompt completes)
+        b_r = b
+        if n > b:
+            left = self.pf_left[b:n].tolist()
+            ctxs = self.ctx[b:n].tolist()
+            outs = self.out_left[b:n].tolist()
+            active = list(range(n - b))
+            chunk = cfg.chunk_tokens
+            q = kk + 1
+            while active and len(pf_tok) < cap:
+                tok, c_sum, pairs, got = _prefill_row(active, left, ctxs, chunk - b_r * (q if b_r else 1))
+                if not tok:  # the decoders take the whole budget: no chunk fits until one finishes
+                    break
+                j = len(pf_tok)
+                b_rows.append(b_r)
+                pf_tok.append(tok)
+                pf_ctx.append(float(c_sum))
+                pf_pairs.append(pairs)
+                chunks.append(got)
+                comp = 0
+                for p, _ in got:
+                    if not left[p]:
+                        comp += 1
+                        new.append((p, j))
+                        if outs[p] <= 1:  # its only output token is the first: it finishes here
+                            cap = j + 1
+                        elif not kk:  # no-spec: it emits one token a row from the next row on
+                            cap = min(cap, j + outs[p])
+                n_comp.append(comp)
+                if comp:
+                    active = [p for p in active if left[p]]
+                    b_r += comp
         rest = cap - len(pf_tok)
-        if rest:
+        if rest > 0:
+            b_rows.extend([b_r] * rest)
             pf_tok.extend([0] * rest)
             pf_ctx.extend([0.0] * rest)
             pf_pairs.extend([0.0] * rest)
             n_comp.extend([0] * rest)
-        # Decoding rows: accepted lengths and the first finish (no-spec: every row emits one token).
         m = cap
+        big = b_r  # decoding slots by the last row: [0, big)
+        # Contexts of the completed prompts as they start decoding (prompt + first token), from the row after.
+        joins = [(j + 1, ctxs[p] + 1) for p, j in new] if new else []
         c0 = sum(self.ctx[:b].tolist())
-        a = cum = None
-        m_fin = out_min  # the row count at whose end a decoder finishes (no-spec: the shortest)
-        if kk:
-            inv = self._inv_neg_log_alpha[self.dom[:b]]
+        a = cum = mask = None
+        m_fin = out_min if b else m + 1  # the row count at whose end a decoder finishes (none: m + 1)
+        if new and not kk:
+            m_fin = min([m_fin, *(j + outs[p] for p, j in new)])
+        if kk and big:
+            inv = self._inv_neg_log_alpha[self.dom[:big]]
+            out_eff = self.out_left[:big]
+            if new:
+                out_eff = out_eff.copy()
+                out_eff[b:] -= 1  # after the first token
+                b_arr = np.array(b_rows)
+                mask_all = np.arange(big) < b_arr[:, None]  # decoding cells (rows × slots)
             rows = min(m, 2 * (out_min // (kk + 1)) + 4)  # the first finish is likely before (else: more)
             while True:
-                e = self._exponentials(rows * b).reshape(rows, b)
-                a = np.minimum(e * inv, kk).astype(np.int64)
-                cum = np.cumsum(a + 1, axis=0)
-                done_rows = (cum >= out_dec).any(axis=1)
+                if new:
+                    mask = mask_all[:rows]
+                    e = np.zeros((rows, big))
+                    e[mask] = self._exponentials(int(b_arr[:rows].sum()))
+                    a = np.minimum(e * inv, kk).astype(np.int64)
+                    cum = np.cumsum(a + mask, axis=0)
+                else:
+                    e = self._exponentials(rows * b).reshape(rows, b)
+                    a = np.minimum(e * inv, kk).astype(np.int64)
+                    cum = np.cumsum(a + 1, axis=0)
+                done_rows = (cum >= out_eff).any(axis=1)
                 if done_rows.any():
                     m = m_fin = int(np.argmax(done_rows)) + 1
                     break
                 if rows == m:
-                    m_fin = 0
+                    m_fin = m + 1
                     break
                 rows = min(m, 2 * rows)
             emitted = np.add.reduce(cum[:m], axis=1).tolist()  # by the decoders up to each row's end
-            c_sum = np.array([c0, *[c0 + x for x in emitted[:-1]]], dtype=float)
+            c_list = [c0, *[c0 + x for x in emitted[:-1]]]
         else:
-            c_sum = (c0 + b * np.arange(m)).astype(float)
-        b_list = [b] * m
-        duration, flops, nbytes, compute_s = self._price(m, b_list, [kk] * m, c_sum, pf_tok, pf_ctx, pf_pairs,
+            c_list = [c0 + b * j for j in range(m)]
+        if joins:  # a joining sequence adds its context and what it emitted since (no-spec: one a row)
+            for j0, cj in joins:
+                for j in range(j0, m):
+                    c_list[j] += cj if kk else cj + (j - j0)
+        c_sum = np.array(c_list, dtype=float) if m >= PRICE_ARRAY_MIN_ROWS else [float(x) for x in c_list]
+        k_list = [kk if x else 0 for x in b_rows[:m]] if new or not b else [kk] * m
+        duration, flops, nbytes, compute_s = self._price(m, b_rows, k_list, c_sum, pf_tok, pf_ctx, pf_pairs,
                                                          n_comp, [1] * m)
         ends = []
         t = t0
@@ -873,7 +914,9 @@ class Replica:
         m, stop = self._arrival_cut(ends, m, i_next)
         if not m:
             return t0, b, 0, True
-        completes = completes and m == cap
+        if new:
+            new = [(p, j) for p, j in new if j < m]
+        b_end = b + len(new)  # decoding after the rows run (before finishes)
         # Book the rows run.
         dur = duration[:m]
         durs.extend(dur)
@@ -882,49 +925,75 @@ class Replica:
             busy += d
         self.busy_s = busy
         self._row_s = min(dur)
-        if kk:
-            self._consume(m * b)
-            tot = cum[m - 1]  # type: ignore[index]
-            self.s_accepted[:b] += tot - m  # cum sums a + 1
-            self.s_proposed[:b] += kk * m
-            self.s_rejections[:b] += np.add.reduce(a[:m] < kk, axis=0)  # type: ignore[index]
+        finishes = m == m_fin
+        if kk and big:
+            if new:
+                steps = mask_all[:m, :b_end].sum(axis=0)
+                self._consume(int(b_arr[:m].sum()))
+            else:
+                steps = m
+                self._consume(m * b)
+            cm = cum[m - 1, :b_end]  # type: ignore[index]
+            self.s_accepted[:b_end] += cm - steps  # cum sums a + 1
+            self.s_proposed[:b_end] += kk * steps
+            rej = a[:m, :b_end] < kk  # type: ignore[index]
+            if new:
+                rej &= mask_all[:m, :b_end]
+            self.s_rejections[:b_end] += np.add.reduce(rej, axis=0)
             sums = emitted[:m]
-            if m == m_fin:  # the finishing row emits no more than each sequence has left
-                tot = np.minimum(tot, out_dec)
+            tot = cm
+            if finishes:  # the finishing row emits no more than each sequence has left
+                tot = np.minimum(cm, out_eff[:b_end])
                 sums[m - 1] = int(np.add.reduce(tot))
             per_row = [x - y for x, y in zip(sums, [0, *sums[:-1]], strict=True)]
         else:
-            tot = m
-            per_row = b_list[:m]
-        if b:
-            self.out_left[:b] -= tot
-            self.ctx[:b] += tot
-            self.s_emitted[:b] += tot
-            self.s_steps[:b] += m
+            steps = tot = m
+            if new:
+                tot = np.array([m] * b + [m - 1 - j for _, j in new])
+                steps = tot
+            per_row = b_rows[:m]
+        if b_end:
+            self.out_left[:b_end] -= tot
+            self.ctx[:b_end] += tot
+            self.s_emitted[:b_end] += tot
+            self.s_steps[:b_end] += steps
+        pf_left, ctx = self.pf_left, self.ctx
         for got in chunks[:m]:
             for p, al in got:
-                self.pf_left[b + p] -= al
-                self.ctx[b + p] += al
-        end = ends[m - 1]
-        finishes = bool(b) and m == m_fin
-        firsts = 0
-        if completes:  # the prompts completed in the last row emit their first token
-            for p, _ in chunks[m - 1]:
-                if not left[p]:
-                    i = b + p
-                    self.out_left[i] -= 1
-                    self.ctx[i] += 1
-                    self.s_emitted[i] += 1
-                    self.table.first_token[self.rid[i]] = end
-                    firsts += 1
-                    finishes = finishes or not self.out_left[i]  # its only output token
-            self.n_prefill -= firsts
-            per_row[m - 1] += firsts
-        alpha_mean = float(np.add.reduce(self.alpha_by_domain[self.dom[:b]])) / b if self.spec and b else np.nan
-        self.log.extend([t0, *ends[: m - 1]], dur, b_list[:m], pf_tok[:m], per_row, [kk] * m,
-                        [alpha_mean] * m, flops[:m], nbytes[:m], compute_s[:m], [0.0] * m, [0.0] * m,
+                pf_left[b + p] -= al
+                ctx[b + p] += al
+        if new:  # the prompts completed emit their first token at their row's end
+            per_row = list(per_row)
+            out_left, emitted_s, first_token, rid = self.out_left, self.s_emitted, self.table.first_token, self.rid
+            for p, j in new:
+                i = b + p
+                out_left[i] -= 1
+                ctx[i] += 1
+                emitted_s[i] += 1
+                first_token[rid[i]] = ends[j]
+                per_row[j] += 1
+                if not out_left[i]:  # its only output token (then j = m − 1)
+                    finishes = True
+            self.n_prefill -= len(new)
+        b_list = b_rows[:m]
+        if self.spec:
+            am = self.alpha_by_domain
+            dom = self.dom
+            alpha_mean = []
+            last = -1
+            val = np.nan
+            for x in b_list:
+                if x != last:
+                    val = float(np.add.reduce(am[dom[:x]])) / x if x else np.nan
+                    last = x
+                alpha_mean.append(val)
+        else:
+            alpha_mean = [np.nan] * m
+        self.log.extend([t0, *ends[: m - 1]], dur, b_list, pf_tok[:m], per_row, k_list[:m],
+                        alpha_mean, flops[:m], nbytes[:m], compute_s[:m], [0.0] * m, [0.0] * m,
                         ["serve"] * m)
-        b_after = b + firsts
+        end = ends[m - 1]
+        b_after = b_end
         if finishes:
             finished = np.flatnonzero(self.out_left[:n] <= 0)
             self._finish(finished, end)
