@@ -123,10 +123,22 @@ class IterationLog:
         for col, v in zip(self.cols, rec, strict=True):
             col.append(v)
 
-    def extend(self, *cols) -> None:
+    def extend(self, t, dur, n, pf, emitted, k, alpha, flops, nbytes, busy, spare, used, kind) -> None:
         """The iterations of one stretch: a sequence per field (no tuple per iteration to build)."""
-        for col, vals in zip(self.cols, cols, strict=True):
-            col.extend(vals)
+        c = self.cols
+        c[0].extend(t)
+        c[1].extend(dur)
+        c[2].extend(n)
+        c[3].extend(pf)
+        c[4].extend(emitted)
+        c[5].extend(k)
+        c[6].extend(alpha)
+        c[7].extend(flops)
+        c[8].extend(nbytes)
+        c[9].extend(busy)
+        c[10].extend(spare)
+        c[11].extend(used)
+        c[12].extend(kind)
 
     def frame(self):
         import pandas as pd
@@ -267,8 +279,11 @@ class Replica:
         self.spec = cfg.draft_cost is not None
         self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
         self.placement = cfg.placement
-        # Passes priced one at a time: per shape (tokens, logit tokens, weight sets), a function of the
+        # Passes priced one at a time (CostModel.scalar_pass_time: pass_time's bits, fewer calls), and
+        # for shapes that recur (decode rows, full prefill chunks): per shape (tokens, logit tokens, weight sets), a function of the
         # context and pairs (CostModel.shape_pass_time: pass_time's bits), one per shape met (_shape_pass).
+        self._target_pass = cfg.target_cost.scalar_pass_time()
+        self._draft_pass = cfg.draft_cost.scalar_pass_time() if cfg.draft_cost is not None else None
         self._target_shapes: dict[tuple[int, int, int], Callable] = {}
         self._draft_shapes: dict[tuple[int, int, int], Callable] = {}
         # Stretches (see _stretch): several iterations in one event when the law can draw them at
@@ -1125,6 +1140,7 @@ class Replica:
         dc = cfg.draft_cost
         tc = cfg.target_cost
         tshapes, dshapes = self._target_shapes, self._draft_shapes
+        chunk = cfg.chunk_tokens
         if m < PRICE_ARRAY_MIN_ROWS:
             groups: list = [(None, j) for j in range(m)]  # every row alone
         elif not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m and wsets.count(wsets[0]) == m:
@@ -1162,15 +1178,21 @@ class Replica:
                     by += k * bd
                     cs += k * cd
                     if pf_tok[j]:  # the draft prefills the same chunks to build its own KV cache
-                        f = dshapes.get((pf_tok[j], 0, 1)) or self._shape_pass(dshapes, dc, pf_tok[j], 0, 1)
-                        td, fd, bd, cd = f(pf_ctx[j], pf_pairs[j])
+                        if b * q + pf_tok[j] == chunk:  # a full chunk: the shape recurs
+                            f = dshapes.get((pf_tok[j], 0, 1)) or self._shape_pass(dshapes, dc, pf_tok[j], 0, 1)
+                            td, fd, bd, cd = f(pf_ctx[j], pf_pairs[j])
+                        else:  # a prompt's last chunk: a shape met once
+                            td, fd, bd, cd = self._draft_pass(pf_tok[j], 0, pf_ctx[j], pf_pairs[j])
                         dur += td
                         fl += fd
                         by += bd
                         cs += cd
                 key = (b * q + pf_tok[j], b * q + n_comp[j], 1)
-                f = tshapes.get(key) or self._shape_pass(tshapes, tc, *key)
-                tt, ft, bt, ct = f(c + pf_ctx[j], q * c + b * q * q / 2.0 + pf_pairs[j])
+                if not pf_tok[j] or key[0] == chunk:  # decode only, or a full chunk: the shape recurs
+                    f = tshapes.get(key) or self._shape_pass(tshapes, tc, *key)
+                    tt, ft, bt, ct = f(c + pf_ctx[j], q * c + b * q * q / 2.0 + pf_pairs[j])
+                else:
+                    tt, ft, bt, ct = self._target_pass(key[0], key[1], c + pf_ctx[j], q * c + b * q * q / 2.0 + pf_pairs[j])
                 duration[j] = dur + tt
                 flops[j] = fl + ft
                 nbytes[j] = by + bt
@@ -1227,6 +1249,17 @@ class Replica:
         if now is None:
             now = self.env.now
         n = self.n
+        if finished.size == 1 and not self.distillers and t.on_release is None:  # the usual case, in scalars
+            f = int(finished[0])
+            rid = int(self.rid[f])
+            t.finish[rid] = now
+            t.counters[:, rid] = self._slots[6:, f]  # s_steps .. s_emitted
+            self.kv_free += int(self.kv_res[f])
+            self._slots[:, f:n - 1] = self._slots[:, f + 1:n]
+            self.n = n - 1
+            self.outstanding -= 1
+            self._mark_done(1)
+            return
         rids = self.rid[finished]
         t.finish[rids] = now
         t.counters[:, rids] = self._slots[6:, finished]  # s_steps .. s_emitted
