@@ -286,6 +286,7 @@ class Replica:
         self._draft_pass = cfg.draft_cost.scalar_pass_time() if cfg.draft_cost is not None else None
         self._target_shapes: dict[tuple[int, int, int], Callable] = {}
         self._draft_shapes: dict[tuple[int, int, int], Callable] = {}
+        self._decode_rows: dict[tuple[int, int, int], Callable] = {}  # per (b, k, weight sets): _decode_row
         # Stretches (see _stretch): several iterations in one event when the law can draw them at
         # once and α cannot change mid-stretch (no trainer publishing asynchronously).
         self._macro_len = float(cfg.macro_steps)  # moving average of iterations per stretch
@@ -892,16 +893,17 @@ class Replica:
                 if new:
                     mask = mask_all[:rows]
                     e = np.zeros((rows, big))
-                    e[mask] = self._exponentials(int(b_arr[:rows].sum()))
+                    e[mask] = self._exponentials(sum(b_rows[:rows]))
                     a = np.minimum(e * inv, kk).astype(np.int64)
-                    cum = np.cumsum(a + mask, axis=0)
+                    cum = np.add.accumulate(a + mask, axis=0)
                 else:
                     e = self._exponentials(rows * b).reshape(rows, b)
                     a = np.minimum(e * inv, kk).astype(np.int64)
-                    cum = np.cumsum(a + 1, axis=0)
-                done_rows = (cum >= out_eff).any(axis=1)
-                if done_rows.any():
-                    m = m_fin = int(np.argmax(done_rows)) + 1
+                    cum = np.add.accumulate(a + 1, axis=0)
+                done_rows = np.logical_or.reduce(cum >= out_eff, axis=1)
+                first = int(done_rows.argmax())
+                if done_rows[first]:
+                    m = m_fin = first + 1
                     break
                 if rows == m:
                     m_fin = m + 1
@@ -943,8 +945,8 @@ class Replica:
         finishes = m == m_fin
         if kk and big:
             if new:
-                steps = mask_all[:m, :b_end].sum(axis=0)
-                self._consume(int(b_arr[:m].sum()))
+                steps = np.add.reduce(mask_all[:m, :b_end], axis=0)
+                self._consume(sum(b_rows[:m]))
             else:
                 steps = m
                 self._consume(m * b)
@@ -1139,7 +1141,7 @@ class Replica:
         cfg = self.cfg
         dc = cfg.draft_cost
         tc = cfg.target_cost
-        tshapes, dshapes = self._target_shapes, self._draft_shapes
+        tshapes, dshapes, drows = self._target_shapes, self._draft_shapes, self._decode_rows
         chunk = cfg.chunk_tokens
         if m < PRICE_ARRAY_MIN_ROWS:
             groups: list = [(None, j) for j in range(m)]  # every row alone
@@ -1167,6 +1169,10 @@ class Replica:
                 j = rows
                 b, k, ws = b_list[j], k_list[j], wsets[j]
                 c = float(c_sum[j])
+                if b and not pf_tok[j]:  # a decode row: its shape's pricer
+                    f = drows.get((b, k, ws)) or self._decode_row(b, k, ws)
+                    duration[j], flops[j], nbytes[j], compute_s[j] = f(c)
+                    continue
                 q = k + 1
                 dur = fl = by = cs = 0.0
                 if k:  # the draft decodes (spec and b > 0)
@@ -1216,6 +1222,36 @@ class Replica:
                     for j, v in zip(rows, vals.tolist(), strict=True):
                         col[j] = v
         return duration, flops, nbytes, compute_s
+
+    def _decode_row(self, b: int, k: int, ws: int) -> Callable:
+        """(duration, flops, bytes, compute_s) of a decode row of b sequences (k drafts each, ws weight
+        sets) at decoders' context sum c: _price's expressions for a row without prefill chunks (its
+        + 0.0 terms left out: they change no value here), with the shape's passes made once."""
+        cache = self._decode_rows
+        if len(cache) >= SHAPE_CACHE_MAX:
+            cache.clear()
+        q = k + 1
+        target = self._target_shapes.get((b * q, b * q, 1)) or self._shape_pass(
+            self._target_shapes, self.cfg.target_cost, b * q, b * q, 1)
+        half_bqq = b * q * q / 2.0
+        if not k:
+            def row(c):
+                tt, ft, bt, ct = target(c, q * c + half_bqq)
+                return 0.0 + tt, 0.0 + ft, 0.0 + bt, 0.0 + ct
+        else:
+            draft = self._draft_shapes.get((b, b, ws)) or self._shape_pass(
+                self._draft_shapes, self.cfg.draft_cost, b, b, ws)  # type: ignore[arg-type]
+            mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
+            half_b = b / 2.0
+
+            def row(c):
+                x = c + mean_extra
+                td, fd, bd, cd = draft(x, x + half_b)
+                tt, ft, bt, ct = target(c, q * c + half_bqq)
+                return (0.0 + k * td) + tt, (0.0 + k * fd) + ft, (0.0 + k * bd) + bt, (0.0 + k * cd) + ct
+
+        cache[(b, k, ws)] = row
+        return row
 
     @staticmethod
     def _shape_pass(cache: dict, cost: CostModel, tokens: int, logit_tokens: int, weight_sets: int) -> Callable:
