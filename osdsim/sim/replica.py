@@ -144,7 +144,9 @@ class IterationLog:
         import pandas as pd
 
         if self.cols[0]:  # column by column (from_records goes through object arrays)
-            df = pd.DataFrame({f: np.array(col) for f, col in zip(self.FIELDS, self.cols, strict=True)})
+            # (the kind strings as objects: pandas makes the same column of them, without a fixed-width copy)
+            df = pd.DataFrame({f: np.array(col, dtype=object) if f == "kind" else np.array(col)
+                               for f, col in zip(self.FIELDS, self.cols, strict=True)})
         else:
             df = pd.DataFrame.from_records([], columns=list(self.FIELDS))
         serve = (df["kind"] == "serve").to_numpy()
