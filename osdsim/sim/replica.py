@@ -37,7 +37,7 @@ from osdsim.specdec import optimal_k
 MACRO_MIN_STEPS = 4
 # Rows of one batch shape are priced with one array call (CostModel.pass_times) from this many on;
 # below it, numpy's per-call overhead exceeds the scalar pass_time calls it replaces.
-PRICE_ARRAY_MIN_ROWS = 10
+PRICE_ARRAY_MIN_ROWS = 64
 # Pass shapes a replica keeps priced ahead (Replica._shape_pass); past it the cache starts over.
 SHAPE_CACHE_MAX = 4096
 # The same with the arrival times known ahead: the horizon is rarely overshot, so short stretches pay.
@@ -919,10 +919,25 @@ class Replica:
             for j0, cj in joins:
                 for j in range(j0, m):
                     c_list[j] += cj if kk else cj + (j - j0)
-        c_sum = np.array(c_list, dtype=float) if m >= PRICE_ARRAY_MIN_ROWS else [float(x) for x in c_list]
         k_list = [kk if x else 0 for x in b_rows[:m]] if new or not b else [kk] * m
-        duration, flops, nbytes, compute_s = self._price(m, b_rows, k_list, c_sum, pf_tok, pf_ctx, pf_pairs,
-                                                         n_comp, [1] * m)
+        if m >= PRICE_ARRAY_MIN_ROWS:
+            duration, flops, nbytes, compute_s = self._price(m, b_rows, k_list, np.array(c_list, dtype=float), pf_tok,
+                                                             pf_ctx, pf_pairs, n_comp, [1] * m)
+        else:  # row by row: _price's single rows (decode rows by their shape's pricer)
+            drows = self._decode_rows
+            priced = []
+            last = f = None
+            for j in range(m):
+                bj = b_rows[j]
+                if pf_tok[j] or not bj:
+                    priced.append(self._price_row(bj, k_list[j], 1, float(c_list[j]), pf_tok[j], pf_ctx[j], pf_pairs[j],
+                                                  n_comp[j]))
+                    continue
+                if bj != last:
+                    f = drows.get((bj, kk, 1)) or self._decode_row(bj, kk, 1)
+                    last = bj
+                priced.append(f(float(c_list[j])))  # type: ignore[misc]
+            duration, flops, nbytes, compute_s = (list(x) for x in zip(*priced, strict=True))
         ends = []
         t = t0
         for d in duration:
@@ -1143,8 +1158,7 @@ class Replica:
         cfg = self.cfg
         dc = cfg.draft_cost
         tc = cfg.target_cost
-        tshapes, dshapes, drows = self._target_shapes, self._draft_shapes, self._decode_rows
-        chunk = cfg.chunk_tokens
+        drows = self._decode_rows
         if m < PRICE_ARRAY_MIN_ROWS:
             groups: list = [(None, j) for j in range(m)]  # every row alone
         elif not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m and wsets.count(wsets[0]) == m:
@@ -1175,36 +1189,8 @@ class Replica:
                     f = drows.get((b, k, ws)) or self._decode_row(b, k, ws)
                     duration[j], flops[j], nbytes[j], compute_s[j] = f(c)
                     continue
-                q = k + 1
-                dur = fl = by = cs = 0.0
-                if k:  # the draft decodes (spec and b > 0)
-                    mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
-                    f = dshapes.get((b, b, ws)) or self._shape_pass(dshapes, dc, b, b, ws)
-                    td, fd, bd, cd = f(c + mean_extra, c + mean_extra + b / 2.0)
-                    dur += k * td
-                    fl += k * fd
-                    by += k * bd
-                    cs += k * cd
-                    if pf_tok[j]:  # the draft prefills the same chunks to build its own KV cache
-                        if b * q + pf_tok[j] == chunk:  # a full chunk: the shape recurs
-                            f = dshapes.get((pf_tok[j], 0, 1)) or self._shape_pass(dshapes, dc, pf_tok[j], 0, 1)
-                            td, fd, bd, cd = f(pf_ctx[j], pf_pairs[j])
-                        else:  # a prompt's last chunk: a shape met once
-                            td, fd, bd, cd = self._draft_pass(pf_tok[j], 0, pf_ctx[j], pf_pairs[j])
-                        dur += td
-                        fl += fd
-                        by += bd
-                        cs += cd
-                key = (b * q + pf_tok[j], b * q + n_comp[j], 1)
-                if not pf_tok[j] or key[0] == chunk:  # decode only, or a full chunk: the shape recurs
-                    f = tshapes.get(key) or self._shape_pass(tshapes, tc, *key)
-                    tt, ft, bt, ct = f(c + pf_ctx[j], q * c + b * q * q / 2.0 + pf_pairs[j])
-                else:
-                    tt, ft, bt, ct = self._target_pass(key[0], key[1], c + pf_ctx[j], q * c + b * q * q / 2.0 + pf_pairs[j])
-                duration[j] = dur + tt
-                flops[j] = fl + ft
-                nbytes[j] = by + bt
-                compute_s[j] = cs + ct
+                duration[j], flops[j], nbytes[j], compute_s[j] = self._price_row(
+                    b, k, ws, c, pf_tok[j], pf_ctx[j], pf_pairs[j], n_comp[j])
                 continue
             b, k, ws = shape
             c = c_sum if rows is None else c_sum[rows]
@@ -1224,6 +1210,42 @@ class Replica:
                     for j, v in zip(rows, vals.tolist(), strict=True):
                         col[j] = v
         return duration, flops, nbytes, compute_s
+
+    def _price_row(self, b: int, k: int, ws: int, c: float, pf: int, pf_c: float, pf_p: float,
+                   comp: int) -> tuple[float, float, float, float]:
+        """(duration, flops, bytes, compute_s) of one iteration with b decoding sequences at context sum c
+        (k drafts each, ws weight sets) and pf prefill tokens (context pf_c, attention pairs pf_p,
+        completing comp prompts): the draft's k passes (+ its prefill of the chunks), then the target's
+        verify + prefill pass."""
+        dshapes, tshapes, chunk = self._draft_shapes, self._target_shapes, self.cfg.chunk_tokens
+        dc, tc = self.cfg.draft_cost, self.cfg.target_cost
+        q = k + 1
+        dur = fl = by = cs = 0.0
+        if k:  # the draft decodes (spec and b > 0)
+            mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
+            f = dshapes.get((b, b, ws)) or self._shape_pass(dshapes, dc, b, b, ws)
+            td, fd, bd, cd = f(c + mean_extra, c + mean_extra + b / 2.0)
+            dur += k * td
+            fl += k * fd
+            by += k * bd
+            cs += k * cd
+            if pf:  # the draft prefills the same chunks to build its own KV cache
+                if b * q + pf == chunk:  # a full chunk: the shape recurs
+                    f = dshapes.get((pf, 0, 1)) or self._shape_pass(dshapes, dc, pf, 0, 1)
+                    td, fd, bd, cd = f(pf_c, pf_p)
+                else:  # a prompt's last chunk: a shape met once
+                    td, fd, bd, cd = self._draft_pass(pf, 0, pf_c, pf_p)
+                dur += td
+                fl += fd
+                by += bd
+                cs += cd
+        key = (b * q + pf, b * q + comp, 1)
+        if not pf or key[0] == chunk:  # decode only, or a full chunk: the shape recurs
+            f = tshapes.get(key) or self._shape_pass(tshapes, tc, *key)
+            tt, ft, bt, ct = f(c + pf_c, q * c + b * q * q / 2.0 + pf_p)
+        else:
+            tt, ft, bt, ct = self._target_pass(key[0], key[1], c + pf_c, q * c + b * q * q / 2.0 + pf_p)
+        return dur + tt, fl + ft, by + bt, cs + ct
 
     def _decode_row(self, b: int, k: int, ws: int) -> Callable:
         """(duration, flops, bytes, compute_s) of a decode row of b sequences (k drafts each, ws weight
