@@ -306,6 +306,7 @@ class Replica:
         # counts a running chain holds back until the clock reaches its end.
         self._ahead_clock: list[float] | None = None
         self._ahead_rid_list: list[int] = []
+        self._ahead_need: list[int] = []
         self._submitted = 0
         self._done_later: list[int] | None = None
 
@@ -323,6 +324,7 @@ class Replica:
         if clock is not None and determined and tokens_ok:
             self._ahead_clock = clock.tolist()
             self._ahead_rid_list = rids.tolist()
+            self._ahead_need = (t.prompt[rids] + t.output[rids] + self.lookahead).tolist()  # KV each reserves
 
     # --- α view ------------------------------------------------------------------------------------
     def refresh_alpha(self) -> None:
@@ -937,7 +939,7 @@ class Replica:
                     f = drows.get((bj, kk, 1)) or self._decode_row(bj, kk, 1)
                     last = bj
                 priced.append(f(float(c_list[j])))  # type: ignore[misc]
-            duration, flops, nbytes, compute_s = (list(x) for x in zip(*priced, strict=True))
+            duration, flops, nbytes, compute_s = map(list, zip(*priced, strict=True))
         ends = []
         t = t0
         for d in duration:
@@ -1040,8 +1042,7 @@ class Replica:
         clock = self._ahead_clock
         if not self._row_s or self.waiting or self.n >= self.cfg.max_batch or i >= len(clock):  # type: ignore[arg-type]
             return CHAIN_MAX_ROWS
-        rid = self._ahead_rid_list[i]
-        need = int(self.table.prompt[rid] + self.table.output[rid]) + self.lookahead
+        need = self._ahead_need[i]
         if self.kv_free < need <= self.cfg.kv_capacity:  # it will wait for a finish
             return CHAIN_MAX_ROWS
         return int((clock[i] - t0) / (ROW_S_MARGIN * self._row_s)) + ROW_EXTRA  # type: ignore[index]
@@ -1059,8 +1060,7 @@ class Replica:
             if ends[j] == c:
                 return j, True
             if not blocked:
-                rid = self._ahead_rid_list[i]
-                need = int(self.table.prompt[rid] + self.table.output[rid]) + self.lookahead
+                need = self._ahead_need[i]
                 if need <= self.kv_free or need > self.cfg.kv_capacity:
                     m = j + 1
                 blocked = True  # it heads the queue from here on: those behind it wait
