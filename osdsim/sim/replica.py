@@ -281,14 +281,15 @@ class Replica:
         self.spec = cfg.draft_cost is not None
         self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
         self.placement = cfg.placement
-        # Passes priced one at a time (CostModel.scalar_pass_time: pass_time's bits, fewer calls), and
-        # for shapes that recur (decode rows, full prefill chunks): per shape (tokens, logit tokens, weight sets), a function of the
-        # context and pairs (CostModel.shape_pass_time: pass_time's bits), one per shape met (_shape_pass).
+        # Passes priced one at a time (CostModel.scalar_pass_time: pass_time's bits, fewer calls); shapes
+        # that recur (decode rows, full prefill chunks) through one function of the context and pairs per
+        # (tokens, logit tokens, weight sets) met (CostModel.shape_pass_time, the same bits; _shape_pass),
+        # and decode rows through one pricer per (b, k, weight sets) (_decode_row).
         self._target_pass = cfg.target_cost.scalar_pass_time()
         self._draft_pass = cfg.draft_cost.scalar_pass_time() if cfg.draft_cost is not None else None
         self._target_shapes: dict[tuple[int, int, int], Callable] = {}
         self._draft_shapes: dict[tuple[int, int, int], Callable] = {}
-        self._decode_rows: dict[tuple[int, int, int], Callable] = {}  # per (b, k, weight sets): _decode_row
+        self._decode_rows: dict[tuple[int, int, int], Callable] = {}
         # Stretches (see _stretch): several iterations in one event when the law can draw them at
         # once and α cannot change mid-stretch (no trainer publishing asynchronously).
         self._macro_len = float(cfg.macro_steps)  # moving average of iterations per stretch
