@@ -318,6 +318,82 @@ class CostModel:
 
         return pass_time
 
+    def shape_pass_time(self, tokens, logit_tokens, weight_sets=1):
+        """pass_time at one pass shape (tokens, logit tokens, weight sets) as a function of the context
+        and attention pairs only: every term that depends on the shape alone (η, weight reads, the GEMM
+        roofline when attention is its own kernel, overheads) is evaluated once, by the expressions of
+        scalar_pass_time in the same order, so f(c, p) returns pass_time(tokens, logit_tokens, c, p,
+        weight_sets) bit for bit (the simulator keeps one per batch shape it meets)."""
+        if tokens <= 0:
+            def zero(context_tokens, attention_pairs):
+                return 0.0, 0.0, 0.0, 0.0
+
+            return zero
+        fpp, kvpt = self._flops_per_pair, self._kv_bytes_per_token
+        c = self._coefs
+        peak, eff_bw, kvx, gpu, p = c.peak, c.eff_bw, c.kv_extra_s_per_byte, c.gpu, c.sharpness
+        att_peak, kv_bw, nongemm = c.attention_peak, c.kv_bw, c.nongemm
+        fixed, comm_fixed = self._fixed_s, self._comm_fixed
+        gemm_flops = self._flops_per_token * tokens + self._flops_per_logit * logit_tokens
+        weights = weight_sets * self._weight_bytes
+        if tokens <= self._gemv_max:
+            weights *= tokens
+            eta = self._eta_max
+        else:
+            eta = self._eta_max * tokens / (tokens + self._t_half)
+        act_bytes = self._act_bytes_per_token * tokens
+        logit_bytes = self._logit_bytes * logit_tokens
+        peak_eta = peak * eta
+        comm_tokens = self._comm_per_token * tokens
+        per_seq = self._per_seq_s
+        seq_s = per_seq * logit_tokens
+        ngmin = self._nongemm_min
+        nongemm_s = self._nongemm_s_per_token * (tokens if tokens > ngmin else ngmin)
+
+        if not gpu:
+            def classic(context_tokens, attention_pairs):
+                flops = gemm_flops + fpp * attention_pairs
+                kv_bytes = kvpt * (context_tokens + tokens)
+                nbytes = weights + kv_bytes + act_bytes + logit_bytes
+                compute_s = flops / peak_eta
+                memory_s = nbytes / eff_bw + kv_bytes * kvx
+                time_s = (memory_s if memory_s > compute_s else compute_s) + fixed + comm_fixed + comm_tokens
+                if per_seq:
+                    time_s = time_s + seq_s
+                return time_s, flops, nbytes, compute_s
+
+            return classic
+        if att_peak is not None:  # the GEMMs' roofline does not depend on the context: once
+            gemm_bytes = weights + logit_bytes
+            mem_bytes = gemm_bytes if nongemm else gemm_bytes + act_bytes
+            gemm_s = gemm_flops / peak_eta
+            memory_s = mem_bytes / eff_bw
+            core0 = max(gemm_s, memory_s)
+            if p is not None:
+                lo = gemm_s + memory_s - core0
+                core0 = core0 * (1.0 + (lo / (core0 + 1e-300)) ** p) ** (1.0 / p)
+
+            def kernels(context_tokens, attention_pairs):
+                att_flops = fpp * attention_pairs
+                kv_bytes = kvpt * (context_tokens + tokens)
+                att_c = att_flops / att_peak
+                att_m = kv_bytes / kv_bw
+                core = core0 + (att_m if att_m > att_c else att_c)  # max(att_c, att_m)
+                if nongemm:
+                    core = core + nongemm_s
+                time_s = core + fixed + comm_fixed + comm_tokens
+                if per_seq:
+                    time_s = time_s + seq_s
+                return time_s, gemm_flops + att_flops, weights + kv_bytes + act_bytes + logit_bytes, gemm_s + att_c
+
+            return kernels
+        shared = self.scalar_pass_time()  # the shared roofline's every term reads the context
+
+        def general(context_tokens, attention_pairs):
+            return shared(tokens, logit_tokens, context_tokens, attention_pairs, weight_sets)
+
+        return general
+
     def pass_times(
         self, tokens: float, logit_tokens: float, context_tokens: np.ndarray, attention_pairs: np.ndarray,
         weight_sets: int = 1,

@@ -37,7 +37,9 @@ from osdsim.specdec import optimal_k
 MACRO_MIN_STEPS = 4
 # Rows of one batch shape are priced with one array call (CostModel.pass_times) from this many on;
 # below it, numpy's per-call overhead exceeds the scalar pass_time calls it replaces.
-PRICE_ARRAY_MIN_ROWS = 10
+PRICE_ARRAY_MIN_ROWS = 64
+# Pass shapes a replica keeps priced ahead (Replica._shape_pass); past it the cache starts over.
+SHAPE_CACHE_MAX = 4096
 # The same with the arrival times known ahead: the horizon is rarely overshot, so short stretches pay.
 MACRO_ARRIVALS_MIN_STEPS = 2
 # Memory of the moving average of stretch lengths (only arrivals cut stretches): new = KEEP·old + (1 − KEEP)·last.
@@ -121,16 +123,30 @@ class IterationLog:
         for col, v in zip(self.cols, rec, strict=True):
             col.append(v)
 
-    def extend(self, *cols) -> None:
+    def extend(self, t, dur, n, pf, emitted, k, alpha, flops, nbytes, busy, spare, used, kind) -> None:
         """The iterations of one stretch: a sequence per field (no tuple per iteration to build)."""
-        for col, vals in zip(self.cols, cols, strict=True):
-            col.extend(vals)
+        c = self.cols
+        c[0].extend(t)
+        c[1].extend(dur)
+        c[2].extend(n)
+        c[3].extend(pf)
+        c[4].extend(emitted)
+        c[5].extend(k)
+        c[6].extend(alpha)
+        c[7].extend(flops)
+        c[8].extend(nbytes)
+        c[9].extend(busy)
+        c[10].extend(spare)
+        c[11].extend(used)
+        c[12].extend(kind)
 
     def frame(self):
         import pandas as pd
 
         if self.cols[0]:  # column by column (from_records goes through object arrays)
-            df = pd.DataFrame({f: np.array(col) for f, col in zip(self.FIELDS, self.cols, strict=True)})
+            # (the kind strings as objects: pandas makes the same column of them, without a fixed-width copy)
+            df = pd.DataFrame({f: np.array(col, dtype=object) if f == "kind" else np.array(col)
+                               for f, col in zip(self.FIELDS, self.cols, strict=True)})
         else:
             df = pd.DataFrame.from_records([], columns=list(self.FIELDS))
         serve = (df["kind"] == "serve").to_numpy()
@@ -265,9 +281,15 @@ class Replica:
         self.spec = cfg.draft_cost is not None
         self.lookahead = (cfg.k or cfg.k_max) if self.spec else 0
         self.placement = cfg.placement
-        # Passes priced one at a time (CostModel.scalar_pass_time: pass_time's bits, fewer calls).
+        # Passes priced one at a time (CostModel.scalar_pass_time: pass_time's bits, fewer calls); shapes
+        # that recur (decode rows, full prefill chunks) through one function of the context and pairs per
+        # (tokens, logit tokens, weight sets) met (CostModel.shape_pass_time, the same bits; _shape_pass),
+        # and decode rows through one pricer per (b, k, weight sets) (_decode_row).
         self._target_pass = cfg.target_cost.scalar_pass_time()
         self._draft_pass = cfg.draft_cost.scalar_pass_time() if cfg.draft_cost is not None else None
+        self._target_shapes: dict[tuple[int, int, int], Callable] = {}
+        self._draft_shapes: dict[tuple[int, int, int], Callable] = {}
+        self._decode_rows: dict[tuple[int, int, int], Callable] = {}
         # Stretches (see _stretch): several iterations in one event when the law can draw them at
         # once and α cannot change mid-stretch (no trainer publishing asynchronously).
         self._macro_len = float(cfg.macro_steps)  # moving average of iterations per stretch
@@ -285,6 +307,7 @@ class Replica:
         # counts a running chain holds back until the clock reaches its end.
         self._ahead_clock: list[float] | None = None
         self._ahead_rid_list: list[int] = []
+        self._ahead_need: list[int] = []
         self._submitted = 0
         self._done_later: list[int] | None = None
 
@@ -302,6 +325,7 @@ class Replica:
         if clock is not None and determined and tokens_ok:
             self._ahead_clock = clock.tolist()
             self._ahead_rid_list = rids.tolist()
+            self._ahead_need = (t.prompt[rids] + t.output[rids] + self.lookahead).tolist()  # KV each reserves
 
     # --- α view ------------------------------------------------------------------------------------
     def refresh_alpha(self) -> None:
@@ -788,78 +812,135 @@ class Replica:
 
     def _chain_run(self, t0: float, b: int, rows_max: int, i_next: int,
                    durs: list[float]) -> tuple[float, int, int, bool]:
-        """Iterations from t0 while the batch's membership holds: slots [0, b) decode, [b, n) prefill.
+        """Iterations from t0 while nobody joins or leaves the batch: slots [0, b) decode, [b, n) prefill.
         Returns (its end, decoding sequences after it, iterations, whether the chain stops there).
 
-        It ends with the first iteration where a sequence finishes or a prompt completes (both join
-        or leave the decoding set after it), or the one in flight when an arrival that can be
-        admitted (or rejected) comes; it stops the chain short of an iteration whose end is an
-        arrival's instant (the event queue orders those). Decoding rows draw their accepted lengths
-        row by row over the decoding slots in slot order, the stream one iteration at a time draws;
-        what is drawn and not run waits for the next (see _exponentials)."""
+        It ends with the first iteration where a sequence finishes, or the one in flight when an
+        arrival that can be admitted (or rejected) comes; it stops the chain short of an iteration
+        whose end is an arrival's instant (the event queue orders those). A prompt that completes
+        (FIFO: the first prefilling slot) emits its first token at that iteration's end and decodes
+        from the next one on, so the decoding set grows within a run and stays a prefix of the
+        slots. Decoding rows draw their accepted lengths row by row over the decoding slots in slot
+        order, the stream one iteration at a time draws; what is drawn and not run waits for the
+        next (see _exponentials)."""
         cfg = self.cfg
         n = self.n
-        kk = cfg.k if self.spec and b else 0
+        kk = cfg.k if self.spec else 0
         out_dec = self.out_left[:b]
         out_min = min(out_dec.tolist()) if b else rows_max
         cap = min(rows_max, out_min, self._rows_hint(t0, i_next))  # each row emits ≥ 1 per sequence
-        # Prefill chunks, row by row, until a prompt completes (the chunks are deterministic).
-        left = self.pf_left[b:n].tolist()
-        ctxs = self.ctx[b:n].tolist()
-        active = list(range(n - b))
-        budget = cfg.chunk_tokens - b * (kk + 1)
+        # Prefill chunks, row by row (deterministic), with the decoding count of each row: a prompt that
+        # completes decodes from the next row on (in slot order: FIFO completes the first ones first).
+        b_rows: list[int] = []
         pf_tok: list[int] = []
         pf_ctx: list[float] = []
         pf_pairs: list[float] = []
         n_comp: list[int] = []
         chunks: list[list] = []
-        completes = False
-        while active and len(pf_tok) < cap:
-            tok, c_sum, pairs, got = _prefill_row(active, left, ctxs, budget)
-            if not tok:  # the decoders take the whole budget: no chunk fits until one finishes
-                break
-            comp = sum(1 for p, _ in got if not left[p])
-            pf_tok.append(tok)
-            pf_ctx.append(float(c_sum))
-            pf_pairs.append(pairs)
-            n_comp.append(comp)
-            chunks.append(got)
-            if comp:
-                completes = True
-                cap = len(pf_tok)
+        new: list[tuple[int, int]] = []  # (prefilling slot p, row where its prompt completes)
+        b_r = b
+        if n > b:
+            left = self.pf_left[b:n].tolist()
+            ctxs = self.ctx[b:n].tolist()
+            outs = self.out_left[b:n].tolist()
+            active = list(range(n - b))
+            chunk = cfg.chunk_tokens
+            q = kk + 1
+            while active and len(pf_tok) < cap:
+                tok, c_sum, pairs, got = _prefill_row(active, left, ctxs, chunk - b_r * (q if b_r else 1))
+                if not tok:  # the decoders take the whole budget: no chunk fits until one finishes
+                    break
+                j = len(pf_tok)
+                b_rows.append(b_r)
+                pf_tok.append(tok)
+                pf_ctx.append(float(c_sum))
+                pf_pairs.append(pairs)
+                chunks.append(got)
+                comp = 0
+                for p, _ in got:
+                    if not left[p]:
+                        comp += 1
+                        new.append((p, j))
+                        if outs[p] <= 1:  # its only output token is the first: it finishes here
+                            cap = j + 1
+                        elif not kk:  # no-spec: it emits one token a row from the next row on
+                            cap = min(cap, j + outs[p])
+                n_comp.append(comp)
+                if comp:
+                    active = [p for p in active if left[p]]
+                    b_r += comp
         rest = cap - len(pf_tok)
-        if rest:
+        if rest > 0:
+            b_rows.extend([b_r] * rest)
             pf_tok.extend([0] * rest)
             pf_ctx.extend([0.0] * rest)
             pf_pairs.extend([0.0] * rest)
             n_comp.extend([0] * rest)
-        # Decoding rows: accepted lengths and the first finish (no-spec: every row emits one token).
         m = cap
+        big = b_r  # decoding slots by the last row: [0, big)
+        # Contexts of the completed prompts as they start decoding (prompt + first token), from the row after.
+        joins = [(j + 1, ctxs[p] + 1) for p, j in new] if new else []
         c0 = sum(self.ctx[:b].tolist())
-        a = cum = None
-        m_fin = out_min  # the row count at whose end a decoder finishes (no-spec: the shortest)
-        if kk:
-            inv = self._inv_neg_log_alpha[self.dom[:b]]
+        a = cum = mask = None
+        m_fin = out_min if b else m + 1  # the row count at whose end a decoder finishes (none: m + 1)
+        if new and not kk:
+            m_fin = min([m_fin, *(j + outs[p] for p, j in new)])
+        if kk and big:
+            inv = self._inv_neg_log_alpha[self.dom[:big]]
+            out_eff = self.out_left[:big]
+            if new:
+                out_eff = out_eff.copy()
+                out_eff[b:] -= 1  # after the first token
+                b_arr = np.array(b_rows)
+                mask_all = np.arange(big) < b_arr[:, None]  # decoding cells (rows × slots)
             rows = min(m, 2 * (out_min // (kk + 1)) + 4)  # the first finish is likely before (else: more)
             while True:
-                e = self._exponentials(rows * b).reshape(rows, b)
-                a = np.minimum(e * inv, kk).astype(np.int64)
-                cum = np.cumsum(a + 1, axis=0)
-                done_rows = (cum >= out_dec).any(axis=1)
-                if done_rows.any():
-                    m = m_fin = int(np.argmax(done_rows)) + 1
+                if new:
+                    mask = mask_all[:rows]
+                    e = np.zeros((rows, big))
+                    e[mask] = self._exponentials(sum(b_rows[:rows]))
+                    a = np.minimum(e * inv, kk).astype(np.int64)
+                    cum = np.add.accumulate(a + mask, axis=0)
+                else:
+                    e = self._exponentials(rows * b).reshape(rows, b)
+                    a = np.minimum(e * inv, kk).astype(np.int64)
+                    cum = np.add.accumulate(a + 1, axis=0)
+                done_rows = np.logical_or.reduce(cum >= out_eff, axis=1)
+                first = int(done_rows.argmax())
+                if done_rows[first]:
+                    m = m_fin = first + 1
                     break
                 if rows == m:
-                    m_fin = 0
+                    m_fin = m + 1
                     break
                 rows = min(m, 2 * rows)
             emitted = np.add.reduce(cum[:m], axis=1).tolist()  # by the decoders up to each row's end
-            c_sum = np.array([c0, *[c0 + x for x in emitted[:-1]]], dtype=float)
+            c_list = [c0, *[c0 + x for x in emitted[:-1]]]
         else:
-            c_sum = (c0 + b * np.arange(m)).astype(float)
-        b_list = [b] * m
-        duration, flops, nbytes, compute_s = self._price(m, b_list, [kk] * m, c_sum, pf_tok, pf_ctx, pf_pairs,
-                                                         n_comp, [1] * m)
+            c_list = [c0 + b * j for j in range(m)]
+        if joins:  # a joining sequence adds its context and what it emitted since (no-spec: one a row)
+            for j0, cj in joins:
+                for j in range(j0, m):
+                    c_list[j] += cj if kk else cj + (j - j0)
+        k_list = [kk if x else 0 for x in b_rows[:m]] if new or not b else [kk] * m
+        if m >= PRICE_ARRAY_MIN_ROWS:
+            duration, flops, nbytes, compute_s = self._price(m, b_rows, k_list, np.array(c_list, dtype=float), pf_tok,
+                                                             pf_ctx, pf_pairs, n_comp, [1] * m)
+        else:  # row by row: _price's single rows (decode rows by their shape's pricer)
+            drows = self._decode_rows
+            priced = []
+            last = f = None
+            for j in range(m):
+                bj = b_rows[j]
+                if pf_tok[j] or not bj:
+                    priced.append(self._price_row(bj, k_list[j], 1, float(c_list[j]), pf_tok[j], pf_ctx[j], pf_pairs[j],
+                                                  n_comp[j]))
+                    continue
+                if bj != last:
+                    f = drows.get((bj, kk, 1)) or self._decode_row(bj, kk, 1)
+                    last = bj
+                priced.append(f(float(c_list[j])))  # type: ignore[misc]
+            duration, flops, nbytes, compute_s = map(list, zip(*priced, strict=True))
         ends = []
         t = t0
         for d in duration:
@@ -870,7 +951,9 @@ class Replica:
         m, stop = self._arrival_cut(ends, m, i_next)
         if not m:
             return t0, b, 0, True
-        completes = completes and m == cap
+        if new:
+            new = [(p, j) for p, j in new if j < m]
+        b_end = b + len(new)  # decoding after the rows run (before finishes)
         # Book the rows run.
         dur = duration[:m]
         durs.extend(dur)
@@ -879,49 +962,75 @@ class Replica:
             busy += d
         self.busy_s = busy
         self._row_s = min(dur)
-        if kk:
-            self._consume(m * b)
-            tot = cum[m - 1]  # type: ignore[index]
-            self.s_accepted[:b] += tot - m  # cum sums a + 1
-            self.s_proposed[:b] += kk * m
-            self.s_rejections[:b] += np.add.reduce(a[:m] < kk, axis=0)  # type: ignore[index]
+        finishes = m == m_fin
+        if kk and big:
+            if new:
+                steps = np.add.reduce(mask_all[:m, :b_end], axis=0)
+                self._consume(sum(b_rows[:m]))
+            else:
+                steps = m
+                self._consume(m * b)
+            cm = cum[m - 1, :b_end]  # type: ignore[index]
+            self.s_accepted[:b_end] += cm - steps  # cum sums a + 1
+            self.s_proposed[:b_end] += kk * steps
+            rej = a[:m, :b_end] < kk  # type: ignore[index]
+            if new:
+                rej &= mask_all[:m, :b_end]
+            self.s_rejections[:b_end] += np.add.reduce(rej, axis=0)
             sums = emitted[:m]
-            if m == m_fin:  # the finishing row emits no more than each sequence has left
-                tot = np.minimum(tot, out_dec)
+            tot = cm
+            if finishes:  # the finishing row emits no more than each sequence has left
+                tot = np.minimum(cm, out_eff[:b_end])
                 sums[m - 1] = int(np.add.reduce(tot))
             per_row = [x - y for x, y in zip(sums, [0, *sums[:-1]], strict=True)]
         else:
-            tot = m
-            per_row = b_list[:m]
-        if b:
-            self.out_left[:b] -= tot
-            self.ctx[:b] += tot
-            self.s_emitted[:b] += tot
-            self.s_steps[:b] += m
+            steps = tot = m
+            if new:
+                tot = np.array([m] * b + [m - 1 - j for _, j in new])
+                steps = tot
+            per_row = b_rows[:m]
+        if b_end:
+            self.out_left[:b_end] -= tot
+            self.ctx[:b_end] += tot
+            self.s_emitted[:b_end] += tot
+            self.s_steps[:b_end] += steps
+        pf_left, ctx = self.pf_left, self.ctx
         for got in chunks[:m]:
             for p, al in got:
-                self.pf_left[b + p] -= al
-                self.ctx[b + p] += al
-        end = ends[m - 1]
-        finishes = bool(b) and m == m_fin
-        firsts = 0
-        if completes:  # the prompts completed in the last row emit their first token
-            for p, _ in chunks[m - 1]:
-                if not left[p]:
-                    i = b + p
-                    self.out_left[i] -= 1
-                    self.ctx[i] += 1
-                    self.s_emitted[i] += 1
-                    self.table.first_token[self.rid[i]] = end
-                    firsts += 1
-                    finishes = finishes or not self.out_left[i]  # its only output token
-            self.n_prefill -= firsts
-            per_row[m - 1] += firsts
-        alpha_mean = float(np.add.reduce(self.alpha_by_domain[self.dom[:b]])) / b if self.spec and b else np.nan
-        self.log.extend([t0, *ends[: m - 1]], dur, b_list[:m], pf_tok[:m], per_row, [kk] * m,
-                        [alpha_mean] * m, flops[:m], nbytes[:m], compute_s[:m], [0.0] * m, [0.0] * m,
+                pf_left[b + p] -= al
+                ctx[b + p] += al
+        if new:  # the prompts completed emit their first token at their row's end
+            per_row = list(per_row)
+            out_left, emitted_s, first_token, rid = self.out_left, self.s_emitted, self.table.first_token, self.rid
+            for p, j in new:
+                i = b + p
+                out_left[i] -= 1
+                ctx[i] += 1
+                emitted_s[i] += 1
+                first_token[rid[i]] = ends[j]
+                per_row[j] += 1
+                if not out_left[i]:  # its only output token (then j = m − 1)
+                    finishes = True
+            self.n_prefill -= len(new)
+        b_list = b_rows[:m]
+        if self.spec:
+            am = self.alpha_by_domain
+            dom = self.dom
+            alpha_mean = []
+            last = -1
+            val = np.nan
+            for x in b_list:
+                if x != last:
+                    val = float(np.add.reduce(am[dom[:x]])) / x if x else np.nan
+                    last = x
+                alpha_mean.append(val)
+        else:
+            alpha_mean = [np.nan] * m
+        self.log.extend([t0, *ends[: m - 1]], dur, b_list, pf_tok[:m], per_row, k_list[:m],
+                        alpha_mean, flops[:m], nbytes[:m], compute_s[:m], [0.0] * m, [0.0] * m,
                         ["serve"] * m)
-        b_after = b + firsts
+        end = ends[m - 1]
+        b_after = b_end
         if finishes:
             finished = np.flatnonzero(self.out_left[:n] <= 0)
             self._finish(finished, end)
@@ -934,8 +1043,7 @@ class Replica:
         clock = self._ahead_clock
         if not self._row_s or self.waiting or self.n >= self.cfg.max_batch or i >= len(clock):  # type: ignore[arg-type]
             return CHAIN_MAX_ROWS
-        rid = self._ahead_rid_list[i]
-        need = int(self.table.prompt[rid] + self.table.output[rid]) + self.lookahead
+        need = self._ahead_need[i]
         if self.kv_free < need <= self.cfg.kv_capacity:  # it will wait for a finish
             return CHAIN_MAX_ROWS
         return int((clock[i] - t0) / (ROW_S_MARGIN * self._row_s)) + ROW_EXTRA  # type: ignore[index]
@@ -953,8 +1061,7 @@ class Replica:
             if ends[j] == c:
                 return j, True
             if not blocked:
-                rid = self._ahead_rid_list[i]
-                need = int(self.table.prompt[rid] + self.table.output[rid]) + self.lookahead
+                need = self._ahead_need[i]
                 if need <= self.kv_free or need > self.cfg.kv_capacity:
                     m = j + 1
                 blocked = True  # it heads the queue from here on: those behind it wait
@@ -1052,7 +1159,7 @@ class Replica:
         cfg = self.cfg
         dc = cfg.draft_cost
         tc = cfg.target_cost
-        draft_pass, target_pass = self._draft_pass, self._target_pass
+        drows = self._decode_rows
         if m < PRICE_ARRAY_MIN_ROWS:
             groups: list = [(None, j) for j in range(m)]  # every row alone
         elif not any(pf_tok) and b_list[0] and b_list.count(b_list[0]) == m and wsets.count(wsets[0]) == m:
@@ -1079,27 +1186,12 @@ class Replica:
                 j = rows
                 b, k, ws = b_list[j], k_list[j], wsets[j]
                 c = float(c_sum[j])
-                q = k + 1
-                dur = fl = by = cs = 0.0
-                if k:  # the draft decodes (spec and b > 0)
-                    mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
-                    td, fd, bd, cd = draft_pass(b, b, c + mean_extra, c + mean_extra + b / 2.0, ws)
-                    dur += k * td
-                    fl += k * fd
-                    by += k * bd
-                    cs += k * cd
-                    if pf_tok[j]:  # the draft prefills the same chunks to build its own KV cache
-                        td, fd, bd, cd = draft_pass(pf_tok[j], 0, pf_ctx[j], pf_pairs[j])
-                        dur += td
-                        fl += fd
-                        by += bd
-                        cs += cd
-                tt, ft, bt, ct = target_pass(b * q + pf_tok[j], b * q + n_comp[j], c + pf_ctx[j],
-                                              q * c + b * q * q / 2.0 + pf_pairs[j])
-                duration[j] = dur + tt
-                flops[j] = fl + ft
-                nbytes[j] = by + bt
-                compute_s[j] = cs + ct
+                if b and not pf_tok[j]:  # a decode row: its shape's pricer
+                    f = drows.get((b, k, ws)) or self._decode_row(b, k, ws)
+                    duration[j], flops[j], nbytes[j], compute_s[j] = f(c)
+                    continue
+                duration[j], flops[j], nbytes[j], compute_s[j] = self._price_row(
+                    b, k, ws, c, pf_tok[j], pf_ctx[j], pf_pairs[j], n_comp[j])
                 continue
             b, k, ws = shape
             c = c_sum if rows is None else c_sum[rows]
@@ -1119,6 +1211,81 @@ class Replica:
                     for j, v in zip(rows, vals.tolist(), strict=True):
                         col[j] = v
         return duration, flops, nbytes, compute_s
+
+    def _price_row(self, b: int, k: int, ws: int, c: float, pf: int, pf_c: float, pf_p: float,
+                   comp: int) -> tuple[float, float, float, float]:
+        """(duration, flops, bytes, compute_s) of one iteration with b decoding sequences at context sum c
+        (k drafts each, ws weight sets) and pf prefill tokens (context pf_c, attention pairs pf_p,
+        completing comp prompts): the draft's k passes (+ its prefill of the chunks), then the target's
+        verify + prefill pass."""
+        dshapes, tshapes, chunk = self._draft_shapes, self._target_shapes, self.cfg.chunk_tokens
+        dc, tc = self.cfg.draft_cost, self.cfg.target_cost
+        q = k + 1
+        dur = fl = by = cs = 0.0
+        if k:  # the draft decodes (spec and b > 0)
+            mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
+            f = dshapes.get((b, b, ws)) or self._shape_pass(dshapes, dc, b, b, ws)
+            td, fd, bd, cd = f(c + mean_extra, c + mean_extra + b / 2.0)
+            dur += k * td
+            fl += k * fd
+            by += k * bd
+            cs += k * cd
+            if pf:  # the draft prefills the same chunks to build its own KV cache
+                if b * q + pf == chunk:  # a full chunk: the shape recurs
+                    f = dshapes.get((pf, 0, 1)) or self._shape_pass(dshapes, dc, pf, 0, 1)
+                    td, fd, bd, cd = f(pf_c, pf_p)
+                else:  # a prompt's last chunk: a shape met once
+                    td, fd, bd, cd = self._draft_pass(pf, 0, pf_c, pf_p)
+                dur += td
+                fl += fd
+                by += bd
+                cs += cd
+        key = (b * q + pf, b * q + comp, 1)
+        if not pf or key[0] == chunk:  # decode only, or a full chunk: the shape recurs
+            f = tshapes.get(key) or self._shape_pass(tshapes, tc, *key)
+            tt, ft, bt, ct = f(c + pf_c, q * c + b * q * q / 2.0 + pf_p)
+        else:
+            tt, ft, bt, ct = self._target_pass(key[0], key[1], c + pf_c, q * c + b * q * q / 2.0 + pf_p)
+        return dur + tt, fl + ft, by + bt, cs + ct
+
+    def _decode_row(self, b: int, k: int, ws: int) -> Callable:
+        """(duration, flops, bytes, compute_s) of a decode row of b sequences (k drafts each, ws weight
+        sets) at decoders' context sum c: _price's expressions for a row without prefill chunks (its
+        + 0.0 terms left out: they change no value here), with the shape's passes made once."""
+        cache = self._decode_rows
+        if len(cache) >= SHAPE_CACHE_MAX:
+            cache.clear()
+        q = k + 1
+        target = self._target_shapes.get((b * q, b * q, 1)) or self._shape_pass(
+            self._target_shapes, self.cfg.target_cost, b * q, b * q, 1)
+        half_bqq = b * q * q / 2.0
+        if not k:
+            def row(c):
+                tt, ft, bt, ct = target(c, q * c + half_bqq)
+                return 0.0 + tt, 0.0 + ft, 0.0 + bt, 0.0 + ct
+        else:
+            draft = self._draft_shapes.get((b, b, ws)) or self._shape_pass(
+                self._draft_shapes, self.cfg.draft_cost, b, b, ws)  # type: ignore[arg-type]
+            mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
+            half_b = b / 2.0
+
+            def row(c):
+                x = c + mean_extra
+                td, fd, bd, cd = draft(x, x + half_b)
+                tt, ft, bt, ct = target(c, q * c + half_bqq)
+                return (0.0 + k * td) + tt, (0.0 + k * fd) + ft, (0.0 + k * bd) + bt, (0.0 + k * cd) + ct
+
+        cache[(b, k, ws)] = row
+        return row
+
+    @staticmethod
+    def _shape_pass(cache: dict, cost: CostModel, tokens: int, logit_tokens: int, weight_sets: int) -> Callable:
+        """The pass function of one shape (CostModel.shape_pass_time), kept in `cache` (bounded: shapes
+        with prefill chunks of every size come and go)."""
+        if len(cache) >= SHAPE_CACHE_MAX:
+            cache.clear()
+        f = cache[(tokens, logit_tokens, weight_sets)] = cost.shape_pass_time(tokens, logit_tokens, weight_sets)
+        return f
 
     def _joins_queue_now(self) -> bool:
         """Whether the request that just arrived mid-stretch (the queue's tail) can neither be admitted
@@ -1143,6 +1310,17 @@ class Replica:
         if now is None:
             now = self.env.now
         n = self.n
+        if finished.size == 1 and not self.distillers and t.on_release is None:  # the usual case, in scalars
+            f = int(finished[0])
+            rid = int(self.rid[f])
+            t.finish[rid] = now
+            t.counters[:, rid] = self._slots[6:, f]  # s_steps .. s_emitted
+            self.kv_free += int(self.kv_res[f])
+            self._slots[:, f:n - 1] = self._slots[:, f + 1:n]
+            self.n = n - 1
+            self.outstanding -= 1
+            self._mark_done(1)
+            return
         rids = self.rid[finished]
         t.finish[rids] = now
         t.counters[:, rids] = self._slots[6:, finished]  # s_steps .. s_emitted

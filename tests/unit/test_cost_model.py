@@ -89,6 +89,25 @@ def test_scalar_pass_time_closure_gives_pass_time_bit_for_bit(profile):
             assert fast(tokens, logits, ctx, pairs) == cm.pass_time(tokens, logits, ctx, pairs)
 
 
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (REPO / "calibration").glob("*.yaml")))
+def test_shape_pass_time_gives_pass_time_bit_for_bit(profile):
+    """CostModel.shape_pass_time evaluates a shape's own terms once: f(c, p) must equal pass_time at
+    that shape for every context and pair count, bit for bit, for every profile's terms."""
+    rng = np.random.default_rng(15)
+    prof = load_profile(resolve_profile_path(profile))
+    for name, tp in (("llama-2-70b", 2), ("llama-160m", 1), ("vicuna-7b", 4)):
+        cm = CostModel(PRESETS[name], prof, tp)
+        for _ in range(60):
+            tokens = int(rng.choice([0, 1, 2, 3, 5, 64, 130, 512, 4096]) if rng.random() < 0.5 else rng.integers(1, 3000))
+            logits = int(rng.integers(0, tokens + 1))
+            ws = int(rng.integers(1, 4))
+            f = cm.shape_pass_time(tokens, logits, ws)
+            for _ in range(5):
+                ctx = float(rng.integers(0, 200_000)) + rng.choice([0.0, 0.5])
+                pairs = float(rng.uniform(0, 5e7))
+                assert f(ctx, pairs) == cm.pass_time(tokens, logits, ctx, pairs, ws)
+
 def test_training_step_is_three_forwards(a100):
     cm = CostModel(PRESETS["llama-160m"], a100)
     step = cm.training_step(1000.0, 1000.0 * 100, trainable_params=0)
