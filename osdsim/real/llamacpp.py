@@ -25,17 +25,16 @@ KV rollback: llama.cpp keeps one sequence (id 0); `LlamaCppLM.truncate(n)` remov
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from osdsim.errors import InputError
+from osdsim.errors import InputError, replacing
 from osdsim.real._deps import MissingDependency
 
 LAYER_TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
@@ -243,6 +242,33 @@ def _rope_theta(cfg: Any) -> float:
     return float(theta)
 
 
+def _add_raw(writer: Any, name: str, data: np.ndarray, ttype: Any) -> None:
+    """A tensor read from a GGUF, written back byte for byte in its own type."""
+    gguf = _gguf()
+    if ttype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        writer.add_tensor(name, data)
+    else:
+        writer.add_tensor(name, data, raw_dtype=ttype)
+
+
+def _write_gguf(out: Path, fill: Callable[[Any], None], what: str) -> None:
+    """Write a llama-architecture GGUF to `out` atomically (`errors.replacing`); `fill(writer)` adds
+    its metadata and tensors. An OSError is a one-line InputError; nothing is left behind."""
+    gguf = _gguf()
+    try:
+        with replacing(out) as tmp:
+            writer = gguf.GGUFWriter(str(tmp), arch="llama")
+            try:
+                fill(writer)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+    except OSError as exc:
+        raise InputError(f"GGUF {what} to {out} failed: {exc.strerror or exc}") from None
+
+
 @dataclass
 class ExportRecord:
     path: Path
@@ -258,7 +284,7 @@ def export_gguf(model: Any, out: Path, layer_type: str | None = None, base: GGUF
     With `base`, metadata and the shared tensors come from the base GGUF and the model's
     vocabulary must equal the base's; without, everything comes from the model (f32 norms)."""
     t0 = time.perf_counter()
-    gguf = _gguf()
+    _gguf()  # a missing gguf package fails before any work
     _check_llama(model)
     cfg = model.config
     n_layers = int(cfg.num_hidden_layers)
@@ -274,14 +300,8 @@ def export_gguf(model: Any, out: Path, layer_type: str | None = None, base: GGUF
             raise InputError(f"draft width {hidden} differs from the target GGUF's {base.hidden} ({base.path.name}): "
                              "a draft exported against the target shares its embeddings and head")
     out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as exc:
-        raise InputError(f"GGUF export to {out} failed: {exc.strerror or exc}") from None
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch="llama")
+
+    def fill(writer: Any) -> None:
         writer.add_name(name)
         writer.add_block_count(n_layers)
         writer.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}[lt])
@@ -318,25 +338,9 @@ def export_gguf(model: Any, out: Path, layer_type: str | None = None, base: GGUF
             elif kind == "f32":
                 writer.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float32))
             else:  # raw bytes of a base tensor, in its own type
-                if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                    writer.add_tensor(tname, arr)
-                else:
-                    writer.add_tensor(tname, arr, raw_dtype=kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, (InputError, KeyboardInterrupt, MemoryError)):
-            raise
-        if isinstance(exc, OSError):
-            raise InputError(f"GGUF export to {out} failed: {exc.strerror or exc}") from None
-        raise
+                _add_raw(writer, tname, arr, kind)
+
+    _write_gguf(out, fill, "export")
     return ExportRecord(out, time.perf_counter() - t0, out.stat().st_size, lt)
 
 
@@ -348,7 +352,8 @@ def export_gguf(model: Any, out: Path, layer_type: str | None = None, base: GGUF
 class LlamaCppLM:
     """A GGUF model in llama.cpp: feed tokens after the cached ones, get fp32 logits, truncate."""
 
-    def __init__(self, path: Path, n_ctx: int = 2048, threads: int = 1, n_batch: int = 512) -> None:
+    def __init__(self, path: Path, n_ctx: int = 2048, threads: int = 1, n_batch: int = 512,
+                 flash_attn: bool = False) -> None:
         llama_cpp = require_llama_cpp()
         from llama_cpp._internals import LlamaBatch
 
@@ -359,7 +364,7 @@ class LlamaCppLM:
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-                n_threads_batch=threads, logits_all=False, verbose=False,
+                n_threads_batch=threads, logits_all=False, flash_attn=flash_attn, verbose=False,
             )
         except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp cannot load it
             raise InputError(f"{self.path}: llama.cpp cannot load this model ({exc})") from None
@@ -659,17 +664,13 @@ class LlamaCppServer:
 def slice_gguf(src: Path, n_layers: int, out: Path, reader: Any = None) -> Path:
     """A GGUF of `src`'s first `n_layers` layers with its embeddings, norm and head, every tensor
     copied byte for byte (the untrained layer draft exactly as served; no torch needed)."""
-    gguf = _gguf()
     reader = reader if reader is not None else open_reader(src)
     base = read_base(src, reader)
     if not 1 <= n_layers <= base.n_layers:
         raise InputError(f"{src.name}: cannot take {n_layers} layers of a {base.n_layers}-layer model")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch="llama")
+
+    def fill(writer: Any) -> None:
         writer.add_name(f"{src.stem}-l{n_layers}")
         writer.add_block_count(n_layers)
         ftype = reader.fields.get("general.file_type")
@@ -680,20 +681,7 @@ def slice_gguf(src: Path, n_layers: int, out: Path, reader: Any = None) -> Path:
         for t in reader.tensors:
             if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= n_layers:
                 continue
-            data = np.array(t.data)
-            if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                writer.add_tensor(t.name, data)
-            else:
-                writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            _add_raw(writer, t.name, np.array(t.data), t.tensor_type)
+
+    _write_gguf(out, fill, "slice")
     return out

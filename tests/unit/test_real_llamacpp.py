@@ -96,6 +96,32 @@ def test_failed_export_is_one_line_and_leaves_nothing(tiny, tmp_path):
         L.export_gguf(tiny, tmp_path / "y.gguf", "q3_k")
 
 
+
+def test_replacing_renames_on_success_and_cleans_up_on_failure(tmp_path):
+    from osdsim.errors import replacing
+
+    out = tmp_path / "d" / "x.bin"
+    with replacing(out) as tmp:
+        assert tmp.parent == out.parent and tmp != out
+        tmp.write_bytes(b"new")
+        assert not out.exists()  # nothing at the destination until the block succeeds
+    assert out.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), replacing(out) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("boom")
+    assert out.read_bytes() == b"new"  # the old file stays
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.bin"]  # no temp file left
+
+
+def test_failed_slice_is_one_line(tiny_gguf, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="GGUF slice to .* failed"):
+        L.slice_gguf(tiny_gguf, 2, blocker / "x.gguf")
+    out = L.slice_gguf(tiny_gguf, 2, tmp_path / "s.gguf")
+    assert L.read_base(out).n_layers == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "s.gguf"]
+
 @pytest.mark.parametrize("layer_type,tol", [("f32", 2e-3), ("f16", 3e-2)])
 def test_llamacpp_logits_match_pytorch(tiny, tmp_path, layer_type, tol):
     _needs_llama_cpp()
