@@ -21,6 +21,18 @@ vocabulary is llama.cpp's "none" tokenizer of `vocab_size` ids (token ids are fe
 
 KV rollback: llama.cpp keeps one sequence (id 0); `LlamaCppLM.truncate(n)` removes positions ≥ n
 (`llama_memory_seq_rm`), the analogue of `DynamicCache.crop`.
+
+Greedy exactness (speculative output == the target's own greedy output) needs the target's logits
+at a position not to depend on how many tokens the pass evaluates (the verify pass evaluates γ+1,
+target-only decoding 1). ggml's CPU matmul is batch-invariant (every output element is the same
+vec_dot of one weight row with the activation row quantised to the weight's vec_dot type), except
+llamafile's tinyBLAS sgemm (GGML_LLAMAFILE, on by default), which takes over passes of ≥ 2 tokens
+for F32/F16/Q8_0/Q4_0 weights: SmolLM2's Q8_0 head and the f16 KV attention products. With it the
+packaged SmolLM2 GGUF's logits differ by up to 1.4 between a 1-token pass and blocks of 2..5 (117/120
+argmaxes agree) and greedy spec == target-only held on 0 of 6 real prompts; built with
+-DGGML_LLAMAFILE=OFF (scripts/install.sh does) the logits are bit-identical and it holds on 6/6, at
+no measurable cost (benchmarks/llamacpp_batch_invariance.py). `build_info()` says which build runs.
+Flash attention (off here) and batches of ≥ 64 query rows (its tiled kernel) are not covered.
 """
 
 from __future__ import annotations
@@ -62,6 +74,16 @@ def available() -> tuple[bool, str]:
     except Exception as exc:  # ImportError, or OSError when the shared library fails to load
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'not importable'}"
     return True, str(getattr(llama_cpp, "__version__", "?"))
+
+
+def build_info() -> dict[str, Any]:
+    """The llama.cpp build: version, its CPU features, and `batch_invariant` (False when built with
+    llamafile's sgemm: logits then depend on the pass size; see the module docstring)."""
+    llama_cpp = require_llama_cpp()
+    info = llama_cpp.llama_print_system_info()
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    return {"version": str(getattr(llama_cpp, "__version__", "?")), "system_info": text.strip(),
+            "batch_invariant": "LLAMAFILE = 1" not in text}
 
 
 def require_llama_cpp() -> Any:
@@ -650,7 +672,8 @@ class LlamaCppServer:
         return self.publisher.lm
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": "llama.cpp", "llama_cpp_python": self.version, "target_gguf": str(self.base.path),
+        return {"engine": "llama.cpp", "llama_cpp_python": self.version,
+                "batch_invariant": build_info()["batch_invariant"], "target_gguf": str(self.base.path),
                 "target_layer_type": self.base.layer_type, "head_type": self.base.head_type,
                 "draft_layer_type": self.publisher.layer_type or self.base.layer_type,
                 "draft_gguf_bytes": self.initial_sync.bytes,
