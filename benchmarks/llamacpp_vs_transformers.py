@@ -8,7 +8,9 @@ Q8_0 head; transformers: the same file dequantised to fp32) and the untrained 2-
 fp32, full head and a 4,096-token head). Greedy; the prompts are real queries (GSM8K, code).
 Each configuration decodes the same prompts, after one warm-up request; reported: aggregate
 tokens/s (Σ tokens / Σ decode seconds, prefill excluded), the median per request, α and tokens/step.
-Prints a table and, with --json, one JSON object.
+Prints a table and, with --json, one JSON object. `greedy_identical` (spec output == target-only
+output) holds on llama.cpp only for a build without llamafile's sgemm (-DGGML_LLAMAFILE=OFF, what
+scripts/install.sh builds; `batch_invariant` in the JSON): with it the logits depend on the pass size.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def main() -> None:
            "speedup_spec_llamacpp": by[f"llama.cpp speculative k={args.k}"]["tokens_per_s"] / lc_t,
            "speedup_spec_transformers": by[f"transformers speculative k={args.k}"]["tokens_per_s"] / hf_t,
            "greedy_identical": {"llama.cpp": f"{same_lc}/{len(prompts)}", "transformers": f"{same_hf}/{len(prompts)}"},
+           "batch_invariant": LC.build_info()["batch_invariant"],
            "draft_export_reload": sync}
     if args.json:
         print(json.dumps(doc, indent=2))

@@ -212,10 +212,14 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
     tick("fit")
     wall_s = time.perf_counter() - t0
     lc_version = str(getattr(llama_cpp, "__version__", "?"))
+    from osdsim.real.llamacpp import build_info
+
+    sgemm = "without" if build_info()["batch_invariant"] else "with"
     notes = (
         f"Measured by osdsim calibrate --backend llamacpp ({'quick' if quick else 'full'} grid, {len(fit.rows)} "
         f"real llama.cpp passes at batch 1 of {', '.join(lplan.models)}: the packaged {gguf_path.name} and "
-        f"slices of its first layers copied byte for byte; llama-cpp-python {lc_version}, {threads} thread(s), "
+        f"slices of its first layers copied byte for byte; llama-cpp-python {lc_version} ({sgemm} "
+        f"llamafile sgemm), {threads} thread(s), "
         f"f16 KV cache; each pass = llama_decode + copying its logits out). Dtype {DTYPE}: Q4_1 layers, Q8_0 "
         f"embeddings/head (ModelSpec head_dtype), activations fp32. {anchor}; peak_flops_per_s.{DTYPE} = "
         f"max(fp32 peak, 1.25 x the best llama.cpp pass rate {best_rate / 1e9:.1f} GFLOP/s), an anchor for the "

@@ -21,21 +21,35 @@ vocabulary is llama.cpp's "none" tokenizer of `vocab_size` ids (token ids are fe
 
 KV rollback: llama.cpp keeps one sequence (id 0); `LlamaCppLM.truncate(n)` removes positions ≥ n
 (`llama_memory_seq_rm`), the analogue of `DynamicCache.crop`.
+
+Greedy exactness (speculative output == the target's own greedy output) needs the target's logits
+at a position not to depend on how many tokens the pass evaluates (the verify pass evaluates γ+1,
+target-only decoding 1). ggml's CPU matmul is batch-invariant (every output element is the same
+vec_dot of one weight row with the activation row quantised to the weight's vec_dot type), except
+llamafile's tinyBLAS sgemm (GGML_LLAMAFILE, on by default), which takes over passes of ≥ 2 tokens
+for F32/F16/Q8_0/Q4_0 weights: SmolLM2's Q8_0 head and the f16 KV attention products. With it the
+packaged SmolLM2 GGUF's logits differ by up to 1.4 between a 1-token pass and blocks of 2..5 (117/120
+argmaxes agree) and greedy spec == target-only held on 0 of 6 real prompts; built with
+-DGGML_LLAMAFILE=OFF (scripts/install.sh does) the logits are bit-identical and it holds on 6/6
+(benchmarks/llamacpp_batch_invariance.py). Cost, 1 thread, medians of 8 runs of 20-40 passes on a
+shared 2-core machine: verify (4 tokens) 63.8 -> 68.9 ms, 128-token prefill 1385 -> 1480 ms (~7%),
+within the noise (the 1-token decode, the same code in both builds, read 22.6 vs 24.4 ms): the Q4_1
+layers never used sgemm. `build_info()` says which build runs.
+Flash attention (off here) and batches of ≥ 64 query rows (its tiled kernel) are not covered.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from osdsim.errors import InputError
+from osdsim.errors import InputError, replacing
 from osdsim.real._deps import MissingDependency
 
 LAYER_TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
@@ -63,6 +77,16 @@ def available() -> tuple[bool, str]:
     except Exception as exc:  # ImportError, or OSError when the shared library fails to load
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'not importable'}"
     return True, str(getattr(llama_cpp, "__version__", "?"))
+
+
+def build_info() -> dict[str, Any]:
+    """The llama.cpp build: version, its CPU features, and `batch_invariant` (False when built with
+    llamafile's sgemm: logits then depend on the pass size; see the module docstring)."""
+    llama_cpp = require_llama_cpp()
+    info = llama_cpp.llama_print_system_info()
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    return {"version": str(getattr(llama_cpp, "__version__", "?")), "system_info": text.strip(),
+            "batch_invariant": "LLAMAFILE = 1" not in text}
 
 
 def require_llama_cpp() -> Any:
@@ -243,6 +267,33 @@ def _rope_theta(cfg: Any) -> float:
     return float(theta)
 
 
+def _add_raw(writer: Any, name: str, data: np.ndarray, ttype: Any) -> None:
+    """A tensor read from a GGUF, written back byte for byte in its own type."""
+    gguf = _gguf()
+    if ttype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        writer.add_tensor(name, data)
+    else:
+        writer.add_tensor(name, data, raw_dtype=ttype)
+
+
+def _write_gguf(out: Path, fill: Callable[[Any], None], what: str) -> None:
+    """Write a llama-architecture GGUF to `out` atomically (`errors.replacing`); `fill(writer)` adds
+    its metadata and tensors. An OSError is a one-line InputError; nothing is left behind."""
+    gguf = _gguf()
+    try:
+        with replacing(out) as tmp:
+            writer = gguf.GGUFWriter(str(tmp), arch="llama")
+            try:
+                fill(writer)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+    except OSError as exc:
+        raise InputError(f"GGUF {what} to {out} failed: {exc.strerror or exc}") from None
+
+
 @dataclass
 class ExportRecord:
     path: Path
@@ -258,7 +309,7 @@ def export_gguf(model: Any, out: Path, layer_type: str | None = None, base: GGUF
     With `base`, metadata and the shared tensors come from the base GGUF and the model's
     vocabulary must equal the base's; without, everything comes from the model (f32 norms)."""
     t0 = time.perf_counter()
-    gguf = _gguf()
+    _gguf()  # a missing gguf package fails before any work
     _check_llama(model)
     cfg = model.config
     n_layers = int(cfg.num_hidden_layers)
@@ -274,14 +325,8 @@ def export_gguf(model: Any, out: Path, layer_type: str | None = None, base: GGUF
             raise InputError(f"draft width {hidden} differs from the target GGUF's {base.hidden} ({base.path.name}): "
                              "a draft exported against the target shares its embeddings and head")
     out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as exc:
-        raise InputError(f"GGUF export to {out} failed: {exc.strerror or exc}") from None
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch="llama")
+
+    def fill(writer: Any) -> None:
         writer.add_name(name)
         writer.add_block_count(n_layers)
         writer.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}[lt])
@@ -318,25 +363,9 @@ def export_gguf(model: Any, out: Path, layer_type: str | None = None, base: GGUF
             elif kind == "f32":
                 writer.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float32))
             else:  # raw bytes of a base tensor, in its own type
-                if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                    writer.add_tensor(tname, arr)
-                else:
-                    writer.add_tensor(tname, arr, raw_dtype=kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, (InputError, KeyboardInterrupt, MemoryError)):
-            raise
-        if isinstance(exc, OSError):
-            raise InputError(f"GGUF export to {out} failed: {exc.strerror or exc}") from None
-        raise
+                _add_raw(writer, tname, arr, kind)
+
+    _write_gguf(out, fill, "export")
     return ExportRecord(out, time.perf_counter() - t0, out.stat().st_size, lt)
 
 
@@ -348,7 +377,8 @@ def export_gguf(model: Any, out: Path, layer_type: str | None = None, base: GGUF
 class LlamaCppLM:
     """A GGUF model in llama.cpp: feed tokens after the cached ones, get fp32 logits, truncate."""
 
-    def __init__(self, path: Path, n_ctx: int = 2048, threads: int = 1, n_batch: int = 512) -> None:
+    def __init__(self, path: Path, n_ctx: int = 2048, threads: int = 1, n_batch: int = 512,
+                 flash_attn: bool = False) -> None:
         llama_cpp = require_llama_cpp()
         from llama_cpp._internals import LlamaBatch
 
@@ -359,7 +389,7 @@ class LlamaCppLM:
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-                n_threads_batch=threads, logits_all=False, verbose=False,
+                n_threads_batch=threads, logits_all=False, flash_attn=flash_attn, verbose=False,
             )
         except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp cannot load it
             raise InputError(f"{self.path}: llama.cpp cannot load this model ({exc})") from None
@@ -645,7 +675,8 @@ class LlamaCppServer:
         return self.publisher.lm
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": "llama.cpp", "llama_cpp_python": self.version, "target_gguf": str(self.base.path),
+        return {"engine": "llama.cpp", "llama_cpp_python": self.version,
+                "batch_invariant": build_info()["batch_invariant"], "target_gguf": str(self.base.path),
                 "target_layer_type": self.base.layer_type, "head_type": self.base.head_type,
                 "draft_layer_type": self.publisher.layer_type or self.base.layer_type,
                 "draft_gguf_bytes": self.initial_sync.bytes,
@@ -659,17 +690,13 @@ class LlamaCppServer:
 def slice_gguf(src: Path, n_layers: int, out: Path, reader: Any = None) -> Path:
     """A GGUF of `src`'s first `n_layers` layers with its embeddings, norm and head, every tensor
     copied byte for byte (the untrained layer draft exactly as served; no torch needed)."""
-    gguf = _gguf()
     reader = reader if reader is not None else open_reader(src)
     base = read_base(src, reader)
     if not 1 <= n_layers <= base.n_layers:
         raise InputError(f"{src.name}: cannot take {n_layers} layers of a {base.n_layers}-layer model")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch="llama")
+
+    def fill(writer: Any) -> None:
         writer.add_name(f"{src.stem}-l{n_layers}")
         writer.add_block_count(n_layers)
         ftype = reader.fields.get("general.file_type")
@@ -680,20 +707,7 @@ def slice_gguf(src: Path, n_layers: int, out: Path, reader: Any = None) -> Path:
         for t in reader.tensors:
             if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= n_layers:
                 continue
-            data = np.array(t.data)
-            if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                writer.add_tensor(t.name, data)
-            else:
-                writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            _add_raw(writer, t.name, np.array(t.data), t.tensor_type)
+
+    _write_gguf(out, fill, "slice")
     return out

@@ -4,6 +4,8 @@ decoding on llama.cpp, and the one-line errors (non-Llama GGUF, vocabulary misma
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -95,6 +97,32 @@ def test_failed_export_is_one_line_and_leaves_nothing(tiny, tmp_path):
     with pytest.raises(InputError, match="layer type"):
         L.export_gguf(tiny, tmp_path / "y.gguf", "q3_k")
 
+
+
+def test_replacing_renames_on_success_and_cleans_up_on_failure(tmp_path):
+    from osdsim.errors import replacing
+
+    out = tmp_path / "d" / "x.bin"
+    with replacing(out) as tmp:
+        assert tmp.parent == out.parent and tmp != out
+        tmp.write_bytes(b"new")
+        assert not out.exists()  # nothing at the destination until the block succeeds
+    assert out.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), replacing(out) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("boom")
+    assert out.read_bytes() == b"new"  # the old file stays
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.bin"]  # no temp file left
+
+
+def test_failed_slice_is_one_line(tiny_gguf, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="GGUF slice to .* failed"):
+        L.slice_gguf(tiny_gguf, 2, blocker / "x.gguf")
+    out = L.slice_gguf(tiny_gguf, 2, tmp_path / "s.gguf")
+    assert L.read_base(out).n_layers == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "s.gguf"]
 
 @pytest.mark.parametrize("layer_type,tol", [("f32", 2e-3), ("f16", 3e-2)])
 def test_llamacpp_logits_match_pytorch(tiny, tmp_path, layer_type, tol):
@@ -229,3 +257,70 @@ def test_an_unloadable_llama_cpp_is_reported_unavailable(monkeypatch):
     caps = doctor.capabilities(doctor.checks())
     assert caps["osdsim real (models.backend: llamacpp)"].startswith("no")
     assert caps["osdsim run / sweep / plot"] == "yes"  # everything else keeps working
+
+
+def _needs_batch_invariant_build():
+    _needs_llama_cpp()
+    if not L.build_info()["batch_invariant"]:
+        pytest.fail("llama-cpp-python is built with llamafile's sgemm (GGML_LLAMAFILE): logits depend on the pass "
+                    "size, greedy speculative output is not exact; rebuild: bash scripts/install.sh llamacpp")
+
+
+def test_logits_do_not_depend_on_the_pass_size(tiny, tmp_path):
+    """Bit-identical logits whether a position is evaluated alone or in a block (q8_0 weights: the
+    type llamafile's sgemm would take over for blocks of >= 2 tokens)."""
+    _needs_llama_cpp()
+    if not L.build_info()["batch_invariant"]:
+        pytest.skip("llama.cpp built with llamafile's sgemm (not batch-invariant)")
+    path = tmp_path / "t-q8.gguf"
+    L.export_gguf(tiny, path, "q8_0")
+    lm = L.LlamaCppLM(path, n_ctx=256)
+    try:
+        ids = PROMPTS[1]
+        rows = {}
+        for b in (1, 2, 3, 5):
+            lm.reset()
+            lm.feed(ids[:2], all_logits=False)
+            rows[b] = np.concatenate([lm.feed(ids[i:i + b]) for i in range(2, len(ids), b)])
+        for b in (2, 3, 5):
+            assert np.array_equal(rows[b], rows[1]), b
+    finally:
+        lm.close()
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_greedy_speculative_is_exact(tmp_path):
+    """On the packaged SmolLM2 GGUF (Q4_1 layers, Q8_0 head) with its 2-layer slice as draft: the
+    target's logits are bit-identical across pass sizes, and greedy speculative output equals the
+    target's own greedy output on real prompts (needs a build without llamafile's sgemm)."""
+    _needs_batch_invariant_build()
+    from osdsim.real import data as D
+    from osdsim.real._deps import MissingDependency
+    from osdsim.real.models import smollm2_gguf_path
+
+    try:
+        src = smollm2_gguf_path()
+    except (MissingDependency, FileNotFoundError) as e:
+        pytest.skip(str(e))
+    target = L.LlamaCppLM(src, n_ctx=1024)
+    draft = L.LlamaCppLM(L.slice_gguf(src, 2, tmp_path / "draft-l2.gguf"), n_ctx=1024)
+    try:
+        texts = [q.text for d in ("gsm8k", "code") for q in itertools.islice(D.load_domain(d), 2)]
+        eos = (int(target.llm.token_eos()),)
+        prompts = [target.llm.tokenize(f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n".encode(),
+                                       add_bos=False, special=True)[:256] for t in texts]
+        ids = prompts[0]
+        target.reset()
+        one = np.concatenate([target.feed([t]) for t in ids[:12]])
+        target.reset()
+        block = np.concatenate([target.feed(ids[i:i + 4]) for i in range(0, 12, 4)])
+        assert np.array_equal(one, block)
+        params = DecodeParams(k=3, greedy=True, max_new_tokens=40)
+        for p in prompts:
+            base = L.target_generate_llamacpp(target, p, 40, eos_ids=eos)
+            spec = L.speculative_generate_llamacpp(target, draft, p, params, eos)
+            assert spec.tokens == base.tokens
+            assert sum(s.proposed for s in spec.steps) > 0
+    finally:
+        target.close()
+        draft.close()
