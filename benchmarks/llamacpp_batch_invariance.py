@@ -38,18 +38,9 @@ def _codec():
 
 
 def _prompts(codec, n: int, max_tokens: int) -> list[list[int]]:
-    from osdsim.real import data as D
+    from osdsim.real.data import chat_prompts
 
-    pools = [iter(D.load_domain(d)) for d in ("gsm8k", "code")]
-    out: list[list[int]] = []
-    while len(out) < n:
-        for it in pools:
-            for q in it:
-                ids = codec.chat_prompt(q.text, q.system)
-                if len(ids) <= max_tokens:
-                    out.append(ids)
-                    break
-    return out[:n]
+    return chat_prompts(codec, n, max_tokens)
 
 
 def _blocked_logits(lm, prompt: list[int], cont: list[int], b: int) -> np.ndarray:

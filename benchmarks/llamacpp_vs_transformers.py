@@ -32,16 +32,7 @@ from osdsim.real.stats import summarize
 
 def _prompts(codec, n: int, max_tokens: int) -> list[list[int]]:
     """n chat prompts of ≤ max_tokens tokens, alternating GSM8K and code queries (file order)."""
-    pools = [iter(D.load_domain(d)) for d in ("gsm8k", "code")]
-    out: list[list[int]] = []
-    while len(out) < n:
-        for it in pools:
-            for q in it:
-                ids = codec.chat_prompt(q.text, q.system)
-                if len(ids) <= max_tokens:
-                    out.append(ids)
-                    break
-    return out[:n]
+    return D.chat_prompts(codec, n, max_tokens)
 
 
 def _row(name: str, gens: list, k: int) -> dict:

