@@ -140,17 +140,11 @@ def _micro(torch: Any, threads: int) -> list[Measurement]:
 
 def torch_profile_for(name: str) -> Any:
     """The shipped torch profile of the same CPU (cpu-<slug>.yaml for cpu-llamacpp-<slug>), or None."""
-    from osdsim.cost.profile import calibration_dir, load_profile
+    from osdsim.calibrate.run import shipped_profile
 
     if not name.startswith("cpu-llamacpp-"):
         return None
-    path = calibration_dir() / f"cpu-{name[len('cpu-llamacpp-'):]}.yaml"
-    if not path.is_file():
-        return None
-    try:
-        return load_profile(path)
-    except InputError:
-        return None
+    return shipped_profile(f"cpu-{name[len('cpu-llamacpp-'):]}")
 
 
 def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=None, total=None) -> Any:

@@ -123,8 +123,9 @@ def versions(torch: Any, device: str) -> dict[str, str]:
     return out
 
 
-def shipped_datasheet(name: str) -> HardwareProfile | None:
-    """The shipped datasheet profile of a known GPU (its peaks anchor η on a GPU)."""
+def shipped_profile(name: str) -> HardwareProfile | None:
+    """The shipped profile calibration/<name>.yaml, or None when absent or unreadable (a known GPU's
+    datasheet, whose peaks anchor η on a GPU; the torch profile of a CPU, for its llama.cpp profile)."""
     path = calibration_dir() / f"{name}.yaml"
     if not path.is_file():
         return None
@@ -191,7 +192,7 @@ def calibrate(opts: Options, tick: Tick | None = None, total: Callable[[int], No
     measured_bw = max(r.rate for r in rows if r.kind == "bandwidth")
     launch_s = next(r.median_s for r in rows if r.kind == "launch")
 
-    datasheet = shipped_datasheet(opts.name) if cuda else None
+    datasheet = shipped_profile(opts.name) if cuda else None
     if datasheet is not None:  # GPU: η relative to the datasheet peaks, comparable across profiles
         peaks = dict(datasheet.peak_flops_per_s)
         bandwidth = datasheet.memory_bandwidth_bytes_per_s
