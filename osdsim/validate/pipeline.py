@@ -753,23 +753,21 @@ def calibrate_here(path: Path, quick: bool, device: str = "cpu", threads: int = 
         name = lcal.profile_name(devices.profile_name(cal.detect(torch, "cpu", threads)))
         command = (f"osdsim calibrate --gpu cpu --backend llamacpp --threads {threads} --out {path} --force"
                    + (" --quick" if quick else ""))
-        old = torch.get_num_threads()
-        try:
-            outcome = lcal.calibrate_llamacpp(name, quick, threads, command)
-        finally:
-            torch.set_num_threads(old)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yaml_path, _, _ = cal.write_outputs(outcome, path, force=True)
-        return yaml_path
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"calibrate: device {device}: no CUDA device here")
-    info = cal.detect(torch, dev, threads)
-    name = devices.profile_name(info)
-    command = f"osdsim calibrate --device {dev} --threads {threads} --out {path} --force" + (" --quick" if quick else "")
+
+        def measure() -> Any:
+            return lcal.calibrate_llamacpp(name, quick, threads, command)
+    else:
+        dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"calibrate: device {device}: no CUDA device here")
+        name = devices.profile_name(cal.detect(torch, dev, threads))
+        command = f"osdsim calibrate --device {dev} --threads {threads} --out {path} --force" + (" --quick" if quick else "")
+
+        def measure() -> Any:
+            return cal.calibrate(cal.Options(dev, name, quick, threads, command))
     old = torch.get_num_threads()
     try:
-        outcome = cal.calibrate(cal.Options(dev, name, quick, threads, command))
+        outcome = measure()
     finally:
         torch.set_num_threads(old)
     path.parent.mkdir(parents=True, exist_ok=True)
