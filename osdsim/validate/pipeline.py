@@ -341,6 +341,18 @@ def compare_runs(real: Any, sim: Any, suite: Suite, k: int, nospec: Any = None,
         # The cost model alone, pass by pass: each real step priced at its own context length.
         for label, ape in _per_pass_errors(sim, reqs, real_steps, k).items():
             rows.append(MetricRow(label, ape, None, tol.pass_time_rel, "score"))
+        # The host's own speed over the run, from the target-only baseline decodes spread through
+        # it: information rows that tell a slower or drifting machine apart from a wrong cost model.
+        speed = host_speed_index(sim, reqs)
+        if len(speed) >= 2:
+            ratios = [x for _, x in speed]
+            rows.append(MetricRow(
+                f"host speed drift: target-only decode measured/predicted, p90/p10 − 1 over {len(speed)} "
+                "baseline requests (information)",
+                float(np.percentile(ratios, 90) / np.percentile(ratios, 10) - 1.0), None, tol.pass_time_rel, "score",
+                gate=False))
+            for label, ape in _per_pass_errors(sim, reqs, real_steps, k, speed).items():
+                rows.append(MetricRow(label, ape, None, tol.pass_time_rel, "score", gate=False))
     real_train = [x for x in (_num(u.get("train_s")) for u in real.updates) if math.isfinite(x)]
     sim_train = sim.training[sim.training["kind"] == "done"]["duration_s"]
     if real_train and len(sim_train):
@@ -490,16 +502,50 @@ def _decode_time(requests: Any) -> float:
     return float((requests["finish_s"] - requests["first_token_s"]).sum())
 
 
-def _per_pass_errors(sim: Any, reqs: list[dict], steps: list[dict], k: int) -> dict[str, float]:
-    """Median absolute relative error of the cost model on every real draft step (k passes) and
-    verify pass, each priced at its own context (prompt + tokens emitted before the step)."""
+def _cost_models(sim: Any) -> tuple[Any, Any]:
+    """(draft, target) CostModels of the twin's scenario under its profile."""
     from osdsim.cost.model import CostModel
     from osdsim.sim.engine import load_scenario_profile
 
     sc = sim.scenario
     prof = load_scenario_profile(sc)
-    draft, target = CostModel(sc.draft, prof), CostModel(sc.target, prof)
+    return CostModel(sc.draft, prof), CostModel(sc.target, prof)
+
+
+def host_speed_index(sim: Any, reqs: list[dict]) -> list[tuple[float, float]]:
+    """(start_s, measured / predicted) of every baseline request's target-only decode, in time order.
+
+    The baseline decodes (real.specdec.target_generate and its llama.cpp twin: a prefill of prompt[:-1],
+    then one 1-token pass per output token at cache lengths prompt − 1 + j) are spread through each
+    phase and run the very kernels the profile prices, so their ratio to the profile is the host's
+    speed at that moment (1 = as calibrated, 1.2 = 20% slower): a machine that drifts over minutes
+    shows here, independently of the draft, the acceptance and the speculative passes."""
+    _, target = _cost_models(sim)
+    out = []
+    for r in reqs:
+        n, meas = _num(r.get("baseline_tokens", "")), _num(r.get("baseline_decode_s", ""))
+        if not (math.isfinite(n) and math.isfinite(meas)) or n < 1 or meas <= 0:
+            continue
+        ctx0 = int(_num(r["prompt_tokens"])) - 1
+        pred = sum(target.decode_time(1, ctx0 + j) for j in range(int(n)))
+        out.append((_num(r["start_s"]), meas / pred))
+    return sorted(out)
+
+
+def _per_pass_errors(sim: Any, reqs: list[dict], steps: list[dict], k: int,
+                     speed: list[tuple[float, float]] | None = None) -> dict[str, float]:
+    """Median absolute relative error of the cost model on every real draft step (k passes) and
+    verify pass, each priced at its own context (prompt + tokens emitted before the step).
+
+    With `speed` (host_speed_index), each prediction is scaled by the host's speed at its request's
+    start (linear between baseline requests, constant beyond): the error left once the machine's
+    drift over the run is taken out (an information row, not a prediction)."""
+    draft, target = _cost_models(sim)
     prompt = {int(r["request_index"]): int(_num(r["prompt_tokens"])) for r in reqs}
+    scale = {int(r["request_index"]): 1.0 for r in reqs}
+    if speed:
+        at, ratio = np.array([t for t, _ in speed]), np.array([x for _, x in speed])
+        scale = {int(r["request_index"]): float(np.interp(_num(r["start_s"]), at, ratio)) for r in reqs}
     emitted: dict[int, int] = {}
     d_err, v_err = [], []
     for st in steps:
@@ -507,29 +553,25 @@ def _per_pass_errors(sim: Any, reqs: list[dict], steps: list[dict], k: int) -> d
         ctx = prompt.get(rid, 0) + 1 + emitted.get(rid, 0)  # the prefill emitted the first token
         emitted[rid] = emitted.get(rid, 0) + int(_num(st["emitted"]))
         d_meas, v_meas = _num(st["draft_s"]), _num(st["verify_s"])
+        f = scale.get(rid, 1.0)
         if d_meas > 0:
-            d_pred = sum(draft.decode_time(1, ctx + j) for j in range(k))
+            d_pred = f * sum(draft.decode_time(1, ctx + j) for j in range(k))
             d_err.append(abs(d_pred - d_meas) / d_meas)
         if v_meas > 0:
-            v_err.append(abs(target.decode_time(1, ctx, tokens_per_seq=k + 1) - v_meas) / v_meas)
+            v_err.append(abs(f * target.decode_time(1, ctx, tokens_per_seq=k + 1) - v_meas) / v_meas)
+    tail = ", host drift taken out (information)" if speed else ""
     out = {}
     if d_err:
-        out[f"cost model per pass: draft step, median |error| over {len(d_err)} real steps"] = float(np.median(d_err))
+        out[f"cost model per pass: draft step, median |error| over {len(d_err)} real steps{tail}"] = float(np.median(d_err))
     if v_err:
-        out[f"cost model per pass: verify, median |error| over {len(v_err)} real passes"] = float(np.median(v_err))
+        out[f"cost model per pass: verify, median |error| over {len(v_err)} real passes{tail}"] = float(np.median(v_err))
     return out
 
 
 def _predicted_pass_times(sim: Any, k: int) -> tuple[float, float]:
-    from osdsim.cost.model import CostModel
-    from osdsim.sim.engine import load_scenario_profile
-
-    sc = sim.scenario
-    prof = load_scenario_profile(sc)
     req = sim.requests
     ctx = float((req["prompt_tokens"] + req["output_tokens"] / 2).mean())
-    draft = CostModel(sc.draft, prof)
-    target = CostModel(sc.target, prof)
+    draft, target = _cost_models(sim)
     return k * draft.decode_time(1, ctx), target.decode_time(1, ctx, tokens_per_seq=k + 1)
 
 
