@@ -542,7 +542,7 @@ def _per_pass_errors(sim: Any, reqs: list[dict], steps: list[dict], k: int,
     drift over the run is taken out (an information row, not a prediction)."""
     draft, target = _cost_models(sim)
     prompt = {int(r["request_index"]): int(_num(r["prompt_tokens"])) for r in reqs}
-    scale = {int(r["request_index"]): 1.0 for r in reqs}
+    scale: dict[int, float] = {}  # per request; 1 where absent
     if speed:
         at, ratio = np.array([t for t, _ in speed]), np.array([x for _, x in speed])
         scale = {int(r["request_index"]): float(np.interp(_num(r["start_s"]), at, ratio)) for r in reqs}
