@@ -210,10 +210,21 @@ def batched_forward(model: Any, kv: BatchKV, blocks: list[list[int]], pad_id: in
 @torch.no_grad()
 def prefill_single(model: Any, ids: list[int], cache: DynamicCache | None) -> DynamicCache:
     """Batch-1 prefill of `ids` after what `cache` holds (no LM head: nothing reads these logits)."""
-    stack, _ = base_and_head(model)
+    return prefill_chunk(model, ids, cache, last_logits=False)[0]
+
+
+@torch.no_grad()
+def prefill_chunk(model: Any, ids: list[int], cache: DynamicCache | None,
+                  last_logits: bool) -> tuple[DynamicCache, torch.Tensor | None]:
+    """Batch-1 prefill of `ids` after what `cache` holds; with last_logits, also the LM head at the
+    chunk's last position only ([V] float: the next-token logits a prompt's final chunk yields)."""
+    stack, head = base_and_head(model)
     device = next(stack.parameters()).device
     if cache is None:
         cache = DynamicCache(config=model.config)
-    if ids:
-        stack(input_ids=torch.tensor([ids], dtype=torch.long, device=device), cache=cache, use_cache=True)
-    return cache
+    if not ids:
+        return cache, None
+    out = stack(input_ids=torch.tensor([ids], dtype=torch.long, device=device), cache=cache, use_cache=True)
+    if not last_logits:
+        return cache, None
+    return cache, head(out.last_hidden_state[0, -1:]).float()[0]

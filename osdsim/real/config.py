@@ -118,6 +118,10 @@ class ServeCfg(_Strict):
         "minibatch per unit; dedicated: a trainer process publishing new draft weights.")
     max_pending_steps: int = Field(4, ge=1, description="Due steps queued; beyond this the oldest is skipped.")
     trainer_threads: int = Field(1, ge=1, description="dedicated: torch threads of the trainer process.")
+    host_canary_every_s: float = Field(
+        10.0, ge=0, description="Seconds between host-speed canaries: one fixed-shape draft pass (8 tokens, "
+        "no cache) timed between iterations, so a run's host speed can be compared with the fit run's "
+        "(0: none).")
 
     @model_validator(mode="after")
     def _check(self) -> ServeCfg:

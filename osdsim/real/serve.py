@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from osdsim.errors import InputError, atomic_write_text, json_safe
-from osdsim.real.batching import BatchKV, batched_forward, prefill_single
+from osdsim.real.batching import BatchKV, batched_forward, prefill_chunk, prefill_single
 from osdsim.real.specdec import (
     Generation,
     StepRecord,
@@ -235,7 +235,7 @@ class Sequence:
     prompt: list[int]
     seq: list[int]  # committed tokens (prompt + generated)
     tokens: list[int] = field(default_factory=list)  # generated
-    prefilled: int = 0  # tokens of prompt[:-1] in the sequence's own caches
+    prefilled: int = 0  # prompt tokens in the sequence's own caches
     tcache: Any = None  # batch-1 caches while prefilling
     dcache: Any = None
     n_t: int = 0  # committed tokens held by the target cache (all but the last)
@@ -246,7 +246,7 @@ class Sequence:
 
     @property
     def prefill_left(self) -> int:
-        return len(self.prompt) - 1 - self.prefilled
+        return len(self.prompt) - self.prefilled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,38 +310,37 @@ class BatchServer:
              draft_version: int = 0) -> tuple[IterationRecord, list[Sequence], list[StepRow]]:
         p, m = self.p, self.m
         t_start = clock()
-        # 1. chunked prefill (FCFS within the token budget)
+        # 1. chunked prefill (FCFS within the token budget). A prompt's final chunk also runs the
+        # target's head at its last position and yields the first token (as vLLM's prefill step
+        # does, and as the simulator prices it: logits for one token per completed prompt); the
+        # sequence joins the decoding rows after this iteration, so it speculates from the next one.
         budget, pf_tokens, pf_rows = p.chunked_prefill_tokens, 0, 0
-        joined: list[Sequence] = []
+        joined: list[tuple[Sequence, torch.Tensor]] = []
         for s in list(self.prefilling):
             if s.prefill_left > 0 and budget > 0:
                 n = min(s.prefill_left, budget)
                 chunk = s.prompt[s.prefilled : s.prefilled + n]
-                s.tcache = prefill_single(m.target, chunk, s.tcache)
+                last = n == s.prefill_left
+                s.tcache, first_logits = prefill_chunk(m.target, chunk, s.tcache, last_logits=last)
                 if p.k > 0:  # k = 0: target-only batched decoding, the draft is never run
                     s.dcache = prefill_single(m.draft, chunk, s.dcache)
                 s.prefilled += n
                 budget -= n
                 pf_tokens += n
                 pf_rows += 1
-            if s.prefill_left == 0:
-                joined.append(s)
-        for s in joined:
-            self.prefilling.remove(s)
-            s.n_t = s.n_d = len(s.prompt) - 1
-            self.kv_t.add_row(s.tcache, s.n_t, m.device)
-            if p.k > 0:
-                self.kv_d.add_row(s.dcache, s.n_d, m.device)
-            s.tcache = s.dcache = None
-            s.teacher = _TeacherAcc(p.teacher_topk)
-            self.rows.append(s)
+                if last:
+                    assert first_logits is not None
+                    joined.append((s, first_logits))
+        first_tokens = [self._first_token(s, lq) for s, lq in joined]
         sync(m.device)
         t_pf = clock()
         if not self.rows:
+            finished = self._join(joined, t_pf)
             rec = IterationRecord(self.iteration, t_start, t_pf, 0, pf_rows, pf_tokens, t_pf - t_start,
-                                  0.0, 0.0, p.k, 0, 0, waiting, 0, 0, 0, int(trainer_busy), draft_version)
+                                  0.0, 0.0, p.k, 0, 0, waiting, 0, 0, len(first_tokens), int(trainer_busy),
+                                  draft_version)
             self.iteration += 1
-            return rec, [], []
+            return rec, finished, []
         context = sum(len(s.seq) for s in self.rows)
         longest = max(len(s.seq) for s in self.rows)
         width, d_width = self.kv_t.width, (self.kv_d.width if p.k > 0 else 0)
@@ -426,9 +425,6 @@ class BatchServer:
                 s.done = True
                 finished.append(s)
         t_end = clock()
-        for s in self.rows:
-            if s.rec.first_token_s is None:
-                s.rec.first_token_s = t_end
         for s in finished:
             s.rec.finish_s = t_end
             self.kv_reserved -= len(s.prompt) + p.max_new_tokens
@@ -440,13 +436,94 @@ class BatchServer:
             self.rows = [self.rows[i] for i in keep_rows]
         self.kv_t.maybe_compact()
         self.kv_d.maybe_compact()
+        finished += self._join(joined, t_end)
         rec = IterationRecord(
             self.iteration, t_start, t_end, len(outcomes), pf_rows, pf_tokens, t_pf - t_start,
             t_draft - t_pf, t_verify - t_draft, p.k, sum(g + 1 for g in gammas), context, waiting,
-            prop_sum, acc_sum, emit_sum, int(trainer_busy), draft_version, width, longest, d_width,
+            prop_sum, acc_sum, emit_sum + len(first_tokens), int(trainer_busy), draft_version, width, longest,
+            d_width,
         )
         self.iteration += 1
         return rec, finished, step_rows
+
+    def _first_token(self, s: Sequence, logits: torch.Tensor) -> int:
+        """The first generated token from the prompt's last logits [V] (greedy, or sampled from the
+        target at the serving temperature), committed to the sequence; its teacher distribution is
+        kept where every emitted position is distilled."""
+        p = self.p
+        if p.greedy:
+            x = int(torch.argmax(logits))
+        else:
+            x = int(torch.multinomial(_probs(logits, p.temperature).cpu(), 1, generator=self.gen))
+        s.teacher = _TeacherAcc(p.teacher_topk)
+        if p.positions == "all":
+            s.teacher.add(len(s.prompt) - 1, logits[None], [0])
+        s.seq.append(x)
+        s.tokens.append(x)
+        s.rec.hit_eos = x in self.m.eos_ids
+        return x
+
+    def _join(self, joined: list[tuple[Sequence, torch.Tensor]], t_end: float) -> list[Sequence]:
+        """Sequences whose prefill completed this iteration: the first token is stamped at the
+        iteration's end (when a server returns it); each joins the decoding rows, or finishes at once
+        where its first token ends it. Returns the finished ones."""
+        finished = []
+        for s, _ in joined:
+            self.prefilling.remove(s)
+            s.rec.first_token_s = t_end
+            s.n_t = s.n_d = len(s.prompt)  # the caches hold the prompt; the first token is the last committed
+            if s.rec.hit_eos or len(s.tokens) >= self.p.max_new_tokens:
+                s.done = True
+                s.rec.finish_s = t_end
+                self.kv_reserved -= len(s.prompt) + self.p.max_new_tokens
+                s.tcache = s.dcache = None
+                finished.append(s)
+                continue
+            self.kv_t.add_row(s.tcache, s.n_t, self.m.device)
+            if self.p.k > 0:
+                self.kv_d.add_row(s.dcache, s.n_d, self.m.device)
+            s.tcache = s.dcache = None
+            self.rows.append(s)
+        return finished
+
+
+# Tokens of the host-speed canary's pass (a fresh 8-token prefill of the serving draft with its head at
+# the last position: the layer GEMMs, attention and head GEMV that serving runs, in ~10 ms on a CPU).
+CANARY_TOKENS = 8
+
+
+@dataclass
+class HostCanary:
+    """A fixed-shape pass timed now and then between iterations: the host's own speed over a run,
+    whatever is being served, so a held-out run can be told slower or faster than the fit run."""
+
+    model: Any
+    every_s: float
+    device: torch.device
+    samples: list[tuple[float, float]] = field(default_factory=list)  # (start_s, seconds)
+    next_s: float = 0.0
+
+    def _pass(self) -> None:
+        prefill_chunk(self.model, list(range(100, 100 + CANARY_TOKENS)), None, last_logits=True)
+        sync(self.device)
+
+    def warm_up(self) -> None:
+        if self.every_s > 0:
+            self._pass()
+
+    def maybe_run(self, clock: Callable[[], float]) -> None:
+        if self.every_s <= 0 or clock() < self.next_s:
+            return
+        t0 = clock()
+        self._pass()
+        t1 = clock()
+        self.samples.append((round(t0, 6), round(t1 - t0, 6)))
+        self.next_s = t1 + self.every_s
+
+    def summary(self) -> dict[str, Any]:
+        secs = [x for _, x in self.samples]
+        return {"every_s": self.every_s, "tokens": CANARY_TOKENS, "n": len(secs),
+                "median_s": float(np.median(secs)) if secs else None, "samples": [list(x) for x in self.samples]}
 
 
 def generation_of(s: Sequence) -> Generation:
@@ -831,6 +908,8 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
     params = ServeParams(dc.k, dc.greedy, dc.temperature, dc.max_new_tokens, positions, cfg.distill.teacher_topk,
                          sv.max_batch_size, sv.kv_token_budget, sv.chunked_prefill_tokens)
     server = BatchServer(models, params, prep.generator)
+    canary = HostCanary(prep.s_draft_call, sv.host_canary_every_s, prep.device)
+    canary.warm_up()
     initial = prep.eval_heldout("initial", 0, 0, prep.draft, 0.0)
 
     # published draft weights, kept for the held-out evaluation after the stream
@@ -889,6 +968,7 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
 
     try:
         while done < total:
+            canary.maybe_run(clock)
             now = clock()
             while pending and pending[0].arrival_s <= now:
                 a = pending.popleft()
@@ -1014,6 +1094,7 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
             "idle_s_available": idle_avail, "idle_s_used": idle_used,
             "train_s": sum(t.train_s for t in trecs),
         },
+        "host_canary": canary.summary(),
         "alpha_heldout_initial": initial,
         "phases": per_phase,
         "overall_acceptance": summarize([st for v in steps_by_req.values() for st in v], dc.k).as_dict(),

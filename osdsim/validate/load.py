@@ -424,6 +424,33 @@ def compare_serve(label: str, real: ServeRun, twin: Twin, tol: LoadTolerances) -
     return rows, series
 
 
+def canary_median_s(run: Any) -> float | None:
+    """Median seconds of a served run's host-speed canary (osdsim.real.serve.HostCanary), if it ran."""
+    c = (getattr(run, "summary", None) or {}).get("host_canary") or {}
+    m = c.get("median_s")
+    return float(m) if m and c.get("n", 0) >= 3 else None
+
+
+def host_speed_rows(label: str, real: ServeRun, fit: Any, twin: Twin) -> list[MetricRow]:
+    """Information rows: the host's speed during this run relative to the fit run (ratio of their
+    canary medians; the twin prices at the fit run's speed, so > 1 means this run's host was slower),
+    and the latency medians with the twin's prediction scaled by that ratio. They tell a host that
+    ran slower or faster (other tenants, clocks) apart from a wrong cost model; never gated."""
+    mine, ref = canary_median_s(real), canary_median_s(fit)
+    if mine is None or ref is None:
+        return []
+    ratio = mine / ref
+    rows = [MetricRow(f"{label}: host speed vs the fit run (canary pass time, run / fit; information)",
+                      1.0, ratio, 0.05, gate=False)]
+    sreq = twin.result.requests
+    for col, name in (("tpot_s", "TPOT"), ("e2e_s", "E2E")):
+        measured = _pct([_num(r[col]) for r in real.requests], 50)
+        rows.append(MetricRow(f"{label}: {name} p50 with the host speed taken out (twin x {ratio:.3f}; information)",
+                              _pct(sreq[col].to_numpy(dtype=float), 50) * ratio, measured, 0.10, unit="s",
+                              gate=False))
+    return rows
+
+
 def pass_rows(label: str, real: ServeRun, doc: dict, base_dir: Path) -> list[MetricRow]:
     """Per pass kind, the median measured time of the held-out run's passes vs the twin's profile
     pricing the very same shapes (for information: it separates cost-model error from scheduling)."""
@@ -634,6 +661,7 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
         twin = simulate_twin(doc, suite_path.resolve().parent)
         r_rows, s = compare_serve(label, real, twin, suite.tolerances)
         rows += r_rows + pass_rows(label, real, doc, suite_path.resolve().parent)
+        rows += host_speed_rows(label, real, s1, twin)
         series.append(s)
         entries.append((label, real, twin))
         tdir = out_dir / f"{suite.name}-traces"

@@ -581,7 +581,6 @@ def serving_fitted_profile(s1: Any, k: int, profile: str, acc_file: Path, law_fi
     """The profile corrected on S1's own recorded passes (costfit.fit_pass_costs), and its training
     time scaled by S1's measured / twin-predicted training-step time; written to the work directory."""
     from osdsim.api import simulate
-    from osdsim.cost.profile import load_profile
     from osdsim.scenario import scenario_from_dict
     from osdsim.sim.engine import load_scenario_profile
     from osdsim.validate import costfit
@@ -605,8 +604,9 @@ def serving_fitted_profile(s1: Any, k: int, profile: str, acc_file: Path, law_fi
         done = sim.training[sim.training["kind"] == "done"]["duration_s"]
         if len(done) and float(done.mean()) > 0:
             fit.train_factor = float(np.mean(real_train)) / float(done.mean())
-            corrected = costfit.scale_training(load_profile(out), sc.distill.train_dtype or sc.draft.dtype,
-                                               fit.train_factor)
+            # From the in-memory profile, not the file just written: that one already carries the
+            # note and the '-serving' name, which write_profile would add a second time.
+            corrected = costfit.scale_training(corrected, sc.distill.train_dtype or sc.draft.dtype, fit.train_factor)
             costfit.write_profile(corrected, out, note + f" Training steps x{fit.train_factor:.3f} (S1 measured / predicted).")
     return out, fit
 

@@ -62,6 +62,9 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     assert twin["distill"]["dedicated_interference"] == pytest.approx(probe["interference"], abs=1e-4)
     assert "dedicated_interference" not in yaml.safe_load(
         (tmp_path / "cpu-load-quick-work" / "twin-harvest-low.yaml").read_text())["distill"]
+    serving = yaml.safe_load((tmp_path / "cpu-load-quick-work" / "profile-serving.yaml").read_text())
+    assert serving["name"].endswith("-serving") and not serving["name"].endswith("-serving-serving")
+    assert serving["provenance"]["notes"].count("Pass costs corrected") == 1  # the fit's note, once
     for p in ("latency", "alpha", "training"):
         assert next(tmp_path.glob(f"cpu-load-quick-2*-{p}.png")).stat().st_size > 1000
     for label in ("harvest-low", "harvest-high", "dedicated"):

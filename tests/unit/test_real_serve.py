@@ -342,3 +342,60 @@ def test_an_orphaned_trainer_stops_when_its_server_dies():
     assert next_message(inbox, os.getppid() + 1, poll_s=0.01) is None
     inbox.put(None)  # the server's own stop message
     assert next_message(inbox, os.getppid(), poll_s=0.01) is None
+
+
+def test_prefill_emits_the_first_token_and_the_row_speculates_from_the_next_iteration(pair):
+    """As the simulator prices it (and vLLM serves it): the iteration that completes a prompt yields
+    its first token at that iteration's end, and the row joins the decoding batch afterwards."""
+    target, draft = pair
+    prompt = _prompts(1, seed=5)[0]
+    models = ServeModels(target, draft, 0, (), torch.device("cpu"))
+    tick = [0.0]
+
+    def clock():
+        tick[0] += 1.0
+        return tick[0]
+
+    for max_new in (1, 6):
+        params = ServeParams(3, True, 1.0, max_new, "all", 8, 2, 10_000, 16)
+        server = BatchServer(models, params, torch.Generator().manual_seed(0))
+        s = Sequence(RequestRecord(0, 0, "p", "d", "0", 0.0), list(prompt), list(prompt))
+        server.admit(s)
+        recs = []
+        while not s.done:
+            rec, finished, _ = server.step(clock, 0)
+            recs.append(rec)
+        chunks = -(-len(prompt) // 16)
+        first = recs[chunks - 1]  # the iteration that prefilled the prompt's last chunk
+        assert sum(r.prefill_tokens for r in recs) == len(prompt)  # the whole prompt, once
+        assert first.batch_size == 0 and first.emitted == 1 and s.rec.first_token_s == first.end_s
+        assert s.tokens[0] == int(torch.argmax(target(torch.tensor([prompt])).logits[0, -1]))
+        if max_new == 1:
+            assert len(recs) == chunks and s.rec.finish_s == first.end_s and not s.steps
+        else:
+            assert all(r.batch_size == 1 for r in recs[chunks:])
+            assert s.tokens == target_generate(target, prompt, max_new).tokens
+            assert sum(st.emitted for st in s.steps) == max_new - 1  # the first token is no step
+        assert server.kv_reserved == 0 and server.running() == 0
+
+
+def test_host_canary_runs_when_due_and_only_then(pair):
+    from osdsim.real.serve import HostCanary
+
+    target, _ = pair
+    t = [0.0]
+
+    def clock():
+        t[0] += 0.5
+        return t[0]
+
+    canary = HostCanary(target, 10.0, torch.device("cpu"))
+    for _ in range(60):  # 30 s of a clock that moves 0.5 s per reading
+        canary.maybe_run(clock)
+    starts = [s for s, _ in canary.samples]
+    assert len(starts) == 3 and all(b - a >= 10.0 for a, b in zip(starts, starts[1:], strict=False))
+    summ = canary.summary()
+    assert summ["n"] == 3 and summ["median_s"] == pytest.approx(0.5)  # one clock tick per pass
+    off = HostCanary(target, 0.0, torch.device("cpu"))
+    off.maybe_run(clock)
+    assert off.samples == [] and off.summary()["median_s"] is None

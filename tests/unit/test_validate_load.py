@@ -221,3 +221,26 @@ def test_training_falls_behind_for_good_not_at_a_chance_skip():
     # A trace has no configured rate: the trailing arrival rate (undefined before 10 arrivals).
     assert load.fall_behind_rate([D] * 6 + [S] * 3, finishes, arrivals, {"arrival": "trace"}, 2) == pytest.approx(1.0)
     assert load.fall_behind_rate([S], finishes, arrivals, {"arrival": "trace"}, 2) is None
+
+
+def test_host_speed_rows_scale_the_twin_by_the_canary_ratio():
+    """A held-out run whose canary took 10% longer than the fit run's: the host-speed row reads 1.1,
+    the latency rows scale the twin by it, and none of them gates the report; no canary, no rows."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from osdsim.validate.load import ServeRun, Twin, host_speed_rows
+
+    def run(median, n=5, tpot=0.3, e2e=10.0):
+        summ = {"host_canary": {"n": n, "median_s": median}}
+        return ServeRun(summ, [{"tpot_s": str(tpot), "e2e_s": str(e2e)}] * 3, [], [], [], [])
+
+    twin = Twin(SimpleNamespace(requests=pd.DataFrame({"tpot_s": [0.25, 0.25], "e2e_s": [9.0, 9.0]})), None, None)
+    rows = host_speed_rows("low", run(0.011), run(0.010), twin)
+    assert [r.gate for r in rows] == [False, False, False]
+    assert rows[0].measured == pytest.approx(1.1)
+    assert rows[1].predicted == pytest.approx(0.275) and rows[1].measured == pytest.approx(0.3)
+    assert rows[2].predicted == pytest.approx(9.9)
+    assert host_speed_rows("low", run(0.011), run(None), twin) == []
+    assert host_speed_rows("low", run(0.011, n=2), run(0.010), twin) == []  # too few canaries to tell
