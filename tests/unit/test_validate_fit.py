@@ -73,6 +73,27 @@ def test_joint_fit_recovers_curves_and_transfer():
         assert c.tau_tokens == pytest.approx(tau, rel=0.05)
 
 
+def test_joint_fit_takes_alpha_0_from_the_untrained_observations():
+    """α_0 of a domain observed before any training step is their pooled α̂ (weights = positions),
+    not a free parameter; a domain never observed untrained still has its α_0 fitted."""
+    from osdsim.validate.fit import effective_tokens, fit_joint
+
+    step_tokens = np.zeros((10, 2))
+    step_tokens[:5, 0] = 500.0
+    step_tokens[5:, 1] = 500.0
+    n = effective_tokens(step_tokens, 0.1)
+    obs_d, obs_s, obs_a, obs_w = [0, 0], [0, 0], [0.01, 0.04], [100.0, 300.0]  # untrained a: pooled 0.0325
+    for s in range(1, 11):
+        for d, (a0, ainf, tau) in enumerate(((0.2, 0.5, 1500.0), (0.08, 0.4, 1000.0))):
+            obs_d.append(d)
+            obs_s.append(s)
+            obs_a.append(float(alpha_curve(n[s, d], a0, ainf, tau)))
+            obs_w.append(300.0)
+    fit = fit_joint(["a", "b"], step_tokens, np.array(obs_d), np.array(obs_s), np.array(obs_a), np.array(obs_w))
+    assert fit.curves["a"].alpha_0 == pytest.approx((0.01 * 100 + 0.04 * 300) / 400, abs=1e-12)
+    assert fit.curves["b"].alpha_0 == pytest.approx(0.08, abs=0.01)  # fitted: b was never seen untrained
+
+
 def test_effective_tokens_floors_forgetting_at_the_untrained_draft():
     from osdsim.validate.fit import effective_tokens
 
