@@ -315,7 +315,7 @@ class BatchServer:
         # does, and as the simulator prices it: logits for one token per completed prompt); the
         # sequence joins the decoding rows after this iteration, so it speculates from the next one.
         budget, pf_tokens, pf_rows = p.chunked_prefill_tokens, 0, 0
-        joined: list[tuple[Sequence, torch.Tensor]] = []
+        joined: list[Sequence] = []
         for s in list(self.prefilling):
             if s.prefill_left > 0 and budget > 0:
                 n = min(s.prefill_left, budget)
@@ -330,14 +330,14 @@ class BatchServer:
                 pf_rows += 1
                 if last:
                     assert first_logits is not None
-                    joined.append((s, first_logits))
-        first_tokens = [self._first_token(s, lq) for s, lq in joined]
+                    self._first_token(s, first_logits)
+                    joined.append(s)
         sync(m.device)
         t_pf = clock()
         if not self.rows:
             finished = self._join(joined, t_pf)
             rec = IterationRecord(self.iteration, t_start, t_pf, 0, pf_rows, pf_tokens, t_pf - t_start,
-                                  0.0, 0.0, p.k, 0, 0, waiting, 0, 0, len(first_tokens), int(trainer_busy),
+                                  0.0, 0.0, p.k, 0, 0, waiting, 0, 0, len(joined), int(trainer_busy),
                                   draft_version)
             self.iteration += 1
             return rec, finished, []
@@ -440,13 +440,13 @@ class BatchServer:
         rec = IterationRecord(
             self.iteration, t_start, t_end, len(outcomes), pf_rows, pf_tokens, t_pf - t_start,
             t_draft - t_pf, t_verify - t_draft, p.k, sum(g + 1 for g in gammas), context, waiting,
-            prop_sum, acc_sum, emit_sum + len(first_tokens), int(trainer_busy), draft_version, width, longest,
+            prop_sum, acc_sum, emit_sum + len(joined), int(trainer_busy), draft_version, width, longest,
             d_width,
         )
         self.iteration += 1
         return rec, finished, step_rows
 
-    def _first_token(self, s: Sequence, logits: torch.Tensor) -> int:
+    def _first_token(self, s: Sequence, logits: torch.Tensor) -> None:
         """The first generated token from the prompt's last logits [V] (greedy, or sampled from the
         target at the serving temperature), committed to the sequence; its teacher distribution is
         kept where every emitted position is distilled."""
@@ -461,14 +461,13 @@ class BatchServer:
         s.seq.append(x)
         s.tokens.append(x)
         s.rec.hit_eos = x in self.m.eos_ids
-        return x
 
-    def _join(self, joined: list[tuple[Sequence, torch.Tensor]], t_end: float) -> list[Sequence]:
+    def _join(self, joined: list[Sequence], t_end: float) -> list[Sequence]:
         """Sequences whose prefill completed this iteration: the first token is stamped at the
         iteration's end (when a server returns it); each joins the decoding rows, or finishes at once
         where its first token ends it. Returns the finished ones."""
         finished = []
-        for s, _ in joined:
+        for s in joined:
             self.prefilling.remove(s)
             s.rec.first_token_s = t_end
             s.n_t = s.n_d = len(s.prompt)  # the caches hold the prompt; the first token is the last committed
