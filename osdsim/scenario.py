@@ -210,6 +210,9 @@ class Acceptance(_Strict):
     transfer: float = Field(
         0.0, ge=-1, le=1, description="Cross-domain transfer: distilling on one domain moves others by this fraction (negative = forgetting)."
     )
+    forgetting_tokens: float | None = Field(
+        None, gt=0, description="Forgetting: training on other domains erodes a domain's distilled progress n by "
+        "exp(-their tokens / this) before the transfer adds to it (null: no erosion).")
     distillation_helps: bool = Field(True, description="Require alpha_inf >= alpha_0 for every domain.")
     domains: dict[str, DomainAcceptance] = Field(default_factory=dict)
 

@@ -2,8 +2,11 @@
 
 α per (draft, domain) moves with the distilled tokens n of that domain:
     α(n) = α_∞ − (α_∞ − α_0)·exp(−n/τ)
-Training on another domain e moves n_d by transfer·n_e (negative transfer = forgetting, which
-undoes distilled progress down to the untrained draft: n_d ≥ 0).
+Training on another domain e moves n_d by transfer·n_e (negative transfer undoes distilled
+progress down to the untrained draft: n_d ≥ 0), and, with forgetting_tokens τ_f, first erodes it:
+    n_d ← max(n_d·exp(−n_e/τ_f) + n_own + transfer·n_e, 0)
+so a draft trained long enough on e keeps transfer·τ_f of d's progress (positive transfer early,
+forgetting later: what the real runs show, docs/architecture.md "α dynamics").
 The distiller collects finished requests and makes a training step due every
 `update_interval_requests`; the placement (inline / harvest / dedicated) decides where it runs.
 """
@@ -31,12 +34,14 @@ class DraftState:
         tau_tokens: np.ndarray,
         transfer: float,
         trainable: bool,
+        forgetting_tokens: float | None = None,
     ):
         self.draft_id = draft_id
         self.alpha_0 = np.asarray(alpha_0, dtype=float)
         self.alpha_inf = np.asarray(alpha_inf, dtype=float)
         self.tau = np.asarray(tau_tokens, dtype=float)
         self.transfer = transfer
+        self.forgetting_tokens = forgetting_tokens
         self.trainable = trainable
         self.n_eff = np.zeros_like(self.alpha_0)  # effective distilled tokens per domain
         self.alpha = self.alpha_0.copy()
@@ -51,7 +56,9 @@ class DraftState:
         self.tokens_trained += own
         # Forgetting (negative transfer) undoes distilled progress but never goes below the
         # untrained draft: n_eff ≥ 0, so α stays between α_0 and α_∞.
-        self.n_eff = np.maximum(self.n_eff + own + self.transfer * (own.sum() - own), 0.0)
+        others = own.sum() - own
+        kept = self.n_eff if self.forgetting_tokens is None else self.n_eff * np.exp(-others / self.forgetting_tokens)
+        self.n_eff = np.maximum(kept + own + self.transfer * others, 0.0)
         decay = np.exp(-self.n_eff / self.tau)
         self.alpha[:] = np.clip(self.alpha_inf - (self.alpha_inf - self.alpha_0) * decay, 0.0, 1.0)
         for fn in self.listeners:

@@ -56,24 +56,27 @@ def acceptance_params(scenario: Scenario) -> tuple[Acceptance, dict[str, DomainA
     """Inline acceptance parameters, over those of `acceptance.file` when one is given."""
     acc = scenario.acceptance
     domains: dict[str, DomainAcceptance] = {}
-    transfer = acc.transfer
+    transfer, forgetting = acc.transfer, acc.forgetting_tokens
     if acc.file:
         path = scenario.resolve_path(acc.file)
         data = read_yaml(path, "acceptance")
         if not isinstance(data, dict):
             raise InputError(f"{path}: acceptance file must be a mapping with 'domains'")
         try:
-            file_acc = Acceptance(**{k: v for k, v in data.items() if k in ("domains", "transfer", "law", "distillation_helps")})
+            file_acc = Acceptance(**{k: v for k, v in data.items() if k in ("domains", "transfer", "forgetting_tokens", "law",
+                                                                "distillation_helps")})
         except ValidationError as exc:
             raise InputError(f"{path}: {format_validation_error(exc)}") from None
         domains.update(file_acc.domains)
         if "transfer" in data and "transfer" not in acc.model_fields_set:
             transfer = file_acc.transfer
+        if "forgetting_tokens" in data and "forgetting_tokens" not in acc.model_fields_set:
+            forgetting = file_acc.forgetting_tokens
     domains.update(acc.domains)
     missing = sorted(set(scenario.workload.domains) - set(domains))
     if missing:
         raise InputError(f"acceptance.domains: no acceptance parameters for domain {missing[0]!r}")
-    return acc.model_copy(update={"transfer": transfer}), domains
+    return acc.model_copy(update={"transfer": transfer, "forgetting_tokens": forgetting}), domains
 
 
 def load_empirical_law(path: Path) -> EmpiricalLaw:
@@ -201,8 +204,8 @@ def _memory_and_costs(scenario: Scenario, profile: HardwareProfile, draft, n_dra
 
 
 def _acceptance_law(scenario: Scenario, draft, names: tuple[str, ...]):
-    """(law, its name for the summary, per-domain curves (α_0, α_∞, α_offline, τ, transfer) or None
-    without a draft)."""
+    """(law, its name for the summary, per-domain curves (α_0, α_∞, α_offline, τ, transfer,
+    forgetting_tokens) or None without a draft)."""
     if draft is None:
         return GeometricLaw(), "none", None
     acc, dom_acc = acceptance_params(scenario)
@@ -218,7 +221,7 @@ def _acceptance_law(scenario: Scenario, draft, names: tuple[str, ...]):
         lo, hi = law.alpha_range
         law_name = f"empirical (alpha {lo:.2f}..{hi:.2f}, clamped outside)"
     curves = tuple(np.array([getattr(dom_acc[d], f) for d in names]) for f in ("alpha_0", "plateau", "offline", "tau_tokens"))
-    return law, law_name, (*curves, acc.transfer)
+    return law, law_name, (*curves, acc.transfer, acc.forgetting_tokens)
 
 
 def build_and_run(scenario: Scenario, requests: Requests | None = None, progress: ProgressFn | None = None,
@@ -243,7 +246,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
 
     law, law_name, curves = _acceptance_law(scenario, draft, names)
     if curves is not None:
-        a0, ainf, aoff, tau, transfer = curves
+        a0, ainf, aoff, tau, transfer, forgetting = curves
     # The α each domain's stream converges to under this strategy (served-α recovery targets).
     plateau = None if curves is None else {"static": a0, "offline": aoff}.get(strategy, ainf)
 
@@ -267,7 +270,8 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
             return [None] * n_dom, [st] * n_dom
         per_domain = strategy == "osd-per-domain"
         states = [
-            DraftState(i, a0, ainf, tau, 0.0 if per_domain else transfer, trainable=True)
+            DraftState(i, a0, ainf, tau, 0.0 if per_domain else transfer, trainable=True,
+                       forgetting_tokens=None if per_domain else forgetting)
             for i in range(n_dom if per_domain else 1)
         ]
         dists = [

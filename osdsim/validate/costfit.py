@@ -289,10 +289,40 @@ def scale_training(profile, train_dtype: str, factor: float):
     return profile.model_copy(update={"efficiency_by_dtype": {**profile.efficiency_by_dtype, key: new}})
 
 
-def write_profile(profile, path: Path, note: str):
+# Seconds-valued efficiency terms: a host r× slower takes r× as long in each of them.
+_SECONDS_FIELDS = ("kernel_overhead_s_per_layer", "pass_overhead_s", "allreduce_latency_s",
+                   "nongemm_s_per_token_hidden", "nongemm_s_per_token_ffn", "nongemm_s_per_token_qkv",
+                   "pass_overhead_s_per_seq")
+
+
+def scale_host_speed(profile, ratio: float):
+    """The profile of the same device running `ratio` × slower in every term (ratio > 1: slower): the
+    peak rates and bandwidths ÷ ratio, the fixed seconds × ratio, the efficiencies unchanged. Every
+    pass and training-step time the cost model prices is homogeneous of degree one in these terms
+    (sums, maxima and p-norms of work ÷ rate and overheads), so each price is exactly ratio × its old
+    value. Used to replay a held-out run's measured host speed (its canary vs the fit run's)."""
+    if not (ratio > 0 and math.isfinite(ratio)):
+        raise ValueError(f"host speed ratio must be finite and > 0, got {ratio}")
+
+    def eff(e):
+        return e.model_copy(update={f: (None if getattr(e, f) is None else getattr(e, f) * ratio)
+                                    for f in _SECONDS_FIELDS})
+
+    return profile.model_copy(update={
+        "peak_flops_per_s": {d: v / ratio for d, v in profile.peak_flops_per_s.items()},
+        "memory_bandwidth_bytes_per_s": profile.memory_bandwidth_bytes_per_s / ratio,
+        "interconnect_bandwidth_bytes_per_s": profile.interconnect_bandwidth_bytes_per_s / ratio,
+        "efficiency": eff(profile.efficiency),
+        "efficiency_by_dtype": {d: eff(e) for d, e in profile.efficiency_by_dtype.items()},
+    })
+
+
+def write_profile(profile, path: Path, note: str, suffix: str = "-serving", header: str = "Serving-fitted profile"):
+    """Write `profile` with `note` appended to its provenance and `suffix` to its name (once)."""
     from osdsim.cost.profile import dump_profile
 
     prov = profile.provenance.model_copy(update={"notes": (profile.provenance.notes or "") + " " + note})
-    prof = profile.model_copy(update={"provenance": prov, "name": f"{profile.name}-serving"})
-    atomic_write_text(path, f"# Serving-fitted profile written by osdsim validate. {note}\n" + dump_profile(prof))
+    name = profile.name if profile.name.endswith(suffix) else f"{profile.name}{suffix}"
+    prof = profile.model_copy(update={"provenance": prov, "name": name})
+    atomic_write_text(path, f"# {header} written by osdsim validate. {note}\n" + dump_profile(prof))
     return path

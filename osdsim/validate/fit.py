@@ -73,22 +73,28 @@ def empirical_law(alpha_per_request: np.ndarray, lengths_per_request: list[list[
 # --- the joint model: every domain's curve and the cross-domain transfer ---------------------------
 @dataclass(frozen=True)
 class JointFit:
-    """α_d(n_d) per domain with n_d moved by own tokens and transfer × other domains' tokens."""
+    """α_d(n_d) per domain with n_d moved by own tokens and transfer × other domains' tokens, and
+    (forgetting_tokens) eroded by training on other domains."""
 
     curves: dict[str, CurveFit]
     transfer: float
     rmse: float
+    forgetting_tokens: float | None = None
 
 
-def effective_tokens(step_tokens: np.ndarray, transfer: float) -> np.ndarray:
+def effective_tokens(step_tokens: np.ndarray, transfer: float, forgetting_tokens: float | None = None) -> np.ndarray:
     """n_eff per domain after each training step, [S + 1, D] (row 0: untrained).
 
-    The simulator's DraftState.train: n ← max(n + own + transfer·(others), 0), step by step."""
+    The simulator's DraftState.train, step by step:
+        n ← max(n · exp(−others/τ_f) + own + transfer·others, 0)
+    (others = the step's tokens of the other domains; no erosion without forgetting_tokens τ_f)."""
     steps, d = step_tokens.shape
     n = np.zeros((steps + 1, d))
     for s in range(steps):
         own = step_tokens[s]
-        n[s + 1] = np.maximum(n[s] + own + transfer * (own.sum() - own), 0.0)
+        others = own.sum() - own
+        kept = n[s] if forgetting_tokens is None else n[s] * np.exp(-others / forgetting_tokens)
+        n[s + 1] = np.maximum(kept + own + transfer * others, 0.0)
     return n
 
 
@@ -100,6 +106,7 @@ def fit_joint(
     obs_alpha: np.ndarray,  # [N] measured α̂
     obs_weight: np.ndarray,  # [N] examined positions behind it (binomial weight)
     fit_transfer: bool = True,
+    fit_forgetting: bool = False,
 ) -> JointFit:
     """Weighted least squares of every α̂ on α_d(n_eff) jointly: 3 parameters per domain + transfer.
 
@@ -121,33 +128,43 @@ def fit_joint(
     alpha_0_measured = np.array([np.average(y[m], weights=w[m] ** 2) if m.any() else np.nan for m in untrained])
     pinned = np.isfinite(alpha_0_measured)
 
-    def unpack(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    extra = [fit_transfer, fit_forgetting]
+
+    def unpack(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float | None]:
         q = p[: 3 * dn].reshape(dn, 3)
         a0 = np.where(pinned, alpha_0_measured, q[:, 0])
-        return a0, q[:, 1], np.exp(q[:, 2]), (float(p[-1]) if fit_transfer else 0.0)
+        t = float(p[3 * dn]) if fit_transfer else 0.0
+        f = float(np.exp(p[3 * dn + fit_transfer])) if fit_forgetting else None
+        return a0, q[:, 1], np.exp(q[:, 2]), t, f
 
     def predict(p: np.ndarray) -> np.ndarray:
-        a0, ainf, tau, t = unpack(p)
-        return alpha_curve(effective_tokens(step_tokens, t)[os_, od], a0[od], ainf[od], tau[od])
+        a0, ainf, tau, t, f = unpack(p)
+        return alpha_curve(effective_tokens(step_tokens, t, f)[os_, od], a0[od], ainf[od], tau[od])
 
     def resid(p: np.ndarray) -> np.ndarray:
         return w * (predict(p) - y)
 
-    lo = np.tile([0.0, 0.0, np.log(1e-3 * span)], dn).tolist() + ([-1.0] if fit_transfer else [])
-    hi = np.tile([1.0, 1.0, np.log(1e3 * span)], dn).tolist() + ([1.0] if fit_transfer else [])
+    # Bounds: τ within 10^±3 of the tokens trained; forgetting τ_f from 1/20 of them (a domain
+    # keeps e^-20 of its progress after one run's worth of other training) to 10^3 × (none).
+    lo = np.tile([0.0, 0.0, np.log(1e-3 * span)], dn).tolist() + ([-1.0] if fit_transfer else []) \
+        + ([np.log(0.05 * span)] if fit_forgetting else [])
+    hi = np.tile([1.0, 1.0, np.log(1e3 * span)], dn).tolist() + ([1.0] if fit_transfer else []) \
+        + ([np.log(1e3 * span)] if fit_forgetting else [])
     first = np.array([y[od == d][:3].mean() if np.any(od == d) else 0.05 for d in range(dn)])
     last = np.array([y[od == d][-5:].mean() if np.any(od == d) else 0.2 for d in range(dn)])
     best = None
     for tau0 in span * np.array([0.1, 0.3, 1.0, 3.0]):
         for t0 in ((0.0, 0.3, -0.3) if fit_transfer else (0.0,)):
-            x0 = np.column_stack([np.clip(first, 0.0, 0.99), np.clip(np.maximum(last, first), 0.01, 0.99),
-                                  np.full(dn, np.log(tau0))]).ravel().tolist() + ([t0] if fit_transfer else [])
-            x0 = np.clip(x0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
-            sol = least_squares(resid, x0, bounds=(lo, hi))
-            if best is None or sol.cost < best.cost:
-                best = sol
-    assert best is not None
-    a0, ainf, tau, t = unpack(best.x)
+            for f0 in ((1e3, 1.0, 0.2) if fit_forgetting else (None,)):
+                x0 = np.column_stack([np.clip(first, 0.0, 0.99), np.clip(np.maximum(last, first), 0.01, 0.99),
+                                      np.full(dn, np.log(tau0))]).ravel().tolist() \
+                    + ([t0] if fit_transfer else []) + ([np.log(f0 * span)] if fit_forgetting else [])
+                x0 = np.clip(x0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
+                sol = least_squares(resid, x0, bounds=(lo, hi))
+                if best is None or sol.cost < best.cost:
+                    best = sol
+    assert best is not None and len(best.x) == 3 * dn + sum(extra)
+    a0, ainf, tau, t, f = unpack(best.x)
     pred = predict(best.x)
     curves = {}
     for d, name in enumerate(domains):
@@ -155,4 +172,4 @@ def fit_joint(
         err = float(np.sqrt(np.average((pred[m] - y[m]) ** 2, weights=w[m] ** 2))) if m.any() else float("nan")
         curves[name] = CurveFit(float(a0[d]), float(ainf[d]), float(tau[d]), err, int(m.sum()))
     rmse = float(np.sqrt(np.average((pred - y) ** 2, weights=w**2)))
-    return JointFit(curves, t, rmse)
+    return JointFit(curves, t, rmse, f)

@@ -227,6 +227,41 @@ def test_per_domain_drafts_do_not_forget(make_scenario):
     assert back(cmp.results["osd"]) < 0.4  # the shared draft forgot domain a while learning b
 
 
+def test_forgetting_erodes_a_shared_drafts_progress_and_per_domain_drafts_keep_theirs(make_scenario):
+    """acceptance.forgetting_tokens: with positive transfer, a shared draft trained long on b comes
+    back to a below where it left it (eroded, then topped up by the transfer); without forgetting it
+    comes back higher (transfer only); per-domain drafts keep a's progress either way."""
+    def spec(forgetting):
+        sp = sharp({}, n1=200, n2=400, rate=0.2)
+        sp["acceptance"]["transfer"] = 0.2
+        sp["acceptance"]["forgetting_tokens"] = forgetting
+        sp["acceptance"]["domains"]["a"] = {"alpha_0": 0.3, "alpha_inf": 0.8, "tau_tokens": 20000}
+        sp["workload"]["shift"]["phases"][0]["name"] = "a-first"
+        sp["workload"]["shift"]["phases"].append({"name": "a-again", "start": 400, "end": 450, "mix": {"a": 1.0}})
+        return make_scenario(sp)
+
+    def alpha_at(res, phase, first):
+        rows = res.requests[res.requests["phase"] == phase]["alpha_model"]
+        return rows.iloc[0] if first else rows.iloc[-1]
+
+    forget = compare(spec(3000.0), strategies=["osd", "osd-per-domain"]).results
+    keep = simulate(spec(None))
+    left = alpha_at(forget["osd"], "a-first", first=False)
+    assert alpha_at(forget["osd"], "a-again", first=True) < left - 0.05
+    assert alpha_at(keep, "a-again", first=True) > alpha_at(keep, "a-first", first=False)
+    assert alpha_at(forget["osd-per-domain"], "a-again", first=True) == pytest.approx(
+        alpha_at(forget["osd-per-domain"], "a-first", first=False), abs=0.02)
+
+
+def test_forgetting_tokens_must_be_positive(make_scenario):
+    from osdsim.errors import InputError
+
+    sp = sharp({})
+    sp["acceptance"]["forgetting_tokens"] = -5.0
+    with pytest.raises(InputError, match="forgetting_tokens"):
+        make_scenario(sp)
+
+
 def test_rising_load_reports_where_harvest_stalls(make_scenario):
     heavy = {"prompt_tokens": {"kind": "fixed", "value_tokens": 3000},
              "output_tokens": {"kind": "fixed", "value_tokens": 20}}

@@ -62,6 +62,14 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     assert twin["distill"]["dedicated_interference"] == pytest.approx(probe["interference"], abs=1e-4)
     assert "dedicated_interference" not in yaml.safe_load(
         (tmp_path / "cpu-load-quick-work" / "twin-harvest-low.yaml").read_text())["distill"]
+    # Each held-out twin prices at its run's host speed (canary vs S1's), the fixed-speed twin in info rows.
+    for label in ("harvest-low", "harvest-high", "dedicated"):
+        doc_twin = yaml.safe_load((tmp_path / "cpu-load-quick-work" / f"twin-{label}.yaml").read_text())
+        assert doc_twin["hardware"]["profile"].endswith(f"profile-{label}-host.yaml")
+        ratio = rows[f"{label}: host speed vs the fit run (canary pass time, run / fit; information)"]["measured"]
+        assert 0.2 < ratio < 5 and f"{label} x{ratio:.3f}" in doc["method"]
+        assert not rows[f"{label}: E2E p50 at the fit run's host speed (no replay; information)"].get("gate", True)
+    assert any(n.startswith("Host speed (host_speed: replay)") for n in doc["notes"])
     serving = yaml.safe_load((tmp_path / "cpu-load-quick-work" / "profile-serving.yaml").read_text())
     assert serving["name"].endswith("-serving") and not serving["name"].endswith("-serving-serving")
     assert serving["provenance"]["notes"].count("Pass costs corrected") == 1  # the fit's note, once

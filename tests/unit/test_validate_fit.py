@@ -136,3 +136,53 @@ def test_alpha_helpers_are_the_specdec_ones():
         src = inspect.getsource(mod)
         assert "alpha_from_counts" in src
         assert "a / (a + r)" not in src and "acc / np.maximum(acc + rej" not in src
+
+
+def test_joint_fit_recovers_transfer_and_forgetting():
+    """With a forgetting scale τ_f (training on b erodes a's progress by exp(−b tokens/τ_f)) and a
+    held-out check of both domains after every step, a → b → a: fit_joint with fit_forgetting
+    recovers the transfer and τ_f; the fitted model reproduces a's rise, decay and regain."""
+    from osdsim.validate.fit import effective_tokens, fit_joint
+
+    truth = {"a": (0.05, 0.5, 1500.0), "b": (0.08, 0.4, 1200.0)}
+    transfer, tau_f = 0.3, 2500.0
+    step_tokens = np.zeros((30, 2))
+    step_tokens[:10, 0] = 300.0
+    step_tokens[10:20, 1] = 300.0
+    step_tokens[20:, 0] = 300.0
+    n = effective_tokens(step_tokens, transfer, tau_f)
+    assert n[20, 0] < n[10, 0]  # a forgot while b trained ...
+    assert n[20, 0] > n[10, 0] * np.exp(-3000.0 / tau_f)  # ... less than erosion alone: transfer adds
+    obs_d, obs_s, obs_a = [], [], []
+    for s in range(31):
+        for d, (a0, ainf, tau) in enumerate(truth.values()):
+            obs_d.append(d)
+            obs_s.append(s)
+            obs_a.append(float(alpha_curve(n[s, d], a0, ainf, tau)))
+    w = np.full(len(obs_a), 300.0)
+    fit = fit_joint(list(truth), step_tokens, np.array(obs_d), np.array(obs_s), np.array(obs_a), w, fit_forgetting=True)
+    assert fit.transfer == pytest.approx(transfer, rel=0.05)
+    assert fit.forgetting_tokens == pytest.approx(tau_f, rel=0.05)
+    assert fit.rmse < 1e-4
+    for name, (_a0, ainf, _tau) in truth.items():
+        assert fit.curves[name].alpha_inf == pytest.approx(ainf, rel=0.05)
+    # Without the forgetting scale the same data cannot be fitted as well.
+    plain = fit_joint(list(truth), step_tokens, np.array(obs_d), np.array(obs_s), np.array(obs_a), w)
+    assert plain.forgetting_tokens is None and plain.rmse > 10 * fit.rmse
+
+
+def test_effective_tokens_follow_the_simulators_draft_state_with_forgetting():
+    """fit.effective_tokens is the simulator's DraftState.train, step by step (one law, two users)."""
+    from osdsim.sim.distill import DraftState
+    from osdsim.validate.fit import effective_tokens
+
+    rng = np.random.default_rng(3)
+    step_tokens = rng.uniform(0, 500, size=(12, 3)) * (rng.uniform(size=(12, 3)) < 0.6)
+    for transfer, tau_f in ((0.2, 800.0), (-0.3, 5000.0), (0.0, None)):
+        st = DraftState(0, np.full(3, 0.1), np.full(3, 0.6), np.full(3, 1000.0), transfer, trainable=True,
+                        forgetting_tokens=tau_f)
+        n = effective_tokens(step_tokens, transfer, tau_f)
+        for s in range(12):
+            st.train(step_tokens[s])
+            np.testing.assert_allclose(st.n_eff, n[s + 1], rtol=1e-12, atol=1e-9)
+        assert np.all(st.alpha >= 0.1 - 1e-12) and np.all(st.alpha <= 0.6 + 1e-12)

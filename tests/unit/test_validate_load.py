@@ -224,23 +224,56 @@ def test_training_falls_behind_for_good_not_at_a_chance_skip():
 
 
 def test_host_speed_rows_scale_the_twin_by_the_canary_ratio():
-    """A held-out run whose canary took 10% longer than the fit run's: the host-speed row reads 1.1,
-    the latency rows scale the twin by it, and none of them gates the report; no canary, no rows."""
+    """A held-out run whose canary took 10% longer than the fit run's: the host-speed row reads 1.1;
+    at fixed speed the latency rows scale the gated twin by it, under replay they show the unscaled
+    fixed-speed twin; none of them gates the report; no canary (or too few), no ratio and no rows."""
     from types import SimpleNamespace
 
     import pandas as pd
 
-    from osdsim.validate.load import ServeRun, Twin, host_speed_rows
+    from osdsim.validate.load import ServeRun, Twin, host_speed_ratio, host_speed_rows
 
     def run(median, n=5, tpot=0.3, e2e=10.0):
         summ = {"host_canary": {"n": n, "median_s": median}}
         return ServeRun(summ, [{"tpot_s": str(tpot), "e2e_s": str(e2e)}] * 3, [], [], [], [])
 
     twin = Twin(SimpleNamespace(requests=pd.DataFrame({"tpot_s": [0.25, 0.25], "e2e_s": [9.0, 9.0]})), None, None)
-    rows = host_speed_rows("low", run(0.011), run(0.010), twin)
+    ratio = host_speed_ratio(run(0.011), run(0.010))
+    assert ratio == pytest.approx(1.1)
+    rows = host_speed_rows("low", run(0.011), ratio, twin, replayed=False)
     assert [r.gate for r in rows] == [False, False, False]
     assert rows[0].measured == pytest.approx(1.1)
     assert rows[1].predicted == pytest.approx(0.275) and rows[1].measured == pytest.approx(0.3)
     assert rows[2].predicted == pytest.approx(9.9)
-    assert host_speed_rows("low", run(0.011), run(None), twin) == []
-    assert host_speed_rows("low", run(0.011, n=2), run(0.010), twin) == []  # too few canaries to tell
+    replay = host_speed_rows("low", run(0.011), ratio, twin, replayed=True)
+    assert [r.gate for r in replay] == [False, False, False]
+    assert replay[1].predicted == pytest.approx(0.25) and "fit run's host speed" in replay[1].name
+    assert host_speed_ratio(run(0.011), run(None)) is None
+    assert host_speed_ratio(run(0.011, n=2), run(0.010)) is None  # too few canaries to tell
+    assert host_speed_rows("low", run(0.011), None, twin, replayed=False) == []
+
+
+@pytest.mark.parametrize("ratio", [0.8, 1.137])
+@pytest.mark.parametrize("profile,tp", [("cpu-amd-epyc-zen3", 1), ("a100-80g-datasheet", 2)])
+def test_a_host_speed_replayed_profile_prices_every_pass_and_step_ratio_times(ratio, profile, tp):
+    """scale_host_speed: every pass (prefill, decode, verify, either dtype, tensor-parallel too) and
+    every training step the cost model prices takes exactly ratio × as long."""
+    from osdsim.cost.model import CostModel
+    from osdsim.cost.profile import load_profile, resolve_profile_path
+    from osdsim.models import PRESETS
+    from osdsim.validate.costfit import scale_host_speed
+
+    prof = load_profile(resolve_profile_path(profile))
+    slow_prof = scale_host_speed(prof, ratio)
+    for dtype in sorted(prof.peak_flops_per_s):
+        spec = PRESETS["smollm2-135m"].model_copy(update={"dtype": dtype})
+        fast, slow = CostModel(spec, prof, tp), CostModel(spec, slow_prof, tp)
+        for tokens, ctx in ((1, 200), (4, 300), (32, 0), (128, 64), (512, 4096)):
+            a = fast.pass_time(tokens, tokens, tokens * ctx, tokens * ctx)[0]
+            assert slow.pass_time(tokens, tokens, tokens * ctx, tokens * ctx)[0] == pytest.approx(ratio * a, rel=1e-9)
+        assert slow.decode_time(4, 300, 4) == pytest.approx(ratio * fast.decode_time(4, 300, 4), rel=1e-9)
+        step = fast.training_step(512.0, 4 * 128.0**2, spec.total_params, minibatches=2).time_s
+        assert slow.training_step(512.0, 4 * 128.0**2, spec.total_params, minibatches=2).time_s == \
+            pytest.approx(ratio * step, rel=1e-9)
+    with pytest.raises(ValueError):
+        scale_host_speed(prof, 0.0)
