@@ -571,16 +571,18 @@ class AnswerCache:
 
 
 @torch.no_grad()
-def teacher_forced_alpha(draft: Any, samples: list[tuple[list[int], list[int]]], pad_id: int,
-                         batch_size: int = 8, vocab_ids: torch.Tensor | None = None) -> float:
-    """Held-out greedy α: over (prompt, greedy target answer) pairs, the fraction of answer tokens
-    the draft's argmax predicts given the target's prefix (the per-token acceptance rate of greedy
-    speculative decoding; the answer token *is* the target's argmax). With `vocab_ids` the draft's
-    argmax is restricted to those tokens (a reduced-vocabulary draft head)."""
-    hits, n = 0, 0
+def teacher_forced_counts(draft: Any, samples: list[tuple[list[int], list[int]]], pad_id: int,
+                          batch_size: int = 8, vocab_ids: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """Per (prompt, greedy target answer) pair: (hits, answer tokens), hits = answer tokens the
+    draft's argmax predicts given the target's prefix (the per-token acceptance of greedy speculative
+    decoding; the answer token *is* the target's argmax). With `vocab_ids` the draft's argmax is
+    restricted to those tokens (a reduced-vocabulary draft head). Pairs with an empty answer: (0, 0)."""
+    counts: list[tuple[int, int]] = []
     for i in range(0, len(samples), batch_size):
-        chunk = [(p, a) for p, a in samples[i : i + batch_size] if a]
+        part = samples[i : i + batch_size]
+        chunk = [(p, a) for p, a in part if a]
         if not chunk:
+            counts += [(0, 0)] * len(part)
             continue
         batch = [
             DistillSample(
@@ -592,13 +594,24 @@ def teacher_forced_alpha(draft: Any, samples: list[tuple[list[int], list[int]]],
             )
             for p, a in chunk
         ]
-        logits = student_logits_at(draft, batch, pad_id)  # [Σ len(a), V]
+        logits = student_logits_at(draft, batch, pad_id)  # [Σ len(a), V], pairs in order
         if vocab_ids is not None:
             vocab_ids = vocab_ids.to(logits.device)
             masked = torch.full_like(logits, float("-inf"))
             masked[:, vocab_ids] = logits[:, vocab_ids]
             logits = masked
         want = torch.tensor([t for _, a in chunk for t in a], device=logits.device)
-        hits += int((logits.argmax(-1) == want).sum())
-        n += int(want.numel())
+        hit = (logits.argmax(-1) == want).tolist()
+        pos = 0
+        for _p, a in part:
+            counts.append((int(sum(hit[pos : pos + len(a)])), len(a)))
+            pos += len(a)
+    return counts
+
+
+def teacher_forced_alpha(draft: Any, samples: list[tuple[list[int], list[int]]], pad_id: int,
+                         batch_size: int = 8, vocab_ids: torch.Tensor | None = None) -> float:
+    """Held-out greedy α: answer tokens predicted / answer tokens over all pairs (teacher_forced_counts)."""
+    counts = teacher_forced_counts(draft, samples, pad_id, batch_size, vocab_ids)
+    hits, n = sum(h for h, _ in counts), sum(m for _, m in counts)
     return hits / n if n else float("nan")

@@ -25,6 +25,7 @@ from typing import Any
 
 from osdsim.errors import atomic_write_text, json_safe
 from osdsim.real.config import RealConfig
+from osdsim.specdec import bootstrap_ratio_ci
 
 
 @dataclass
@@ -173,13 +174,20 @@ class Prepared:
                      time_s: float | None = None) -> dict[str, float]:
         from osdsim.real import distill as Dl
 
-        vals = {d: Dl.teacher_forced_alpha(model, self.heldout[d], self.codec.pad_id, vocab_ids=self.vocab_ids)
-                for d in self.domains}
-        for d, a in vals.items():
+        vals = {}
+        for d in self.domains:
+            counts = Dl.teacher_forced_counts(model, self.heldout[d], self.codec.pad_id, vocab_ids=self.vocab_ids)
+            hits, n = sum(h for h, _ in counts), sum(m for _, m in counts)
+            vals[d] = a = hits / n if n else float("nan")
+            # 95% interval over the held-out prompts (resampled): how far another held-out set of
+            # as many prompts could land; the α-at-end rows of the load report show it.
+            ci = bootstrap_ratio_ci([h for h, _ in counts], [m for _, m in counts])
             row: dict[str, Any] = {"label": label, "request_index": request_index}
             if time_s is not None:
                 row["time_s"] = round(time_s, 6)
-            row.update(update=update, domain=d, alpha_heldout=round(a, 5))
+            row.update(update=update, domain=d, alpha_heldout=round(a, 5),
+                       alpha_heldout_lo="" if ci is None else round(ci[0], 5),
+                       alpha_heldout_hi="" if ci is None else round(ci[1], 5))
             self.alpha_rows.append(row)
         return vals
 

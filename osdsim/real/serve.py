@@ -1046,10 +1046,10 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
         step, st = state_at(t_end)
         if st is None:
             end_alpha.append(dict(initial))
-            for d, a in initial.items():
-                prep.alpha_rows.append({"label": f"end_phase_{p_idx}", "request_index": prep.phases[p_idx].end,
-                                        "time_s": round(t_end, 6), "update": 0, "domain": d,
-                                        "alpha_heldout": round(a, 5)})
+            # No step published by then: the initial evaluation's rows (α and interval), relabelled.
+            for row in [r for r in prep.alpha_rows if r["label"] == "initial"]:
+                prep.alpha_rows.append({**row, "label": f"end_phase_{p_idx}", "request_index": prep.phases[p_idx].end,
+                                        "time_s": round(t_end, 6), "update": 0})
             continue
         load_state(st)
         end_alpha.append(prep.eval_heldout(f"end_phase_{p_idx}", prep.phases[p_idx].end, step, scratch, t_end))

@@ -62,6 +62,22 @@ def alpha_from_counts(accepted, rejections):
         return acc / (acc + np.asarray(rejections))
 
 
+def bootstrap_ratio_ci(numerators, denominators, resamples: int = 2000,
+                       level: float = 0.95) -> tuple[float, float] | None:
+    """`level` interval of Σ num / Σ den when the items (requests, held-out prompts) are resampled
+    with replacement: how far another sample of as many items could land. Fixed seed, so the same
+    items give the same interval; None with fewer than 2 items or nothing counted."""
+    num = np.asarray(numerators, dtype=float)
+    den = np.asarray(denominators, dtype=float)
+    if num.size < 2 or den.sum() <= 0:
+        return None
+    idx = np.random.default_rng(0).integers(0, num.size, size=(resamples, num.size))
+    boot = num[idx].sum(axis=1) / np.maximum(den[idx].sum(axis=1), 1e-12)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
 def windowed_alpha(accepted: np.ndarray, rejections: np.ndarray, window: int) -> np.ndarray:
     """Pooled α̂ over a trailing window: element i is Σa / (Σa + Σrejections) over items
     max(0, i − window + 1) … i (fewer at the start; NaN where nothing was examined). The one

@@ -416,8 +416,9 @@ def compare_serve(label: str, real: ServeRun, twin: Twin, tol: LoadTolerances) -
                 if i < len(sim.summary["phases"]) else math.nan
             for d in doms:
                 if d in end:
-                    add(f"α at the end of phase {ph.get('name', i)} ({d})", sim_alpha_at(sim.alpha, d, t_end),
-                        float(end[d]), tol.alpha_phase_abs, "abs")
+                    rows.append(MetricRow(f"{label}: α at the end of phase {ph.get('name', i)} ({d})",
+                                          sim_alpha_at(sim.alpha, d, t_end), float(end[d]), tol.alpha_phase_abs,
+                                          "abs", measured_ci=heldout_alpha_ci(real.alpha, f"end_phase_{i}", d)))
     series = {
         "label": label,
         "rate": real.summary["config"]["serve"].get("rate_per_s"),
@@ -432,6 +433,16 @@ def compare_serve(label: str, real: ServeRun, twin: Twin, tol: LoadTolerances) -
         "train_done_predicted": sorted(sim.training[sim.training["kind"] == "done"]["time_s"].tolist()),
     }
     return rows, series
+
+
+def heldout_alpha_ci(alpha_rows: list[dict], label: str, domain: str) -> tuple[float, float] | None:
+    """The 95% interval over held-out prompts recorded with a held-out evaluation (alpha.csv's
+    alpha_heldout_lo / _hi; runs recorded before they existed have none)."""
+    for a in alpha_rows:
+        if a.get("label") == label and a.get("domain") == domain:
+            lo, hi = _num(a.get("alpha_heldout_lo")), _num(a.get("alpha_heldout_hi"))
+            return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+    return None
 
 
 def canary_median_s(run: Any) -> float | None:

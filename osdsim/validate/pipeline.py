@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from osdsim.errors import InputError, atomic_write_text, format_validation_error
 from osdsim.scenario import load_model_file
-from osdsim.specdec import alpha_from_counts
+from osdsim.specdec import alpha_from_counts, bootstrap_ratio_ci
 from osdsim.validate.compare import MetricRow
 from osdsim.validate.fingerprint import device_fingerprint, profile_differences, profile_fingerprint
 from osdsim.validate.fingerprint import differences as fingerprint_differences
@@ -298,13 +298,7 @@ def _bootstrap_alpha_ci(rows: list[dict], resamples: int = 2000) -> tuple[float,
     """95% interval of a phase's pooled α̂ when its requests are resampled (prompt-to-prompt
     variation: how far another stream of as many requests could land). Fixed seed: deterministic."""
     acc = np.array([_num(r["accepted"]) for r in rows])
-    tot = acc + np.array([_num(r["rejections"]) for r in rows])
-    if acc.size < 2 or tot.sum() <= 0:
-        return None
-    idx = np.random.default_rng(0).integers(0, acc.size, size=(resamples, acc.size))
-    boot = acc[idx].sum(axis=1) / np.maximum(tot[idx].sum(axis=1), 1e-12)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return float(lo), float(hi)
+    return bootstrap_ratio_ci(acc, acc + np.array([_num(r["rejections"]) for r in rows]), resamples)
 
 
 def _real_alpha(rows: list[dict]) -> float:

@@ -190,3 +190,23 @@ def test_batch_loss_uses_stored_topk_teacher():
         got = Dl.batch_loss(draft, samples, kind, 0.5, 0)
         ref = Dl.distill_loss(logits, t_lp, t_idx, kind, 0.5)
         assert float(got) == pytest.approx(float(ref), rel=1e-4, abs=1e-6)
+
+
+def test_teacher_forced_counts_are_per_pair_and_pool_to_the_alpha():
+    """Per (prompt, answer) pair, hits = answer tokens the draft's argmax predicts given the target's
+    prefix, counted one pair at a time (the same in any batching); pooled they are the held-out α;
+    an empty answer counts (0, 0)."""
+    target = tiny_llama(seed=0, num_layers=4)
+    draft = layer_draft(target, 1)
+    g = torch.Generator().manual_seed(5)
+    pairs = [(p, target_generate(target, p, 10 + 3 * i).tokens) for i, p in enumerate(_prompts(g, 7, 3, 100))]
+    pairs.insert(3, (pairs[0][0], []))
+    counts = Dl.teacher_forced_counts(draft, pairs, pad_id=0, batch_size=3)
+    assert len(counts) == len(pairs) and counts[3] == (0, 0)
+    assert [n for _, n in counts] == [len(a) for _, a in pairs]
+    alone = [Dl.teacher_forced_counts(draft, [pr], pad_id=0)[0] for pr in pairs]
+    assert counts == alone
+    # the target itself predicts every token of its own greedy answer
+    assert all(h == n for h, n in Dl.teacher_forced_counts(target, pairs, pad_id=0))
+    hits, n = sum(h for h, _ in counts), sum(m for _, m in counts)
+    assert Dl.teacher_forced_alpha(draft, pairs, pad_id=0) == pytest.approx(hits / n)

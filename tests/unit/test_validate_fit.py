@@ -186,3 +186,19 @@ def test_effective_tokens_follow_the_simulators_draft_state_with_forgetting():
             st.train(step_tokens[s])
             np.testing.assert_allclose(st.n_eff, n[s + 1], rtol=1e-12, atol=1e-9)
         assert np.all(st.alpha >= 0.1 - 1e-12) and np.all(st.alpha <= 0.6 + 1e-12)
+
+
+def test_bootstrap_ratio_ci_covers_the_pooled_ratio_and_narrows_with_more_items():
+    from osdsim.specdec import bootstrap_ratio_ci
+
+    rng = np.random.default_rng(1)
+    den = rng.integers(20, 60, size=8).astype(float)
+    num = np.round(den * rng.uniform(0.1, 0.5, size=8))
+    lo, hi = bootstrap_ratio_ci(num, den)
+    assert lo < num.sum() / den.sum() < hi
+    assert bootstrap_ratio_ci(num, den) == (lo, hi)  # fixed seed: deterministic
+    lo4, hi4 = bootstrap_ratio_ci(np.tile(num, 4), np.tile(den, 4))
+    assert hi4 - lo4 < 0.7 * (hi - lo)  # four times the prompts: about half as wide
+    assert bootstrap_ratio_ci(num[:1], den[:1]) is None and bootstrap_ratio_ci([0, 0], [0, 0]) is None
+    same = bootstrap_ratio_ci([5, 5, 5], [10, 10, 10])
+    assert same == pytest.approx((0.5, 0.5))
