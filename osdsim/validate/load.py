@@ -74,12 +74,11 @@ class LoadSuite(BaseModel):
     calibrate: str = Field("none", description="none | quick | full")
     on_other_device: Literal["calibrate", "refuse"] = "calibrate"
     costs: Literal["serving", "microbenchmark"] = "serving"
-    host_speed: Literal["fixed", "replay"] = Field(
-        "fixed", description="fixed: every twin prices at the fit run's speed; replay: each held-out twin "
-        "prices at that run's measured host speed (its host-speed canary's median vs the fit run's: every pass "
-        "and training cost x the ratio), as it replays the run's arrivals. The other variant is reported in "
-        "information rows. (Replay is not the default: on cpu-load it over-predicted near saturation, the "
-        "drift being unequal across pass kinds; docs/architecture.md.)")
+    host_speed: Literal["replay", "fixed"] = Field(
+        "replay", description="replay: each held-out twin prices at that run's measured host speed (its "
+        "host-speed canary's median vs the fit run's: every pass and training cost x the ratio), as it replays "
+        "the run's arrivals; fixed: every twin prices at the fit run's speed. The other variant is reported in "
+        "information rows; without canaries on both sides the twin prices at the fit run's speed.")
     fit_forgetting: bool = Field(
         False, description="Fit a forgetting scale (acceptance.forgetting_tokens) beside the transfer: training on "
         "another domain erodes a domain's progress. Off by default: on cpu-load and cpu-llamacpp it lowered the "
