@@ -81,8 +81,8 @@ class LoadSuite(BaseModel):
         "information rows; without canaries on both sides the twin prices at the fit run's speed.")
     fit_forgetting: bool = Field(
         False, description="Fit a forgetting scale (acceptance.forgetting_tokens) beside the transfer: training on "
-        "another domain erodes a domain's progress. Off by default: on cpu-load and cpu-llamacpp it lowered the "
-        "fit's rmse but did not improve the held-out α rows on balance (docs/architecture.md).")
+        "another domain erodes a domain's progress. Off by default: it gained one gated row on each cpu-load run "
+        "and lost one on cpu-llamacpp (docs/architecture.md).")
     fit: dict = Field(..., description="Real-run config of the fit run S1 (batch-1, or with a serve section).")
     heldout: dict = Field(..., description="Overrides of `fit` shared by every held-out served run (needs serve:).")
     runs: list[RunSpec] = Field(..., min_length=1)

@@ -65,8 +65,8 @@ class Suite(BaseModel):
         "serving", description="Profile the verdict uses: corrected on the fit run's own passes, or calibrate's alone.")
     fit_forgetting: bool = Field(
         False, description="Fit a forgetting scale (acceptance.forgetting_tokens) beside the transfer: training on "
-        "another domain erodes a domain's progress. Off by default: on cpu-load and cpu-llamacpp it lowered the "
-        "fit's rmse but did not improve the held-out α rows on balance (docs/architecture.md).")
+        "another domain erodes a domain's progress. Off by default: it gained one gated row on each cpu-load run "
+        "and lost one on cpu-llamacpp (docs/architecture.md).")
     tolerances: Tolerances = Field(default_factory=Tolerances)
 
 
