@@ -612,6 +612,10 @@ def teacher_forced_counts(draft: Any, samples: list[tuple[list[int], list[int]]]
 def teacher_forced_alpha(draft: Any, samples: list[tuple[list[int], list[int]]], pad_id: int,
                          batch_size: int = 8, vocab_ids: torch.Tensor | None = None) -> float:
     """Held-out greedy α: answer tokens predicted / answer tokens over all pairs (teacher_forced_counts)."""
-    counts = teacher_forced_counts(draft, samples, pad_id, batch_size, vocab_ids)
+    return pooled_hit_rate(teacher_forced_counts(draft, samples, pad_id, batch_size, vocab_ids))
+
+
+def pooled_hit_rate(counts: list[tuple[int, int]]) -> float:
+    """Σ hits / Σ tokens of teacher_forced_counts (nan when nothing was counted)."""
     hits, n = sum(h for h, _ in counts), sum(m for _, m in counts)
     return hits / n if n else float("nan")

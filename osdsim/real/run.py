@@ -177,8 +177,7 @@ class Prepared:
         vals = {}
         for d in self.domains:
             counts = Dl.teacher_forced_counts(model, self.heldout[d], self.codec.pad_id, vocab_ids=self.vocab_ids)
-            hits, n = sum(h for h, _ in counts), sum(m for _, m in counts)
-            vals[d] = a = hits / n if n else float("nan")
+            vals[d] = a = Dl.pooled_hit_rate(counts)
             # 95% interval over the held-out prompts (resampled): how far another held-out set of
             # as many prompts could land; the α-at-end rows of the load report show it.
             ci = bootstrap_ratio_ci([h for h, _ in counts], [m for _, m in counts])

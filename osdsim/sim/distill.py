@@ -56,13 +56,20 @@ class DraftState:
         self.tokens_trained += own
         # Forgetting (negative transfer) undoes distilled progress but never goes below the
         # untrained draft: n_eff ≥ 0, so α stays between α_0 and α_∞.
-        others = own.sum() - own
-        kept = self.n_eff if self.forgetting_tokens is None else self.n_eff * np.exp(-others / self.forgetting_tokens)
-        self.n_eff = np.maximum(kept + own + self.transfer * others, 0.0)
+        self.n_eff = next_effective_tokens(self.n_eff, own, self.transfer, self.forgetting_tokens)
         decay = np.exp(-self.n_eff / self.tau)
         self.alpha[:] = np.clip(self.alpha_inf - (self.alpha_inf - self.alpha_0) * decay, 0.0, 1.0)
         for fn in self.listeners:
             fn()
+
+
+def next_effective_tokens(n_eff: np.ndarray, own: np.ndarray, transfer: float,
+                          forgetting_tokens: float | None) -> np.ndarray:
+    """n_eff per domain after one step that trained `own` tokens per domain (the module docstring's
+    law; also what osdsim.validate.fit fits): max(n·exp(−others/τ_f) + own + transfer·others, 0)."""
+    others = own.sum() - own
+    kept = n_eff if forgetting_tokens is None else n_eff * np.exp(-others / forgetting_tokens)
+    return np.maximum(kept + own + transfer * others, 0.0)
 
 
 def alpha_curve(n: np.ndarray, alpha_0: float, alpha_inf: float, tau: float) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
-from osdsim.sim.distill import alpha_curve
+from osdsim.sim.distill import alpha_curve, next_effective_tokens
 from osdsim.specdec import alpha_from_accepted_lengths, alpha_from_counts
 
 
@@ -91,10 +91,7 @@ def effective_tokens(step_tokens: np.ndarray, transfer: float, forgetting_tokens
     steps, d = step_tokens.shape
     n = np.zeros((steps + 1, d))
     for s in range(steps):
-        own = step_tokens[s]
-        others = own.sum() - own
-        kept = n[s] if forgetting_tokens is None else n[s] * np.exp(-others / forgetting_tokens)
-        n[s + 1] = np.maximum(kept + own + transfer * others, 0.0)
+        n[s + 1] = next_effective_tokens(n[s], step_tokens[s], transfer, forgetting_tokens)
     return n
 
 
