@@ -19,7 +19,6 @@ back across finishes and admissions, with the same results (docs/architecture.md
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -233,6 +232,39 @@ def _prefill_row(active: list[int], left: list[int], ctxs: list[int], budget: fl
             else:
                 pairs = float(np.add.reduce(np.array(terms)))
     return tok, c_sum, pairs, got
+
+
+class _ArrivalCut:
+    """The known arrivals from the i-th, met row by row as a chain run's iterations are priced.
+
+    passed(j, end), called once `next` ≤ end (the arrival heading the rest comes before row j ends):
+    None to go on, else (rows to run, whether the chain stops after them). The first arrival that can
+    be admitted or rejected ends the run with the iteration in flight (j + 1 rows); one that can only
+    join the queue changes nothing until a finish, and heads the queue (those behind it wait); one
+    landing exactly on a boundary stops the chain before that boundary (j rows: the event queue
+    orders them)."""
+
+    __slots__ = ("clock", "need", "i", "next", "blocked", "kv_free", "kv_capacity")
+
+    def __init__(self, clock: list[float], need: list[int], i: int, blocked: bool, kv_free: int,
+                 kv_capacity: int) -> None:
+        self.clock, self.need, self.i, self.blocked = clock, need, i, blocked
+        self.kv_free, self.kv_capacity = kv_free, kv_capacity
+        self.next = clock[i] if i < len(clock) else float("inf")
+
+    def passed(self, j: int, end: float) -> tuple[int, bool] | None:
+        clock, cut = self.clock, None
+        while self.next <= end:
+            if self.next == end:
+                return j, True
+            if not self.blocked:
+                need = self.need[self.i]
+                if need <= self.kv_free or need > self.kv_capacity:
+                    cut = j + 1
+                self.blocked = True
+            self.i += 1
+            self.next = clock[self.i] if self.i < len(clock) else float("inf")
+        return None if cut is None else (cut, False)
 
 
 class Replica:
@@ -923,9 +955,21 @@ class Replica:
                 for j in range(j0, m):
                     c_list[j] += cj if kk else cj + (j - j0)
         k_list = [kk if x else 0 for x in b_rows[:m]] if new or not b else [kk] * m
+        # Price row by row up to the first arrival that ends the run (rows past it are never run): the
+        # first that can be admitted ends it with the iteration in flight; one landing on a boundary
+        # stops the chain short of it (_ArrivalCut).
+        watch = self._arrival_watch(i_next)
+        ends: list[float] = []
+        cut = None
+        t = t0
         if m >= PRICE_ARRAY_MIN_ROWS:
             duration, flops, nbytes, compute_s = self._price(m, b_rows, k_list, np.array(c_list, dtype=float), pf_tok,
                                                              pf_ctx, pf_pairs, n_comp, [1] * m)
+            for j, d in enumerate(duration):
+                t += d
+                ends.append(t)
+                if watch.next <= t and (cut := watch.passed(j, t)) is not None:
+                    break
         else:  # row by row: _price's single rows (decode rows by their shape's pricer)
             drows = self._decode_rows
             priced = []
@@ -933,22 +977,23 @@ class Replica:
             for j in range(m):
                 bj = b_rows[j]
                 if pf_tok[j] or not bj:
-                    priced.append(self._price_row(bj, k_list[j], 1, float(c_list[j]), pf_tok[j], pf_ctx[j], pf_pairs[j],
-                                                  n_comp[j]))
-                    continue
-                if bj != last:
-                    f = drows.get((bj, kk, 1)) or self._decode_row(bj, kk, 1)
-                    last = bj
-                priced.append(f(float(c_list[j])))  # type: ignore[misc]
+                    row = self._price_row(bj, k_list[j], 1, float(c_list[j]), pf_tok[j], pf_ctx[j], pf_pairs[j],
+                                          n_comp[j])
+                else:
+                    if bj != last:
+                        f = drows.get((bj, kk, 1)) or self._decode_row(bj, kk, 1)
+                        last = bj
+                    row = f(float(c_list[j]))  # type: ignore[misc]
+                priced.append(row)
+                t += row[0]
+                ends.append(t)
+                if watch.next <= t and (cut := watch.passed(j, t)) is not None:
+                    break
             duration, flops, nbytes, compute_s = map(list, zip(*priced, strict=True))
-        ends = []
-        t = t0
-        for d in duration:
-            t += d
-            ends.append(t)
-        # Arrivals during these rows: the first that can be admitted ends the run at the boundary after
-        # it; one landing on a boundary stops the chain short of it.
-        m, stop = self._arrival_cut(ends, m, i_next)
+        if cut is not None:
+            m, stop = cut
+        else:
+            stop = False
         if not m:
             return t0, b, 0, True
         if new:
@@ -1032,7 +1077,7 @@ class Replica:
         end = ends[m - 1]
         b_after = b_end
         if finishes:
-            finished = np.flatnonzero(self.out_left[:n] <= 0)
+            finished = (self.out_left[:n] <= 0).nonzero()[0]  # flatnonzero without its wrapper (1-D)
             self._finish(finished, end)
             b_after -= int(finished.size)
         return end, b_after, m, stop
@@ -1048,25 +1093,11 @@ class Replica:
             return CHAIN_MAX_ROWS
         return int((clock[i] - t0) / (ROW_S_MARGIN * self._row_s)) + ROW_EXTRA  # type: ignore[index]
 
-    def _arrival_cut(self, ends: list[float], m: int, i: int) -> tuple[int, bool]:
-        """(rows to run, whether the chain stops after them) given the known arrivals from the i-th:
-        the first that can be admitted or rejected ends the run with the iteration in flight (one that
-        can only join the queue changes nothing until a finish); one landing exactly on a boundary
-        stops the chain before that boundary."""
-        clock = self._ahead_clock
+    def _arrival_watch(self, i: int) -> _ArrivalCut:
+        """The known arrivals from the i-th, to be met row by row as a run is priced (_ArrivalCut)."""
         blocked = bool(self.waiting) or self.n >= self.cfg.max_batch
-        while i < len(clock) and clock[i] <= ends[m - 1]:  # type: ignore[arg-type]
-            c = clock[i]  # type: ignore[index]
-            j = bisect_left(ends, c, 0, m)  # the iteration in flight when it comes
-            if ends[j] == c:
-                return j, True
-            if not blocked:
-                need = self._ahead_need[i]
-                if need <= self.kv_free or need > self.cfg.kv_capacity:
-                    m = j + 1
-                blocked = True  # it heads the queue from here on: those behind it wait
-            i += 1
-        return m, False
+        return _ArrivalCut(self._ahead_clock, self._ahead_need, i, blocked,  # type: ignore[arg-type]
+                           self.kv_free, self.cfg.kv_capacity)
 
     def _exponentials(self, count: int) -> np.ndarray:
         """The next `count` Exp(1) values of the stream, not consumed (_consume does): one stream
