@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from heapq import heappush
 
 import numpy as np
 import simpy
@@ -200,6 +201,20 @@ class BinnedIterationLog:
         df.insert(0, "t_s", np.asarray(keys, dtype=float) * self.width)
         df["kind"] = "bin"
         return df
+
+
+def _timeout_at(env: simpy.Environment, t: float) -> simpy.Event:
+    """An event that fires at exactly t ≥ now. One iteration at a time lands on each boundary as the
+    sum of its durations; a stretch woken by an arrival mid-iteration must sleep on to that very sum,
+    and env.timeout(t − now) lands on now + (t − now), which can miss t by an ulp (with no delay that
+    lands on it: a rounding tie). So the event goes into SimPy's queue at t itself, as
+    Environment.schedule puts a Timeout there (simpy 4: `_queue` of (time, priority, id, event))."""
+    if env.now + (t - env.now) == t:
+        return env.timeout(t - env.now)
+    event = simpy.Event(env)
+    event._ok, event._value = True, None
+    heappush(env._queue, (t, simpy.core.NORMAL, next(env._eid), event))  # type: ignore[attr-defined]
+    return event
 
 
 def _prefill_row(active: list[int], left: list[int], ctxs: list[int], budget: float) -> tuple[int, int, float, list]:
@@ -690,7 +705,7 @@ class Replica:
             now = env.now
             used = next(j for j, e_ in enumerate(ends) if e_ >= now) + 1  # iterations begun by now
             if ends[used - 1] > now:
-                yield env.timeout(ends[used - 1] - now)
+                yield _timeout_at(env, ends[used - 1])
         if m_cap > 1:
             # Only an arrival says how far ahead is worth drawing; a stretch that ran to its end (a
             # finish or the cap) could have been as long as it was allowed to be.

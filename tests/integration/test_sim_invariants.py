@@ -169,6 +169,30 @@ def test_macro_steps_give_exactly_the_one_iteration_at_a_time_results(make_scena
     assert slow.busy_s == fast.busy_s
 
 
+def test_a_stretch_cut_mid_iteration_lands_on_the_boundary_itself():
+    """A stretch woken by an arrival mid-iteration sleeps on to that iteration's end: it must land on
+    the boundary's own sum (one iteration at a time does), not on now + (end − now), which misses it by
+    an ulp here (found by the property test: request 3 admitted at ...72500 instead of ...72498)."""
+    from osdsim.scenario import scenario_from_dict
+    from osdsim.sim.engine import build_and_run
+
+    lengths = {"prompt_tokens": {"kind": "uniform", "low_tokens": 1, "high_tokens": 3},
+               "output_tokens": {"kind": "uniform", "low_tokens": 1, "high_tokens": 3}}
+    spec = {"name": "ulp", "seed": 2304, "models": {"target": "vicuna-7b", "draft": "llama-160m"},
+            "hardware": {"profile": "a100-80g", "replicas": 2}, "router": "least-outstanding",
+            "batching": {"max_batch_size": 2, "chunked_prefill_tokens": None}, "strategy": "no-spec",
+            "acceptance": {"domains": {"a": {"alpha_0": 0.0}, "b": {"alpha_0": 0.0}}},
+            "workload": {"arrival": "gamma", "rate_per_s": 171.5, "cv": 1.875, "domains": {"a": lengths, "b": lengths},
+                         "shift": {"unit": "requests", "phases": [
+                             {"start": 0, "end": 3, "mix": {"a": 1.0}},
+                             {"start": 3, "end": 6, "mix": {"a": 0.3, "b": 0.7}, "mix_end": {"b": 1.0}}]}}}
+    sc = scenario_from_dict(spec)
+    slow, fast = build_and_run(sc, macro_steps=0), build_and_run(sc, macro_steps=64)
+    for f in ("admitted", "first_token", "finish"):
+        assert getattr(slow.table, f).tolist() == getattr(fast.table, f).tolist(), f
+    assert slow.iterations.equals(fast.iterations)
+
+
 def _two_requests(tmp_path, make_scenario, prompts, padding, strategy="no-spec"):
     trace = tmp_path / f"pad-{prompts[0]}-{prompts[1]}.csv"
     trace.write_text(f"arrival_s,domain,prompt_tokens,output_tokens\n0,a,{prompts[0]},40\n0,a,{prompts[1]},40\n")
