@@ -337,6 +337,7 @@ class Replica:
         self._target_shapes: dict[tuple[int, int, int], Callable] = {}
         self._draft_shapes: dict[tuple[int, int, int], Callable] = {}
         self._decode_rows: dict[tuple[int, int, int], Callable] = {}
+        self._full_chunk_rows: dict[tuple[int, int, int], Callable] = {}  # (b, k, completed prompts)
         # Stretches (see _stretch): several iterations in one event when the law can draw them at
         # once and α cannot change mid-stretch (no trainer publishing asynchronously).
         self._macro_len = float(cfg.macro_steps)  # moving average of iterations per stretch
@@ -986,14 +987,19 @@ class Replica:
                 if watch.next <= t and (cut := watch.passed(j, t)) is not None:
                     break
         else:  # row by row: _price's single rows (decode rows by their shape's pricer)
-            drows = self._decode_rows
+            drows, frows, chunk = self._decode_rows, self._full_chunk_rows, cfg.chunk_tokens
             priced = []
             last = f = None
             for j in range(m):
                 bj = b_rows[j]
-                if pf_tok[j] or not bj:
-                    row = self._price_row(bj, k_list[j], 1, float(c_list[j]), pf_tok[j], pf_ctx[j], pf_pairs[j],
-                                          n_comp[j])
+                pj = pf_tok[j]
+                if pj or not bj:
+                    kj = k_list[j]
+                    if pj + bj * (kj + 1) == chunk:  # a full chunk: its shape's pricer
+                        g = frows.get((bj, kj, n_comp[j])) or self._full_chunk_row(bj, kj, n_comp[j])
+                        row = g(float(c_list[j]), pf_ctx[j], pf_pairs[j])
+                    else:
+                        row = self._price_row(bj, kj, 1, float(c_list[j]), pj, pf_ctx[j], pf_pairs[j], n_comp[j])
                 else:
                     if bj != last:
                         f = drows.get((bj, kk, 1)) or self._decode_row(bj, kk, 1)
@@ -1293,6 +1299,41 @@ class Replica:
         else:
             tt, ft, bt, ct = self._target_pass(key[0], key[1], c + pf_c, q * c + b * q * q / 2.0 + pf_p)
         return dur + tt, fl + ft, by + bt, cs + ct
+
+    def _full_chunk_row(self, b: int, k: int, comp: int) -> Callable:
+        """(duration, flops, bytes, compute_s) of an iteration whose prefill fills the chunk (b·(k+1) + pf
+        = chunk tokens: the shape recurs) with b decoding sequences, k drafts each, completing comp
+        prompts, at decoders' context sum c and the chunks' context pf_c and pairs pf_p: _price_row's
+        expressions in its order (the same bits), with the shapes' passes found once."""
+        cache = self._full_chunk_rows
+        if len(cache) >= SHAPE_CACHE_MAX:
+            cache.clear()
+        q = k + 1
+        pf = int(self.cfg.chunk_tokens) - b * q  # (finite: the row fills it)
+        key = (b * q + pf, b * q + comp, 1)
+        target = self._target_shapes.get(key) or self._shape_pass(self._target_shapes, self.cfg.target_cost, *key)
+        half_bqq = b * q * q / 2.0
+        if not k:
+            def row(c, pf_c, pf_p):
+                tt, ft, bt, ct = target(c + pf_c, q * c + half_bqq + pf_p)
+                return 0.0 + tt, 0.0 + ft, 0.0 + bt, 0.0 + ct
+        else:
+            dshapes, dc = self._draft_shapes, self.cfg.draft_cost
+            draft = dshapes.get((b, b, 1)) or self._shape_pass(dshapes, dc, b, b, 1)
+            draft_pf = dshapes.get((pf, 0, 1)) or self._shape_pass(dshapes, dc, pf, 0, 1)
+            mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
+            half_b = b / 2.0
+
+            def row(c, pf_c, pf_p):
+                x = c + mean_extra
+                td, fd, bd, cd = draft(x, x + half_b)
+                tp, fp, bp, cp = draft_pf(pf_c, pf_p)
+                tt, ft, bt, ct = target(c + pf_c, q * c + half_bqq + pf_p)
+                return ((0.0 + k * td + tp) + tt, (0.0 + k * fd + fp) + ft, (0.0 + k * bd + bp) + bt,
+                        (0.0 + k * cd + cp) + ct)
+
+        cache[(b, k, comp)] = row
+        return row
 
     def _decode_row(self, b: int, k: int, ws: int) -> Callable:
         """(duration, flops, bytes, compute_s) of a decode row of b sequences (k drafts each, ws weight
