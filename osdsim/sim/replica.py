@@ -986,6 +986,17 @@ class Replica:
                 ends.append(t)
                 if watch.next <= t and (cut := watch.passed(j, t)) is not None:
                     break
+        elif b and not pf_tok[0] and b_r == b:  # decode rows only (no chunk planned): one shape's pricer
+            f = self._decode_rows.get((b, kk, 1)) or self._decode_row(b, kk, 1)
+            priced = []
+            for j, c in enumerate(c_list):
+                row = f(float(c))
+                priced.append(row)
+                t += row[0]
+                ends.append(t)
+                if watch.next <= t and (cut := watch.passed(j, t)) is not None:
+                    break
+            duration, flops, nbytes, compute_s = map(list, zip(*priced, strict=True))
         else:  # row by row: _price's single rows (decode rows by their shape's pricer)
             drows, frows, chunk = self._decode_rows, self._full_chunk_rows, cfg.chunk_tokens
             priced = []
@@ -1079,7 +1090,10 @@ class Replica:
                     finishes = True
             self.n_prefill -= len(new)
         b_list = b_rows[:m]
-        if self.spec:
+        if self.spec and b_list[0] == b_list[-1]:  # one decoding set over the run (b_rows never shrinks)
+            x = b_list[0]
+            alpha_mean = [float(np.add.reduce(self.alpha_by_domain[self.dom[:x]])) / x if x else np.nan] * m
+        elif self.spec:
             am = self.alpha_by_domain
             dom = self.dom
             alpha_mean = []
