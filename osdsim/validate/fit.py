@@ -19,6 +19,12 @@ from scipy.optimize import least_squares
 from osdsim.sim.distill import alpha_curve, next_effective_tokens
 from osdsim.specdec import alpha_from_accepted_lengths, alpha_from_counts
 
+# The suites' `fit_forgetting` field (validate.pipeline.Suite and validate.load.LoadSuite): one text.
+FIT_FORGETTING_DESCRIPTION = (
+    "Fit a forgetting scale (acceptance.forgetting_tokens) beside the transfer: training on another domain "
+    "erodes a domain's progress. Off by default: it gained one gated row on each cpu-load run and lost one on "
+    "cpu-llamacpp (docs/architecture.md).")
+
 
 @dataclass(frozen=True)
 class CurveFit:

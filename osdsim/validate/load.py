@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from osdsim.errors import InputError, atomic_write_text, format_validation_error
 from osdsim.specdec import alpha_from_counts
 from osdsim.validate.compare import MetricRow
+from osdsim.validate.fit import FIT_FORGETTING_DESCRIPTION
 
 
 class LoadTolerances(BaseModel):
@@ -80,9 +81,7 @@ class LoadSuite(BaseModel):
         "the run's arrivals; fixed: every twin prices at the fit run's speed. The other variant is reported in "
         "information rows; without canaries on both sides the twin prices at the fit run's speed.")
     fit_forgetting: bool = Field(
-        False, description="Fit a forgetting scale (acceptance.forgetting_tokens) beside the transfer: training on "
-        "another domain erodes a domain's progress. Off by default: it gained one gated row on each cpu-load run "
-        "and lost one on cpu-llamacpp (docs/architecture.md).")
+        False, description=FIT_FORGETTING_DESCRIPTION)
     fit: dict = Field(..., description="Real-run config of the fit run S1 (batch-1, or with a serve section).")
     heldout: dict = Field(..., description="Overrides of `fit` shared by every held-out served run (needs serve:).")
     runs: list[RunSpec] = Field(..., min_length=1)

@@ -27,7 +27,7 @@ from osdsim.specdec import alpha_from_counts, bootstrap_ratio_ci
 from osdsim.validate.compare import MetricRow
 from osdsim.validate.fingerprint import device_fingerprint, profile_differences, profile_fingerprint
 from osdsim.validate.fingerprint import differences as fingerprint_differences
-from osdsim.validate.fit import empirical_law, fit_joint
+from osdsim.validate.fit import FIT_FORGETTING_DESCRIPTION, empirical_law, fit_joint
 
 
 class Tolerances(BaseModel):
@@ -64,9 +64,7 @@ class Suite(BaseModel):
     costs: Literal["serving", "microbenchmark"] = Field(
         "serving", description="Profile the verdict uses: corrected on the fit run's own passes, or calibrate's alone.")
     fit_forgetting: bool = Field(
-        False, description="Fit a forgetting scale (acceptance.forgetting_tokens) beside the transfer: training on "
-        "another domain erodes a domain's progress. Off by default: it gained one gated row on each cpu-load run "
-        "and lost one on cpu-llamacpp (docs/architecture.md).")
+        False, description=FIT_FORGETTING_DESCRIPTION)
     tolerances: Tolerances = Field(default_factory=Tolerances)
 
 
