@@ -32,7 +32,8 @@ class ModelsCfg(_Strict):
     backend: Literal["transformers", "llamacpp"] = Field(
         "transformers", description="Serving engine: transformers (eager PyTorch) or llamacpp (llama-cpp-python "
         "on GGUF files: the target's GGUF, the draft exported from PyTorch and reloaded after every update; "
-        "training stays in PyTorch). llamacpp serves at batch 1 on the CPU with the full draft head.",
+        "training stays in PyTorch). llamacpp serves on the CPU with the full draft head, at batch 1 or "
+        "batched (serve section).",
     )
     gguf_draft_type: Literal["auto", "f32", "f16", "q8_0", "q4_1", "q4_0"] = Field(
         "auto", description="backend llamacpp: GGUF type of the exported draft's layers (auto: the type of the "
@@ -164,8 +165,6 @@ class RealConfig(_Strict):
         if self.serve is not None and self.distill.enabled and self.distill.sample_source != "teacher":
             raise ValueError("distill.sample_source: serving mode labels with the verify pass only (teacher)")
         if self.models.backend == "llamacpp":
-            if self.serve is not None:
-                raise ValueError("serve: the llamacpp backend serves at batch 1 (closed loop); remove the serve section")
             if self.models.draft_vocab:
                 raise ValueError("models.draft_vocab: the llamacpp backend serves the draft with its full head "
                                  "(llama.cpp's output tensor covers the whole vocabulary); use 0")

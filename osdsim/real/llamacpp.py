@@ -40,6 +40,7 @@ Flash attention (off here) and batches of ≥ 64 query rows (its tiled kernel) a
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from collections.abc import Callable
@@ -711,3 +712,147 @@ def slice_gguf(src: Path, n_layers: int, out: Path, reader: Any = None) -> Path:
 
     _write_gguf(out, fill, "slice")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched serving on llama.cpp: one context, one KV sequence per running request
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    """Tokens of one sequence in a batched llama.cpp pass: `tokens` go to positions pos0.., and the
+    logits of the block rows in `want` (indices into `tokens`) are returned."""
+
+    seq_id: int
+    pos0: int
+    tokens: list[int]
+    want: list[int]
+
+
+class LlamaCppBatchLM:
+    """A GGUF model in one llama.cpp context holding `n_seq` sequences (KV sequence ids 0..n_seq-1)
+    in a unified KV cache of `n_ctx` cells shared by all of them (`kv_unified`: the serving loop's
+    KV-token budget is one pool, as the simulator's). One `decode` evaluates the blocks of many
+    sequences in one llama_decode (split at n_batch tokens); each token carries its own sequence id
+    and position, so ragged blocks need no padding and a rejected draft is removed from its own
+    sequence only (`seq_rm`, llama_memory_seq_rm)."""
+
+    def __init__(self, path: Path, n_seq: int, n_ctx: int, threads: int = 1, n_batch: int = 512) -> None:
+        llama_cpp = require_llama_cpp()
+        from llama_cpp import _internals as internals
+        from llama_cpp._logger import set_verbose
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: GGUF file not found")
+        set_verbose(False)  # llama.cpp's log goes to stderr unless told (the Llama class does this)
+        t0 = time.perf_counter()
+        mparams = llama_cpp.llama_model_default_params()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, n_batch
+        cparams.n_seq_max, cparams.kv_unified = n_seq, True
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.no_perf = True
+        try:
+            self.model = internals.LlamaModel(path_model=str(self.path), params=mparams, verbose=False)
+            self.ctx = internals.LlamaContext(model=self.model, params=cparams, verbose=False)
+        except ValueError as exc:
+            raise InputError(f"{self.path}: llama.cpp cannot load this model ({exc})") from None
+        self.load_s = time.perf_counter() - t0
+        self.n_seq, self.n_ctx, self.n_batch = n_seq, n_ctx, n_batch
+        self.n_vocab = int(self.model.n_vocab())
+        self._batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._llama_cpp = llama_cpp
+
+    def decode(self, blocks: list[Block]) -> list[np.ndarray]:
+        """Evaluate every block's tokens; returns per block the fp32 logits [len(want), V] (copies)."""
+        lc, b = self._llama_cpp, self._batch.batch
+        flat = [(bi, j) for bi, blk in enumerate(blocks) for j in range(len(blk.tokens))]
+        wanted = [set(blk.want) for blk in blocks]
+        out: list[list[np.ndarray]] = [[] for _ in blocks]
+        for start in range(0, len(flat), self.n_batch):
+            part = flat[start:start + self.n_batch]
+            outputs: list[tuple[int, int]] = []  # (block, batch index) of the rows with logits
+            for i, (bi, j) in enumerate(part):
+                blk = blocks[bi]
+                b.token[i] = blk.tokens[j]
+                b.pos[i] = blk.pos0 + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = blk.seq_id
+                want = j in wanted[bi]
+                b.logits[i] = want
+                if want:
+                    outputs.append((bi, i))
+            b.n_tokens = len(part)
+            rc = lc.llama_decode(self.ctx.ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc} ({len(part)} tokens; n_ctx {self.n_ctx})")
+            for bi, i in outputs:
+                ptr = lc.llama_get_logits_ith(self.ctx.ctx, i)
+                out[bi].append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        return [np.stack(rows) if rows else np.zeros((0, self.n_vocab), np.float32) for rows in out]
+
+    def seq_rm(self, seq_id: int, p0: int) -> None:
+        """Remove positions ≥ p0 of one sequence (p0 = 0 frees the sequence)."""
+        if not self.ctx.kv_cache_seq_rm(seq_id, p0, -1):
+            raise RuntimeError(f"llama.cpp could not remove KV positions {p0}.. of sequence {seq_id}")
+
+    def state(self) -> bytes:
+        """The context's state (every sequence's KV cells), for `set_state` on a reloaded model."""
+        lc = self._llama_cpp
+        size = lc.llama_state_get_size(self.ctx.ctx)
+        buf = (ctypes.c_uint8 * size)()
+        n = lc.llama_state_get_data(self.ctx.ctx, buf, size)
+        return bytes(buf[:n])
+
+    def set_state(self, data: bytes) -> None:
+        lc = self._llama_cpp
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if lc.llama_state_set_data(self.ctx.ctx, buf, len(data)) != len(data):
+            raise RuntimeError(f"{self.path.name}: llama.cpp could not restore the serving state")
+
+    def close(self) -> None:
+        for obj in ("_batch", "ctx", "model"):
+            x = getattr(self, obj, None)
+            if x is not None:
+                x.close()
+                setattr(self, obj, None)
+
+
+@dataclass
+class BatchDraftPublisher:
+    """The served batched llama.cpp draft: `publish(model)` exports the PyTorch draft to GGUF, loads
+    it in a new context and carries the running sequences' KV cells over (llama_state_get/set_data:
+    the cells the old weights wrote stay, as a PyTorch server's cache does when weights change under
+    it; verification keeps the output exact either way), then frees the old model. Timed: export,
+    and reload including the state copy (together the simulator's `sync_delay_s`)."""
+
+    workdir: Path
+    base: GGUFBase | None
+    layer_type: str | None
+    n_seq: int
+    n_ctx: int
+    threads: int = 1
+    records: list[SyncRecord] = field(default_factory=list)
+    lm: LlamaCppBatchLM | None = None
+
+    def publish(self, model: Any) -> SyncRecord:
+        # Alternate two file names: the old model may still map its file while the new one loads.
+        path = self.workdir / f"draft-{len(self.records) % 2}.gguf"
+        rec = export_gguf(model, path, self.layer_type, self.base)
+        t0 = time.perf_counter()
+        new = LlamaCppBatchLM(path, self.n_seq, self.n_ctx, self.threads)
+        if self.lm is not None:
+            new.set_state(self.lm.state())
+            self.lm.close()
+        self.lm = new
+        sr = SyncRecord(rec.seconds, time.perf_counter() - t0, rec.bytes)
+        self.records.append(sr)
+        return sr
+
+    def close(self) -> None:
+        if self.lm is not None:
+            self.lm.close()
+            self.lm = None

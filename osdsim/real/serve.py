@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from osdsim.errors import InputError, atomic_write_text, json_safe
-from osdsim.real.batching import BatchKV, batched_forward, prefill_chunk, prefill_single
+from osdsim.real.batching import prefill_chunk
+from osdsim.real.engines import TorchEngine
 from osdsim.real.specdec import (
     Generation,
     StepRecord,
@@ -281,10 +282,11 @@ class ServeParams:
 class BatchServer:
     """Continuous batching with speculative decoding over a BatchKV per model."""
 
-    def __init__(self, models: ServeModels, params: ServeParams, generator: torch.Generator) -> None:
+    def __init__(self, models: ServeModels, params: ServeParams, generator: torch.Generator,
+                 engine: Any = None) -> None:
         self.m, self.p, self.gen = models, params, generator
-        self.kv_t = BatchKV(models.target.config)
-        self.kv_d = BatchKV(models.draft.config)
+        self.e = engine if engine is not None else TorchEngine(models.target, models.draft, models.pad_id,
+                                                               models.device)
         self.rows: list[Sequence] = []  # decoding, in batch-row order
         self.prefilling: list[Sequence] = []  # admitted, prefill not complete (FCFS)
         self.kv_reserved = 0
@@ -321,9 +323,8 @@ class BatchServer:
                 n = min(s.prefill_left, budget)
                 chunk = s.prompt[s.prefilled : s.prefilled + n]
                 last = n == s.prefill_left
-                s.tcache, first_logits = prefill_chunk(m.target, chunk, s.tcache, last_logits=last)
-                if p.k > 0:  # k = 0: target-only batched decoding, the draft is never run
-                    s.dcache = prefill_single(m.draft, chunk, s.dcache)
+                # k = 0: target-only batched decoding, the draft is never run
+                first_logits = self.e.prefill(s, chunk, last, with_draft=p.k > 0)
                 s.prefilled += n
                 budget -= n
                 pf_tokens += n
@@ -332,7 +333,7 @@ class BatchServer:
                     assert first_logits is not None
                     self._first_token(s, first_logits)
                     joined.append(s)
-        sync(m.device)
+        self.e.sync()
         t_pf = clock()
         if not self.rows:
             finished = self._join(joined, t_pf)
@@ -343,7 +344,7 @@ class BatchServer:
             return rec, finished, []
         context = sum(len(s.seq) for s in self.rows)
         longest = max(len(s.seq) for s in self.rows)
-        width, d_width = self.kv_t.width, (self.kv_d.width if p.k > 0 else 0)
+        width, d_width = self.e.widths(p.k > 0)
         # 2. k draft passes over the running batch (row i drafts γ_i tokens)
         gammas = [max(min(p.k, p.max_new_tokens - len(s.tokens) - 1), 0) for s in self.rows]
         xs: list[list[int]] = [[] for _ in self.rows]
@@ -356,7 +357,7 @@ class BatchServer:
                 else:
                     blocks.append([])
             want = [[len(b) - 1] if b else [] for b in blocks]
-            logits = batched_forward(m.draft, self.kv_d, blocks, m.pad_id, want)
+            logits = self.e.forward("draft", blocks, want)
             for i, s in enumerate(self.rows):
                 if not blocks[i]:
                     continue
@@ -370,11 +371,11 @@ class BatchServer:
                     x = int(torch.multinomial(q.cpu(), 1, generator=self.gen))
                     qs[i].append(q)
                 xs[i].append(x)
-        sync(m.device)
+        self.e.sync()
         t_draft = clock()
         # 3. one batched verify pass: row i feeds [last committed token, x_1..x_γi]
         vblocks = [s.seq[s.n_t:] + xs[i] for i, s in enumerate(self.rows)]
-        vlogits = batched_forward(m.target, self.kv_t, vblocks, m.pad_id)
+        vlogits = self.e.forward("target", vblocks)
         outcomes = []
         for i in range(len(self.rows)):
             g, lp = gammas[i], vlogits[i]  # lp: [len(block), V], the last γ+1 rows verify
@@ -391,7 +392,7 @@ class BatchServer:
             n_beta = min(n + 1, g)
             beta_sum = float(overlap(p_probs[:n_beta], q_probs[:n_beta]).sum()) if g else 0.0
             outcomes.append((n, t, beta_sum, n_beta, lp))
-        sync(m.device)
+        self.e.sync()
         t_verify = clock()
         # 4. commit, roll back the rejected drafts, finish rows
         finished: list[Sequence] = []
@@ -410,11 +411,11 @@ class BatchServer:
             if p.positions != "none" and s.teacher is not None:
                 rows_kept = list(range(len(new))) if p.positions == "all" else ([n] if len(new) == n + 1 else [])
                 s.teacher.add(len(s.seq) - 1, lp, rows_kept)
-            self.kv_t.drop_newest(i, g - n)  # target now holds seq + x_1..x_n
+            self.e.drop_newest("target", i, g - n)  # target now holds seq + x_1..x_n
             s.n_t = len(s.seq) + n
             keep = len(s.seq) + min(n, max(g - 1, 0))
             if p.k > 0:
-                self.kv_d.drop_newest(i, max(s.n_d - keep, 0))
+                self.e.drop_newest("draft", i, max(s.n_d - keep, 0))
             s.n_d = min(s.n_d, keep)
             s.seq.extend(new)
             s.tokens.extend(new)
@@ -430,12 +431,9 @@ class BatchServer:
             self.kv_reserved -= len(s.prompt) + p.max_new_tokens
         if finished:
             keep_rows = [i for i, s in enumerate(self.rows) if not s.done]
-            self.kv_t.keep_rows(keep_rows)
-            if p.k > 0:
-                self.kv_d.keep_rows(keep_rows)
+            self.e.keep_rows(keep_rows, with_draft=p.k > 0)
             self.rows = [self.rows[i] for i in keep_rows]
-        self.kv_t.maybe_compact()
-        self.kv_d.maybe_compact()
+        self.e.compact()
         finished += self._join(joined, t_end)
         rec = IterationRecord(
             self.iteration, t_start, t_end, len(outcomes), pf_rows, pf_tokens, t_pf - t_start,
@@ -475,13 +473,10 @@ class BatchServer:
                 s.done = True
                 s.rec.finish_s = t_end
                 self.kv_reserved -= len(s.prompt) + self.p.max_new_tokens
-                s.tcache = s.dcache = None
+                self.e.release(s)
                 finished.append(s)
                 continue
-            self.kv_t.add_row(s.tcache, s.n_t, self.m.device)
-            if self.p.k > 0:
-                self.kv_d.add_row(s.dcache, s.n_d, self.m.device)
-            s.tcache = s.dcache = None
+            self.e.add_row(s, with_draft=self.p.k > 0)
             self.rows.append(s)
         return finished
 
@@ -906,7 +901,8 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
     models = ServeModels(prep.s_target, prep.s_draft_call, prep.codec.pad_id, tuple(prep.codec.eos_ids), prep.device)
     params = ServeParams(dc.k, dc.greedy, dc.temperature, dc.max_new_tokens, positions, cfg.distill.teacher_topk,
                          sv.max_batch_size, sv.kv_token_budget, sv.chunked_prefill_tokens)
-    server = BatchServer(models, params, prep.generator)
+    engine, workdir = _engine_for(cfg, prep)
+    server = BatchServer(models, params, prep.generator, engine)
     canary = HostCanary(prep.s_draft_call, sv.host_canary_every_s, prep.device)
     canary.warm_up()
     initial = prep.eval_heldout("initial", 0, 0, prep.draft, 0.0)
@@ -921,6 +917,7 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
 
     def publish(rec: TrainingRecord, now: float) -> None:
         prep.sync_serving()
+        engine.publish(prep.draft)  # llama.cpp: GGUF export + reload (timed in its publisher's records)
         version[0] = rec.step
         rec.published_s = clock()
         snapshots.append((rec.published_s, rec.step, trainable_state()))
@@ -1011,6 +1008,8 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
         partial("interrupted")
         placement.close()
         raise
+    finally:
+        engine_info = _close_engine(engine, workdir)
     stream_s = clock()
     extra = placement.close()
 
@@ -1094,6 +1093,7 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
             "train_s": sum(t.train_s for t in trecs),
         },
         "host_canary": canary.summary(),
+        "backend": engine_info,
         "alpha_heldout_initial": initial,
         "phases": per_phase,
         "overall_acceptance": summarize([st for v in steps_by_req.values() for st in v], dc.k).as_dict(),
@@ -1106,6 +1106,46 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
     if out_dir is not None:
         res.files = write_serve_outputs(res, out_dir)
     return res
+
+
+def _engine_for(cfg: Any, prep: Any) -> tuple[Any, Path | None]:
+    """The serving engine of `cfg.models.backend`, and the scratch directory it exports GGUFs to."""
+    if cfg.models.backend != "llamacpp":
+        return TorchEngine(prep.s_target, prep.s_draft_call, prep.codec.pad_id, prep.device), None
+    import shutil
+    import tempfile
+
+    from osdsim.real.engines import LlamaCppEngine
+
+    sv, dc = cfg.serve, cfg.decode
+    # KV cells: the admitted requests' Σ (prompt + max_new_tokens) (a lone request may exceed the
+    # budget), plus each row's k drafted tokens before rollback.
+    cells = max(sv.kv_token_budget, cfg.stream.max_prompt_tokens + dc.max_new_tokens)
+    n_ctx = cells + sv.max_batch_size * (dc.k + 2) + 16
+    workdir = Path(tempfile.mkdtemp(prefix="osdsim-llamacpp-serve-"))
+    try:
+        return LlamaCppEngine(cfg.models.target, prep.target, prep.draft, workdir, cfg.threads,
+                              sv.max_batch_size, n_ctx, cfg.models.gguf_draft_type), workdir
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _close_engine(engine: Any, workdir: Path | None) -> dict[str, Any]:
+    """Close the engine (its models are not needed after the stream); its description, with the
+    sync delays of its publications (llama.cpp: GGUF export + reload, median and p90)."""
+    import shutil
+
+    info = engine.describe()
+    publisher = getattr(engine, "publisher", None)
+    if publisher is not None:
+        from osdsim.real.llamacpp import sync_summary
+
+        info["sync"] = sync_summary(publisher.records)
+    engine.close()
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return info
 
 
 def interference(iterations: list[IterationRecord]) -> float | None:

@@ -324,3 +324,115 @@ def test_real_smollm2_gguf_greedy_speculative_is_exact(tmp_path):
     finally:
         target.close()
         draft.close()
+
+
+# --- batched serving on llama.cpp (one KV sequence per request) -------------------------------------
+
+
+def _llama_engine(tiny, draft, tmp_path, n_seq=3):
+    from osdsim.real.engines import LlamaCppEngine
+
+    return LlamaCppEngine("tiny", tiny, draft, tmp_path / "work", threads=1, n_seq=n_seq, n_ctx=2048)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_batched_llamacpp_serving_is_exact_with_mid_flight_joins(tiny, tmp_path, k):
+    """Greedy: every request served by the batched llama.cpp engine (ragged acceptance rolled back
+    per KV sequence, more requests than sequence ids, arrivals joining mid-flight) emits the tokens
+    the target GGUF alone emits at batch 1."""
+    _needs_llama_cpp()
+    from tests.unit.test_real_serve import _prompts, _serve_all
+
+    draft = layer_draft(tiny, 2)
+    (tmp_path / "work").mkdir()
+    engine = _llama_engine(tiny, draft, tmp_path)
+    ref_lm = L.LlamaCppLM(engine.base.path, n_ctx=512)
+    try:
+        prompts = _prompts(7)
+        seqs, server = _serve_all(tiny, draft, prompts, [0, 0, 1, 3, 4, 4, 9], k=k, engine=engine)
+        if k:
+            accepted = sum(st.accepted for s in seqs.values() for st in s.steps)
+            rejected = sum(st.accepted < st.proposed for s in seqs.values() for st in s.steps)
+            assert accepted > 0 and rejected > 0  # ragged acceptance really happened
+        for j, p in enumerate(prompts):
+            ref = L.target_generate_llamacpp(ref_lm, p, 20, eos_ids=(2,)).tokens
+            assert seqs[j].tokens == ref, f"request {j} differs from the target's own greedy output"
+        assert engine.rows == [] and sorted(engine.free) == [0, 1, 2] and not engine.slot
+        assert server.kv_reserved == 0
+    finally:
+        ref_lm.close()
+        engine.close()
+
+
+def test_batched_publication_keeps_the_running_sequences(tiny, tmp_path):
+    """A publication mid-stream loads the new draft in a new context and carries every running
+    sequence's KV cells over: decoding continues exactly, with the new weights, and is timed."""
+    _needs_llama_cpp()
+    from osdsim.real.serve import BatchServer, RequestRecord, Sequence, ServeModels, ServeParams
+    from tests.unit.test_real_serve import _prompts
+
+    draft = layer_draft(tiny, 2)
+    (tmp_path / "work").mkdir()
+    engine = _llama_engine(tiny, draft, tmp_path)
+    ref_lm = L.LlamaCppLM(engine.base.path, n_ctx=512)
+    try:
+        models = ServeModels(tiny, draft, 0, (2,), torch.device("cpu"))
+        server = BatchServer(models, ServeParams(3, True, 1.0, 24, "all", 8, 3, 10_000, 64),
+                             torch.Generator().manual_seed(0), engine)
+        prompts = _prompts(3, seed=5)
+        seqs = [Sequence(RequestRecord(j, 0, "p", "d", str(j), 0.0), list(p), list(p)) for j, p in enumerate(prompts)]
+        for s in seqs:
+            server.admit(s)
+        tick = [0.0]
+
+        def clock():
+            tick[0] += 1.0
+            return tick[0]
+
+        for _ in range(3):
+            server.step(clock, 0)
+        probe = [L.Block(engine.rows[0], engine.pos["draft"][engine.rows[0]], [7], [0])]
+
+        def probe_logits():
+            out = engine.publisher.lm.decode(probe)[0]
+            engine.publisher.lm.seq_rm(probe[0].seq_id, probe[0].pos0)
+            return out
+
+        before = probe_logits()
+        old = engine.publisher.lm
+        engine.publish(draft)  # the same weights: the carried cells give the same next-token logits
+        assert engine.publisher.lm is not old
+        assert np.array_equal(probe_logits(), before)
+        with torch.no_grad():
+            draft.model.layers[0].self_attn.o_proj.weight.mul_(-1.0)
+        timing = engine.publish(draft)
+        assert timing["reload_s"] > 0 and timing["export_s"] > 0
+        assert not np.allclose(probe_logits(), before)  # the new weights serve
+        while not all(s.done for s in seqs):
+            server.step(clock, 0)
+        for s, p in zip(seqs, prompts, strict=True):
+            assert s.tokens == L.target_generate_llamacpp(ref_lm, p, 24, eos_ids=(2,)).tokens
+        assert len(engine.publisher.records) == 2
+    finally:
+        ref_lm.close()
+        engine.close()
+
+
+def test_serve_real_on_llamacpp_records_the_stream_and_its_publications(tmp_path):
+    """The whole serving loop with `models.backend: llamacpp`: every request served, training
+    inline, each done step published to llama.cpp with its export + reload time in the summary."""
+    _needs_llama_cpp()
+    from osdsim.real.serve import serve_real
+    from tests.unit.test_real_serve import _config
+
+    cfg = _config("inline", 20.0)
+    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"backend": "llamacpp"})})
+    res = serve_real(cfg, tmp_path)
+    s = res.summary
+    assert s["backend"]["engine"] == "llama.cpp"
+    assert all(r.finish_s is not None and r.output_tokens > 0 for r in res.requests)
+    assert max(it.batch_size for it in res.iterations) > 1  # batched
+    done = s["training"]["steps_done"]
+    assert done > 0 and s["backend"]["sync"]["n"] == done
+    assert s["backend"]["sync"]["sync_s_median"] > 0
+    assert (tmp_path / "summary.json").is_file()

@@ -35,11 +35,11 @@ def pair():
 
 
 def _serve_all(target, draft, prompts, join_at, k=3, max_new=20, max_batch=3, chunk=16, greedy=True,
-               eos=(2,)):
+               eos=(2,), engine=None):
     """Run the server by iteration count: prompt j is queued at iteration join_at[j]."""
     models = ServeModels(target, draft, 0, eos, torch.device("cpu"))
     params = ServeParams(k, greedy, 1.0, max_new, "all", 8, max_batch, 10_000, chunk)
-    server = BatchServer(models, params, torch.Generator().manual_seed(0))
+    server = BatchServer(models, params, torch.Generator().manual_seed(0), engine)
     waiting, seqs, it = [], [], 0
     tick = [0.0]
 
@@ -76,7 +76,7 @@ def test_batched_target_only_decoding_is_exact(pair):
     for j, p in enumerate(prompts):
         assert seqs[j].tokens == target_generate(target, p, 20, eos_ids=(2,)).tokens
         assert all(st.proposed == 0 for st in seqs[j].steps)
-    assert server.kv_d.rows == 0  # the draft never ran
+    assert server.e.kv["draft"].rows == 0  # the draft never ran
 
 
 @pytest.mark.parametrize("compact", [False, True])
@@ -94,7 +94,7 @@ def test_batched_greedy_exact_with_mid_flight_joins(pair, monkeypatch, compact):
     for j, p in enumerate(prompts):
         ref = target_generate(target, p, 20, eos_ids=(2,)).tokens
         assert seqs[j].tokens == ref, f"request {j} differs from the target's own greedy output"
-    assert server.kv_t.rows == 0 and server.kv_reserved == 0
+    assert server.e.kv["target"].rows == 0 and server.kv_reserved == 0
 
 
 def test_ragged_cache_matches_single_sequence_logits(pair):
