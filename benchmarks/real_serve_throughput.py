@@ -6,6 +6,10 @@ server's capacity at that batch cap. One warm-up request per configuration, then
 the median is reported.
 
     python benchmarks/real_serve_throughput.py --threads 1 --requests 16 --batch 8 --k 3
+    python benchmarks/real_serve_throughput.py --backend llamacpp   # the packaged SmolLM2 GGUF (Q4_1)
+
+`--backend llamacpp` serves the packaged SmolLM2 GGUF as target and the 2-layer draft exported to
+GGUF (full head: llama.cpp's output tensor covers the vocabulary) on `LlamaCppEngine`.
 
 Prints a table: batch cap, k, tokens, seconds, tokens/s, mean batch, α, and the speedups.
 """
@@ -14,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,9 +32,9 @@ from osdsim.specdec import alpha_from_counts
 
 
 def serve_closed_batch(models: ServeModels, prompts: list[list[int]], k: int, max_batch: int,
-                       max_new: int, chunk: int) -> dict[str, float]:
+                       max_new: int, chunk: int, engine: Any = None) -> dict[str, float]:
     params = ServeParams(k, True, 1.0, max_new, "none", 0, max_batch, 1 << 20, chunk)
-    server = BatchServer(models, params, torch.Generator().manual_seed(0))
+    server = BatchServer(models, params, torch.Generator().manual_seed(0), engine)
     waiting = [Sequence(RequestRecord(j, 0, "p", "d", str(j), 0.0), list(p), list(p)) for j, p in enumerate(prompts)]
     seqs = list(waiting)
     t0 = time.perf_counter()
@@ -58,6 +65,7 @@ def main() -> None:
     ap.add_argument("--draft-vocab", type=int, default=4096)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--backend", choices=("transformers", "llamacpp"), default="transformers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pair = load_pair("smollm2", "layers:2", "float32")
@@ -65,8 +73,14 @@ def main() -> None:
     target, draft = serving_copy(pair.target, args.dtype), serving_copy(pair.draft, args.dtype)
     queries = [q for q in D.load_domain(args.domain) if len(codec.chat_prompt(q.text, q.system)) <= 256]
     prompts = [codec.chat_prompt(q.text, q.system) for q in queries[: args.requests + 1]]
-    proposer = draft
-    if args.draft_vocab:
+    proposer, engine = draft, None
+    if args.backend == "llamacpp":
+        from osdsim.real.engines import LlamaCppEngine
+
+        args.draft_vocab, args.dtype = 0, "gguf"
+        engine = LlamaCppEngine("smollm2", pair.target, pair.draft, Path(tempfile.mkdtemp(prefix="osdsim-bench-")),
+                                args.threads, args.batch, 256 + args.max_new + args.k + 16)
+    elif args.draft_vocab:
         ids = frequent_token_ids([codec.chat_prompt(q.text, q.system) for q in queries[:200]],
                                  args.draft_vocab, int(draft.config.vocab_size), codec.eos_ids)
         proposer = SubsetHeadLM(draft, ids)
@@ -74,13 +88,13 @@ def main() -> None:
     rows = []
     for batch in (1, args.batch):
         for k in (0, args.k):
-            serve_closed_batch(models, prompts[:1], k, batch, args.max_new, args.chunk)  # warm-up
-            runs = [serve_closed_batch(models, prompts[1:], k, batch, args.max_new, args.chunk)
+            serve_closed_batch(models, prompts[:1], k, batch, args.max_new, args.chunk, engine)  # warm-up
+            runs = [serve_closed_batch(models, prompts[1:], k, batch, args.max_new, args.chunk, engine)
                     for _ in range(args.repeats)]
             best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
             rows.append((batch, k, best))
     base = {b: r["tokens_per_s"] for b, k, r in rows if k == 0}
-    print(f"SmolLM2-135M target, 2-layer draft ({args.draft_vocab or 'full'} head), {args.dtype} serving, "
+    print(f"{'llama.cpp' if engine is not None else 'transformers'}: SmolLM2-135M target, 2-layer draft ({args.draft_vocab or 'full'} head), {args.dtype} serving, "
           f"{args.threads} thread(s), {args.requests} {args.domain} requests x ≤{args.max_new} tokens, all queued at t=0")
     print(f"{'batch cap':>9} {'k':>2} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'mean B':>7} {'alpha':>6} "
           f"{'vs k=0':>7} {'vs batch 1':>10}")

@@ -6,7 +6,7 @@ rollback); an engine only evaluates tokens and holds the KV state. Two engines:
 - `TorchEngine`: transformers models, one `BatchKV` per model (holes + masks for ragged rows,
   `osdsim.real.batching`), batch-1 prefill into a sequence's own cache, merged when it joins.
 - `LlamaCppEngine`: llama.cpp contexts (`osdsim.real.llamacpp.LlamaCppBatchLM`) with one KV
-  sequence id per admitted request: prefill, draft and verify blocks carry their own positions,
+  sequence id (and its own stream of KV cells) per admitted request: prefill, draft and verify blocks carry their own positions,
   so ragged acceptance is `seq_rm` of the rejected positions of that sequence, with no padding.
   Publication exports the trained draft to GGUF and reloads it (`BatchDraftPublisher`).
 
@@ -95,7 +95,7 @@ class LlamaCppEngine:
     name = "llama.cpp"
 
     def __init__(self, target_spec: str, target_model: Any, draft_model: Any, workdir: Path, threads: int,
-                 n_seq: int, n_ctx: int, draft_type: str = "auto") -> None:
+                 n_seq: int, n_ctx_seq: int, draft_type: str = "auto") -> None:
         from osdsim.errors import InputError
         from osdsim.real import llamacpp as LC
 
@@ -106,16 +106,16 @@ class LlamaCppEngine:
         if self.base.vocab != int(target_model.config.vocab_size):
             raise InputError(f"{path.name}: GGUF vocabulary ({self.base.vocab}) differs from the PyTorch "
                              f"target's ({int(target_model.config.vocab_size)})")
-        self.target = LC.LlamaCppBatchLM(path, n_seq, n_ctx, threads)
+        self.target = LC.LlamaCppBatchLM(path, n_seq, n_ctx_seq, threads)
         self.publisher = LC.BatchDraftPublisher(workdir, self.base, None if draft_type == "auto" else draft_type,
-                                                n_seq, n_ctx, threads)
+                                                n_seq, n_ctx_seq, threads)
         self.initial_sync = self.publisher.publish(draft_model)
         self.publisher.records.clear()  # the initial export is not a distillation update
         self.free = list(range(n_seq - 1, -1, -1))  # KV sequence ids not in use (pop from the end)
         self.slot: dict[int, int] = {}  # id(Sequence) -> its KV sequence id
         self.pos = {TARGET: [0] * n_seq, DRAFT: [0] * n_seq}  # cached positions per sequence id
         self.rows: list[int] = []  # sequence ids of the decoding rows, in row order
-        self.n_ctx = n_ctx
+        self.n_ctx_seq = n_ctx_seq
         self._version = str(getattr(LC.require_llama_cpp(), "__version__", "?"))
         self._LC = LC
 
@@ -199,7 +199,7 @@ class LlamaCppEngine:
             self._free(sid, True)
 
     def compact(self) -> None:
-        pass  # a unified KV cache: freed cells are reused by any sequence
+        pass  # a sequence's freed cells are reused by the next request given its id
 
     def widths(self, with_draft: bool) -> tuple[int, int]:
         """Longest cached sequence per model (llama.cpp attends each row over its own cells; no padding)."""
@@ -221,7 +221,7 @@ class LlamaCppEngine:
                 "target_layer_type": self.base.layer_type, "head_type": self.base.head_type,
                 "draft_layer_type": self.publisher.layer_type or self.base.layer_type,
                 "draft_gguf_bytes": self.initial_sync.bytes, "initial_export_s": self.initial_sync.export_s,
-                "initial_reload_s": self.initial_sync.reload_s, "kv_cells": self.n_ctx}
+                "initial_reload_s": self.initial_sync.reload_s, "kv_cells_per_sequence": self.n_ctx_seq}
 
     def close(self) -> None:
         self.target.close()

@@ -1118,14 +1118,12 @@ def _engine_for(cfg: Any, prep: Any) -> tuple[Any, Path | None]:
     from osdsim.real.engines import LlamaCppEngine
 
     sv, dc = cfg.serve, cfg.decode
-    # KV cells: the admitted requests' Σ (prompt + max_new_tokens) (a lone request may exceed the
-    # budget), plus each row's k drafted tokens before rollback.
-    cells = max(sv.kv_token_budget, cfg.stream.max_prompt_tokens + dc.max_new_tokens)
-    n_ctx = cells + sv.max_batch_size * (dc.k + 2) + 16
+    # KV cells per sequence: its prompt and max_new_tokens, plus the k drafted tokens before rollback.
+    n_ctx_seq = cfg.stream.max_prompt_tokens + dc.max_new_tokens + dc.k + 16
     workdir = Path(tempfile.mkdtemp(prefix="osdsim-llamacpp-serve-"))
     try:
         return LlamaCppEngine(cfg.models.target, prep.target, prep.draft, workdir, cfg.threads,
-                              sv.max_batch_size, n_ctx, cfg.models.gguf_draft_type), workdir
+                              sv.max_batch_size, n_ctx_seq, cfg.models.gguf_draft_type), workdir
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise

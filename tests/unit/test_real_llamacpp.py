@@ -332,7 +332,7 @@ def test_real_smollm2_gguf_greedy_speculative_is_exact(tmp_path):
 def _llama_engine(tiny, draft, tmp_path, n_seq=3):
     from osdsim.real.engines import LlamaCppEngine
 
-    return LlamaCppEngine("tiny", tiny, draft, tmp_path / "work", threads=1, n_seq=n_seq, n_ctx=2048)
+    return LlamaCppEngine("tiny", tiny, draft, tmp_path / "work", threads=1, n_seq=n_seq, n_ctx_seq=512)
 
 
 @pytest.mark.parametrize("k", [0, 3])
