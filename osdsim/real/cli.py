@@ -167,6 +167,16 @@ def _print_serve_table(summary: dict[str, Any], out_dir: Path) -> None:
                   f"{tr['steps_done']}, skipped {tr['steps_skipped']}, pending {tr['steps_pending_at_end']}; "
                   f"idle s used {_fmt(tr['idle_s_used'], 1)} of {_fmt(tr['idle_s_available'], 1)}; "
                   f"stream {_fmt(summary['stream_s'], 1)} s; wrote {out_dir}")
+    _print_sync(console, summary.get("backend") or {}, (summary.get("backend") or {}).get("sync") or {})
+
+
+def _print_sync(console: Any, backend: dict[str, Any], sync: dict[str, Any]) -> None:
+    """The llama.cpp draft's export + reload per publication (the simulator's sync_delay_s)."""
+    if backend.get("engine") == "llama.cpp" and sync.get("n"):
+        console.print(f"served on llama.cpp; draft export + reload per update (n={sync['n']}): median "
+                      f"{_fmt(sync['sync_s_median'] * 1e3, 0)} ms, p90 {_fmt(sync['sync_s_p90'] * 1e3, 0)} ms "
+                      f"(export {_fmt(sync['export_s_median'] * 1e3, 0)} ms, reload "
+                      f"{_fmt(sync['reload_s_median'] * 1e3, 0)} ms)")
 
 
 def _print_table(summary: dict[str, Any], out_dir: Path) -> None:
@@ -192,9 +202,4 @@ def _print_table(summary: dict[str, Any], out_dir: Path) -> None:
     console.print(t)
     console.print(f"c (draft pass / target decode step) = {_fmt(summary['c_measured'])}; "
                   f"wrote {out_dir}")
-    sync = summary.get("sync") or {}
-    if (summary.get("backend") or {}).get("engine") == "llama.cpp" and sync.get("n"):
-        console.print(f"served on llama.cpp; draft export + reload per update (n={sync['n']}): median "
-                      f"{_fmt(sync['sync_s_median'] * 1e3, 0)} ms, p90 {_fmt(sync['sync_s_p90'] * 1e3, 0)} ms "
-                      f"(export {_fmt(sync['export_s_median'] * 1e3, 0)} ms, reload "
-                      f"{_fmt(sync['reload_s_median'] * 1e3, 0)} ms)")
+    _print_sync(console, summary.get("backend") or {}, summary.get("sync") or {})

@@ -221,7 +221,7 @@ class LlamaCppEngine:
                 "target_layer_type": self.base.layer_type, "head_type": self.base.head_type,
                 "draft_layer_type": self.publisher.layer_type or self.base.layer_type,
                 "draft_gguf_bytes": self.initial_sync.bytes, "initial_export_s": self.initial_sync.export_s,
-                "initial_reload_s": self.initial_sync.reload_s, "kv_cells_per_sequence": self.n_ctx_seq}
+                "initial_reload_s": self.initial_sync.reload_s, "kv_cells_per_sequence": self.target.n_ctx_seq}
 
     def close(self) -> None:
         self.target.close()
