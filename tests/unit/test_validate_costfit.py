@@ -38,14 +38,20 @@ def _synthetic_run(truth, k=3, n_req=12, seed=0):
     return requests, steps
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("s,t_layer,t_pass", [(1.3, 3e-4, 2e-3), (0.7, 5e-5, 4e-4)])
-def test_fit_recovers_a_known_correction_and_removes_the_error(s, t_layer, t_pass):
+def test_fit_recovers_a_known_correction_and_removes_the_error(s, t_layer, t_pass, seed):
     prof = _profile()
     truth = costfit.scale_profile(prof, "bf16", s, t_layer, t_pass)
-    requests, steps = _synthetic_run(truth)
+    requests, steps = _synthetic_run(truth, seed=seed)
     passes = costfit.passes_batch1(requests, steps, 3)
     fit, corrected = costfit.fit_pass_costs(passes, DRAFT, TARGET, prof)
-    assert fit.scale == pytest.approx(s, rel=0.05)
+    # Batch-1 passes of two fixed depths leave the scale and the per-layer overhead nearly
+    # collinear: with 1% timing noise the fitted scale spreads about ±6% over seeds (1.226..1.373
+    # for 1.3 on seeds 0..4, 0.670..0.738 for 0.7) while its prices stay within 1.4% of the passes,
+    # and which end a seed lands on follows the host's floating-point rounding (seed 0 gave
+    # 1.226 on an AVX-512 host). The prices below are what the fit pins; the scale only roughly.
+    assert fit.scale == pytest.approx(s, rel=0.1)
     assert fit.pass_overhead_s == pytest.approx(t_pass, rel=0.1, abs=2e-4)
     assert max(fit.before.values()) > 0.1  # the microbenchmark profile was off
     assert max(fit.after.values()) < 0.02
