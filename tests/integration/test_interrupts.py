@@ -16,13 +16,17 @@ from tests.conftest import BASE, REPO, merge
 CLI = [sys.executable, "-c", "from osdsim.cli import main; main()"]
 
 
-def _interrupt_after(args, seconds, cwd):
+def _interrupt_after(args, seconds, cwd, when=None):
+    """Run the CLI and send SIGINT after `seconds`, or as soon as `when()` holds (polled, `seconds`
+    at most): a fixed delay outlives a sweep on a fast host."""
     # A shell that starts jobs in the background hands them SIGINT ignored, and Python then never
     # raises KeyboardInterrupt: restore the default disposition in the child.
     proc = subprocess.Popen([*CLI, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(seconds)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None and not (when is not None and when()):
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     return proc.returncode, out + err
@@ -51,10 +55,13 @@ def test_sigint_during_sweep_keeps_finished_points_and_resumes(tmp_path):
         {"base": "base.yaml", "axes": {"workload.rate_per_s": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]},
          "strategies": ["static"]}))
     out = tmp_path / "o"
-    rc, text = _interrupt_after(["sweep", tmp_path / "sw.yaml", "--out", out, "--workers", "1", "--quiet"], 6.0, tmp_path)
+    points = out / "points.jsonl"
+    # Interrupt once the first point is on disk (the sweep's 12 points took under 6 s in all here).
+    rc, text = _interrupt_after(["sweep", tmp_path / "sw.yaml", "--out", out, "--workers", "1", "--quiet"], 60.0,
+                                tmp_path, when=lambda: points.exists() and points.read_text().strip() != "")
     assert rc == 130, text
     assert "interrupted" in text and "--resume" in text and "Traceback" not in text
-    lines = [json.loads(x) for x in (out / "points.jsonl").read_text().splitlines() if x.strip()]
+    lines = [json.loads(x) for x in points.read_text().splitlines() if x.strip()]
     assert 0 < len(lines) < 12
     assert (out / "results.csv").exists()
     done = subprocess.run([*CLI, "sweep", str(tmp_path / "sw.yaml"), "--out", str(out), "--resume", "--workers", "1"],
