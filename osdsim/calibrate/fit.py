@@ -1,6 +1,6 @@
 """Fit the cost model's efficiencies to measured passes (issue 4, item 3). numpy + scipy, no torch.
 
-The model fitted is exactly osdsim.cost.model.CostModel (DESIGN.md §4.1) at tensor parallel 1:
+The model fitted is exactly osdsim.cost.model.CostModel (docs/architecture.md, Physics: cost of a pass) at tensor parallel 1:
 
     time = max(F / (F_peak·η_f(T)), (bytes − KV)/(BW·η_b) + KV/(BW·η_kv)) + m·(L·t_kernel + t_pass)
     η_f(T) = η_max·T / (T + T½)                       (m = 1 for a forward, 3 for a training step)

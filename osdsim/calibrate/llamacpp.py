@@ -93,13 +93,51 @@ def build_models(gguf_path: Path, lplan: LPlan, workdir: Path, threads: int, n_c
     return out
 
 
-def measure(models: dict[str, Any], lplan: LPlan, tick=None, seed: int = 0) -> list[Measurement]:
+def build_canary(models: dict[str, Any], lplan: LPlan, threads: int) -> Any:
+    """The canary: the shallowest model of the plan loaded once more, on a context of its own (its
+    passes leave the measured models' KV caches alone)."""
+    from osdsim.real.llamacpp import LlamaCppLM
+
+    return LlamaCppLM(models[canary_model(lplan)].path, n_ctx=4 * CANARY_TOKENS, threads=threads)
+
+
+CANARY_TOKENS = 8  # the canary pass: a fresh 8-token prefill of the draft (the server's HostCanary shape)
+
+
+def _canary_pass(lm: Any) -> float:
+    """Seconds of one canary pass on its own context (reset, untimed; then the timed prefill)."""
+    lm.reset()
+    t0 = time.perf_counter()
+    lm.feed(list(range(100, 100 + CANARY_TOKENS)), all_logits=False)
+    return time.perf_counter() - t0
+
+
+def host_corrected(times: list[float], speeds: list[float], reference_s: float) -> list[float]:
+    """Each time at the reference host speed: t × reference / (the canary's time around it).
+
+    On a shared machine the host's speed drifts over seconds to minutes (here: a 1-token decode's
+    median over half-second blocks moved between 11.6 and 16.1 ms within 20 s, lag-1 correlation
+    0.83), so shapes timed in slow moments come out slow and the fit reads drift as shape. A canary
+    timed right before and right after each pass (their geometric mean, `speeds`) says how fast the
+    host ran then; scaling by reference / canary puts every sample at one speed, the median canary
+    of the calibration (the paired-reference idea of duet benchmarking, Bulej et al., ICPE 2020)."""
+    return [t * reference_s / s for t, s in zip(times, speeds, strict=True)]
+
+
+def measure(models: dict[str, Any], lplan: LPlan, tick=None, seed: int = 0,
+            canary: Any = None) -> list[Measurement]:
     """Sweep the grid `repeats` times after a warm-up sweep, one call per shape per sweep (load that
     comes and goes spreads over all shapes), median per shape. Within a sweep shapes run in order of
-    context per model, so each context is built by extending (untimed) the one before."""
+    context per model, so each context is built by extending (untimed) the one before.
+
+    With a `canary` (a model on its own context), every timed pass is bracketed by a canary pass and
+    the medians are of host-corrected times (host_corrected); `raw_median_s` keeps the uncorrected
+    median, and a `kind='canary'` row the canary's own distribution."""
     rng = np.random.default_rng(seed)
     order = sorted(range(len(lplan.shapes)), key=lambda i: (lplan.shapes[i].model, lplan.shapes[i].context))
     times: list[list[float]] = [[] for _ in lplan.shapes]
+    speeds: list[list[float]] = [[] for _ in lplan.shapes]
+    canaries: list[float] = []
     for sweep in range(lplan.repeats + 1):
         for lm in models.values():
             lm.reset()
@@ -113,15 +151,35 @@ def measure(models: dict[str, Any], lplan: LPlan, tick=None, seed: int = 0) -> l
                 lm.feed([int(x) for x in rng.integers(3, vocab, shape.context - lm.n_past)], all_logits=False)
             ids = [int(x) for x in rng.integers(3, vocab, shape.q)]
             all_logits = shape.pass_type != "prefill"
+            before = _canary_pass(canary) if canary is not None else 1.0
             t0 = time.perf_counter()
             lm.feed(ids, all_logits=all_logits)
             dt = time.perf_counter() - t0
+            after = _canary_pass(canary) if canary is not None else 1.0
             lm.truncate(shape.context)
             if sweep:
                 times[i].append(dt)
+                speeds[i].append(float(np.sqrt(before * after)))
+                if canary is not None:
+                    canaries += [before, after]
         if tick is not None:
             tick(f"llama.cpp passes: sweep {sweep}/{lplan.repeats}")
-    return [shape_row(spec_of(s.model), s, t) for s, t in zip(lplan.shapes, times, strict=True)]
+    rows = []
+    reference = statistics.median(canaries) if canaries else 1.0
+    for s, t, sp in zip(lplan.shapes, times, speeds, strict=True):
+        row = shape_row(spec_of(s.model), s, host_corrected(t, sp, reference) if canaries else t)
+        row.raw_median_s = statistics.median(t)
+        rows.append(row)
+    if canaries:
+        rows.append(Measurement(kind="canary", dtype=DTYPE, median_s=reference, repeats=len(canaries),
+                                model=canary_model(lplan), q=CANARY_TOKENS, tokens=CANARY_TOKENS,
+                                min_s=min(canaries), max_s=max(canaries), raw_median_s=reference))
+    return rows
+
+
+def canary_model(lplan: LPlan) -> str:
+    """The canary runs on the shallowest model of the plan (the draft: the server's canary too)."""
+    return min(lplan.models, key=lambda m: lplan.models[m])
 
 
 def _micro(torch: Any, threads: int) -> list[Measurement]:
@@ -177,10 +235,11 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
     with tempfile.TemporaryDirectory(prefix="osdsim-cal-llamacpp-") as tmp:
         max_ctx = max(s.context + s.q for s in lplan.shapes) + 8
         models = build_models(gguf_path, lplan, Path(tmp), threads, max_ctx)
+        canary = build_canary(models, lplan, threads)
         try:
-            rows += measure(models, lplan, tick)
+            rows += measure(models, lplan, tick, canary=canary)
         finally:
-            for lm in models.values():
+            for lm in (*models.values(), canary):
                 lm.close()
     if torch_prof is not None:
         gemm_peak = {d: v for d, v in torch_prof.peak_flops_per_s.items() if d != DTYPE}
@@ -204,6 +263,7 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
     decode_target = [r.median_s for r in passes if r.pass_type == "decode" and r.n_layers == max(lplan.models.values())]
     fit = fit_passes(rows, peaks, bandwidth, overhead_guess_s=20e-6)
     tick("fit")
+    drift = host_drift_note(rows, fit)
     wall_s = time.perf_counter() - t0
     lc_version = str(getattr(llama_cpp, "__version__", "?"))
     from osdsim.real.llamacpp import build_info
@@ -220,7 +280,7 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
         f"fitted efficiencies; memory bandwidth {bandwidth / 1e9:.1f} GB/s. `efficiency` is {DTYPE} (llama.cpp). "
         f"Target decode step median "
         f"{statistics.median(decode_target) * 1e3 if decode_target else float('nan'):.2f} ms. Efficiencies fitted "
-        f"by least squares on log time of the 'fit' passes; fit_errors are on held-out shapes. Wall time "
+        f"by least squares on log time of the 'fit' passes; fit_errors are on held-out shapes. {drift} Wall time "
         f"{wall_s:.0f} s; 1-minute load average {load_start} at start, {_load_average()} at end."
     )
     eff = fit.efficiency[DTYPE]
@@ -239,6 +299,21 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
         fit_errors=fit.heldout,
     )
     return Outcome(profile, rows, fit, wall_s)
+
+
+def host_drift_note(rows: list[Measurement], fit: Any) -> str:
+    """What the host-speed correction did: the canary's spread over the calibration and the held-out
+    error the same fit would show against the uncorrected medians."""
+    canary = [r for r in rows if r.kind == "canary"]
+    if not canary:
+        return ""
+    c = canary[0]
+    held = [r for r in fit.rows if r.split == "heldout" and r.raw_median_s > 0]
+    raw = statistics.median(abs(r.predicted_s - r.raw_median_s) / r.raw_median_s * 100 for r in held) if held else float("nan")
+    return (f"Host-speed correction: every pass bracketed by a canary ({CANARY_TOKENS}-token prefill of {c.model}, "
+            f"median {c.median_s * 1e3:.2f} ms, range {c.min_s * 1e3:.2f}-{c.max_s * 1e3:.2f} ms over {c.repeats}); "
+            f"medians are of times scaled to the median canary (raw medians in the CSV's raw_median_s; held-out "
+            f"median error against them {raw:.1f}%).")
 
 
 def profile_name(torch_profile_name: str) -> str:

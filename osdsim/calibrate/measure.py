@@ -17,7 +17,7 @@ from typing import Any
 
 @dataclass(slots=True)
 class Measurement:
-    """One timed shape. `kind` is gemm | bandwidth | attention | launch | pass.
+    """One timed shape. `kind` is gemm | bandwidth | attention | launch | pass | canary.
 
     For passes (`kind='pass'`): `pass_type` is decode | verify | prefill | train; `split` is fit or
     heldout; the shape is B = `batch` sequences of `q` new tokens after `context` cached tokens
@@ -49,6 +49,7 @@ class Measurement:
     min_s: float = 0.0
     max_s: float = 0.0
     predicted_s: float = 0.0  # the fitted cost model's price (passes; filled after the fit)
+    raw_median_s: float = 0.0  # median before host-speed correction (llama.cpp passes; 0 = not corrected)
 
     @property
     def rate(self) -> float:

@@ -1,6 +1,6 @@
 """The cost model: prices a forward pass (or a training step) on one replica. It only prices.
 
-DESIGN.md §4.1. A pass over a batch with new tokens q_i and cached contexts c_i (T = Σ q_i):
+docs/architecture.md (Physics: cost of a pass). A pass over a batch with new tokens q_i and cached contexts c_i (T = Σ q_i):
 
     FLOPs = 2·P_dense·T + 2·d·V·T_logits + 4·L·d_attn·Σ q_i·(c_i + q_i/2)
             (matmuls: 2 FLOPs per multiply-add; attention: QKᵀ and AV over the causal span)

@@ -17,7 +17,7 @@ SCHEMA_VERSION = 1
 
 
 class Efficiency(BaseModel):
-    """Fitted (or default) parameters of the roofline cost model, DESIGN.md §4.1."""
+    """Fitted (or default) parameters of the roofline cost model (docs/architecture.md, Physics: cost of a pass)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -53,7 +53,7 @@ class Efficiency(BaseModel):
         "3x-forward rule only. Fitted by `osdsim calibrate` on measured training steps.",
     )
     # --- GPU terms fitted on per-operator kernel timings (`osdsim calibrate --from`); all off by
-    # default, so every profile without them prices exactly as before (DESIGN.md §4.1).
+    # default, so every profile without them prices exactly as before (osdsim/cost/model.py).
     roofline_sharpness: float | None = Field(
         None, ge=1, le=64,
         description="p of the smooth roofline (c^p + m^p)^(1/p) that replaces max(c, m) (kernels near "

@@ -1,4 +1,4 @@
-"""Fit the simulator's acceptance parameters from a real run (DESIGN.md §4.3, §5).
+"""Fit the simulator's acceptance parameters from a real run (docs/architecture.md: α dynamics; the validator).
 
 Per domain, the real run gives for every served request its accepted drafts a and rejections r
 (steps ending in a rejection), and n = distilled tokens of that domain before it. The simulator's

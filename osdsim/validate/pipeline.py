@@ -1,6 +1,6 @@
 """`osdsim validate`: fit on one real run, predict a different one, run it for real, compare.
 
-The method (issue 6; DESIGN.md §5), nothing fitted on the run it is judged on:
+The method (issue 6; docs/architecture.md, The validator), nothing fitted on the run it is judged on:
   a. fit run S1 (seed A): real OSD; fit α_0, α_∞, τ per domain and the accepted-length law;
   b. held-out run S2 (other seed / stream / update interval): real OSD, every request and step timed;
   c. simulate S2 with the fitted acceptance, the device profile, inline training, batch 1 and the same
