@@ -74,7 +74,7 @@ def calibrate(
         str,
         typer.Option("--backend", help="torch (transformers passes of random-weight models, the default) or "
                                        "llamacpp (llama.cpp passes of the packaged SmolLM2 GGUF and its 2-layer "
-                                       "draft at batch 1; CPU only; writes calibration/cpu-llamacpp-<cpu>.yaml)."),
+                                       "draft at batch 1 and batched; CPU only; writes calibration/cpu-llamacpp-<cpu>.yaml)."),
     ] = "torch",
     from_: Annotated[
         Path | None,

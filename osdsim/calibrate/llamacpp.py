@@ -2,7 +2,8 @@
 
 Measures real passes of the models osdsim real serves on llama.cpp — the packaged SmolLM2-135M GGUF
 (Q4_1 layers, Q8_0 embeddings/head, f16 KV cache) and its 2-layer draft sliced from it byte for byte
-(the untrained layer draft exactly as the run exports it) — at batch 1, the shapes the simulator
+(the untrained layer draft exactly as the run exports it) — at batch 1 and batched (B sequences, each
+in its own KV stream, in one llama_decode: the batched server's passes), the shapes the simulator
 prices: decode (1 token after c cached), verify (k+1 tokens, logits at every position), prefill
 (q tokens, logits at the last), the draft's decode/verify passes. Each pass is llama_decode plus the
 copy of its logits out of llama.cpp (what the server pays). Fitted with the same cost model and
@@ -18,7 +19,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,16 @@ class LPlan:
     repeats: int
 
 
-def _grid(model: str, pass_type: str, split: str, contexts, qs) -> list[PassShape]:
-    return [PassShape(model, pass_type, 1, c, q, split) for c in contexts for q in qs]
+def _grid(model: str, pass_type: str, split: str, contexts, qs, batches=(1,)) -> list[PassShape]:
+    return [PassShape(model, pass_type, b, c, q, split) for b in batches for c in contexts for q in qs]
 
 
 def plan(quick: bool) -> LPlan:
-    """Batch-1 grid (llama.cpp serves one sequence here). Full: the 30-layer target and its 2-layer
-    draft (≈ 1–2 min on one core); quick (tests): 4- and 2-layer slices, a handful of shapes."""
+    """Grid of batch-1 shapes (the batch-1 server) and batched ones (the batched server: B sequences
+    with their own KV streams in one llama_decode, as LlamaCppEngine runs them). Batched contexts sit
+    just under llama.cpp's 256-cell padding of each stream (250, 500), so the context the cost model
+    is given is the width the attention reads. Full: the 30-layer target and its 2-layer draft
+    (≈ 3 min on one core); quick (tests): 4- and 2-layer slices, a handful of shapes."""
     if quick:
         models = {f"{TARGET}-l4": 4, f"{TARGET}-l2": 2}
         shapes: list[PassShape] = []
@@ -54,8 +58,10 @@ def plan(quick: bool) -> LPlan:
             shapes += _grid(m, "decode", "fit", (16, 128), (1,))
             shapes += _grid(m, "verify", "fit", (64,), (3, 6))
             shapes += _grid(m, "prefill", "fit", (0,), (16, 64))
+            shapes += _grid(m, "decode", "fit", (60,), (1,), batches=(2,))
             shapes += _grid(m, "decode", "heldout", (64,), (1,))
             shapes += _grid(m, "verify", "heldout", (64,), (4,))
+            shapes += _grid(m, "verify", "heldout", (60,), (3,), batches=(3,))
         return LPlan(models, tuple(shapes), 3)
     models = {TARGET: 30, f"{TARGET}-l2": 2}
     shapes = []
@@ -69,6 +75,13 @@ def plan(quick: bool) -> LPlan:
         shapes += _grid(m, "verify", "heldout", (384,), (4, 6))
         shapes += _grid(m, "verify", "heldout", (64,), (7,))
         shapes += _grid(m, "prefill", "heldout", (0,), (32, 128))
+        shapes += _grid(m, "decode", "fit", (250,), (1,), batches=(2, 4, 8))
+        shapes += _grid(m, "decode", "fit", (500,), (1,), batches=(4,))
+        shapes += _grid(m, "verify", "fit", (250,), (4,), batches=(2, 4, 8))
+        shapes += _grid(m, "decode", "heldout", (500,), (1,), batches=(3,))
+        shapes += _grid(m, "decode", "heldout", (250,), (1,), batches=(6,))
+        shapes += _grid(m, "verify", "heldout", (500,), (4,), batches=(3,))
+        shapes += _grid(m, "verify", "heldout", (250,), (3,), batches=(6,))
     return LPlan(models, tuple(shapes), 9)
 
 
@@ -91,6 +104,56 @@ def build_models(gguf_path: Path, lplan: LPlan, workdir: Path, threads: int, n_c
                 else slice_gguf(gguf_path, layers, workdir / f"{name}.gguf", reader))
         out[name] = LlamaCppLM(path, n_ctx=n_ctx, threads=threads)
     return out
+
+
+@dataclass
+class BatchedBank:
+    """One model's batched llama.cpp context for the batched shapes: per context length c a bank of
+    sequence ids that hold c cached tokens (built once, untimed); a pass appends q tokens to the
+    first B of them and removes them again, so no context is rebuilt between sweeps."""
+
+    lm: Any  # osdsim.real.llamacpp.LlamaCppBatchLM
+    seqs: dict[int, list[int]]  # context -> sequence ids holding it
+    built: set[int] = field(default_factory=set)
+
+
+def build_batched(models: dict[str, Any], lplan: LPlan, threads: int) -> dict[str, BatchedBank]:
+    """A batched context per model with batched shapes: max B sequences for each batched context."""
+    from osdsim.real.llamacpp import LlamaCppBatchLM
+
+    out: dict[str, BatchedBank] = {}
+    for name in models:
+        mine = [s for s in lplan.shapes if s.model == name and s.batch > 1]
+        if not mine:
+            continue
+        seqs: dict[int, list[int]] = {}
+        for c in sorted({s.context for s in mine}):
+            first = sum(len(v) for v in seqs.values())
+            seqs[c] = list(range(first, first + max(s.batch for s in mine if s.context == c)))
+        n_ctx_seq = max(s.context + s.q for s in mine) + 1
+        out[name] = BatchedBank(LlamaCppBatchLM(models[name].path, sum(len(v) for v in seqs.values()), n_ctx_seq,
+                                                threads), seqs)
+    return out
+
+
+def _batched_pass(bank: BatchedBank, shape: PassShape, rng: np.random.Generator) -> tuple[Any, Any]:
+    """(the timed call, the undo) of one batched shape: B blocks of q tokens after c cached, logits
+    at every position (decode, verify) or the last (prefill)."""
+    from osdsim.real.llamacpp import Block
+
+    lm, c = bank.lm, shape.context
+    ids = bank.seqs[c][: shape.batch]
+    if c not in bank.built:  # untimed: every sequence of the bank gets its c tokens once
+        lm.decode([Block(sq, 0, [int(x) for x in rng.integers(3, lm.n_vocab, c)], []) for sq in bank.seqs[c]])
+        bank.built.add(c)
+    want = list(range(shape.q)) if shape.pass_type != "prefill" else [shape.q - 1]
+    blocks = [Block(sq, c, [int(x) for x in rng.integers(3, lm.n_vocab, shape.q)], want) for sq in ids]
+
+    def undo() -> None:
+        for sq in ids:
+            lm.seq_rm(sq, c)
+
+    return (lambda: lm.decode(blocks)), undo
 
 
 def build_canary(models: dict[str, Any], lplan: LPlan, threads: int) -> Any:
@@ -125,10 +188,11 @@ def host_corrected(times: list[float], speeds: list[float], reference_s: float) 
 
 
 def measure(models: dict[str, Any], lplan: LPlan, tick=None, seed: int = 0,
-            canary: Any = None) -> list[Measurement]:
+            canary: Any = None, batched: dict[str, BatchedBank] | None = None) -> list[Measurement]:
     """Sweep the grid `repeats` times after a warm-up sweep, one call per shape per sweep (load that
     comes and goes spreads over all shapes), median per shape. Within a sweep shapes run in order of
-    context per model, so each context is built by extending (untimed) the one before.
+    context per model, so each context is built by extending (untimed) the one before; batched
+    shapes (B > 1) run on the model's BatchedBank in `batched`.
 
     With a `canary` (a model on its own context), every timed pass is bracketed by a canary pass and
     the medians are of host-corrected times (host_corrected); `raw_median_s` keeps the uncorrected
@@ -143,20 +207,18 @@ def measure(models: dict[str, Any], lplan: LPlan, tick=None, seed: int = 0,
             lm.reset()
         for i in order:
             shape = lplan.shapes[i]
-            lm = models[shape.model]
-            vocab = lm.n_vocab
-            if lm.n_past > shape.context:
-                lm.truncate(shape.context)
-            if lm.n_past < shape.context:
-                lm.feed([int(x) for x in rng.integers(3, vocab, shape.context - lm.n_past)], all_logits=False)
-            ids = [int(x) for x in rng.integers(3, vocab, shape.q)]
-            all_logits = shape.pass_type != "prefill"
+            if shape.batch > 1:
+                if not batched or shape.model not in batched:
+                    raise ValueError(f"{shape}: a batched shape needs the model's batched context")
+                run, undo = _batched_pass(batched[shape.model], shape, rng)
+            else:
+                run, undo = _single_pass(models[shape.model], shape, rng)
             before = _canary_pass(canary) if canary is not None else 1.0
             t0 = time.perf_counter()
-            lm.feed(ids, all_logits=all_logits)
+            run()
             dt = time.perf_counter() - t0
             after = _canary_pass(canary) if canary is not None else 1.0
-            lm.truncate(shape.context)
+            undo()
             if sweep:
                 times[i].append(dt)
                 speeds[i].append(float(np.sqrt(before * after)))
@@ -175,6 +237,18 @@ def measure(models: dict[str, Any], lplan: LPlan, tick=None, seed: int = 0,
                                 model=canary_model(lplan), q=CANARY_TOKENS, tokens=CANARY_TOKENS,
                                 min_s=min(canaries), max_s=max(canaries), raw_median_s=reference))
     return rows
+
+
+def _single_pass(lm: Any, shape: PassShape, rng: np.random.Generator) -> tuple[Any, Any]:
+    """(the timed call, the undo) of one batch-1 shape: the context is extended (untimed) or cut to
+    c, then q tokens with logits at every position (decode, verify) or the last (prefill)."""
+    if lm.n_past > shape.context:
+        lm.truncate(shape.context)
+    if lm.n_past < shape.context:
+        lm.feed([int(x) for x in rng.integers(3, lm.n_vocab, shape.context - lm.n_past)], all_logits=False)
+    ids = [int(x) for x in rng.integers(3, lm.n_vocab, shape.q)]
+    all_logits = shape.pass_type != "prefill"
+    return (lambda: lm.feed(ids, all_logits=all_logits)), (lambda: lm.truncate(shape.context))
 
 
 def canary_model(lplan: LPlan) -> str:
@@ -236,10 +310,11 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
         max_ctx = max(s.context + s.q for s in lplan.shapes) + 8
         models = build_models(gguf_path, lplan, Path(tmp), threads, max_ctx)
         canary = build_canary(models, lplan, threads)
+        batched = build_batched(models, lplan, threads)
         try:
-            rows += measure(models, lplan, tick, canary=canary)
+            rows += measure(models, lplan, tick, canary=canary, batched=batched)
         finally:
-            for lm in (*models.values(), canary):
+            for lm in (*models.values(), canary, *(bank.lm for bank in batched.values())):
                 lm.close()
     if torch_prof is not None:
         gemm_peak = {d: v for d, v in torch_prof.peak_flops_per_s.items() if d != DTYPE}
@@ -271,7 +346,7 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
     sgemm = "without" if build_info()["batch_invariant"] else "with"
     notes = (
         f"Measured by osdsim calibrate --backend llamacpp ({'quick' if quick else 'full'} grid, {len(fit.rows)} "
-        f"real llama.cpp passes at batch 1 of {', '.join(lplan.models)}: the packaged {gguf_path.name} and "
+        f"real llama.cpp passes at batch 1 and batched of {', '.join(lplan.models)}: the packaged {gguf_path.name} and "
         f"slices of its first layers copied byte for byte; llama-cpp-python {lc_version} ({sgemm} "
         f"llamafile sgemm), {threads} thread(s), "
         f"f16 KV cache; each pass = llama_decode + copying its logits out). Dtype {DTYPE}: Q4_1 layers, Q8_0 "
