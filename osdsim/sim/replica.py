@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from heapq import heappush
+from operator import sub
 
 import numpy as np
 import simpy
@@ -143,22 +144,25 @@ class IterationLog:
     def frame(self):
         import pandas as pd
 
-        if self.cols[0]:  # column by column (from_records goes through object arrays)
+        # Every column as an array first (the derived ones by numpy), then one DataFrame: setting
+        # columns on a DataFrame one by one costs more than their arithmetic at these lengths.
+        if self.cols[0]:
             # (the kind strings as objects: pandas makes the same column of them, without a fixed-width copy)
-            df = pd.DataFrame({f: np.array(col, dtype=object) if f == "kind" else np.array(col)
-                               for f, col in zip(self.FIELDS, self.cols, strict=True)})
+            cols = {f: np.array(col, dtype=object) if f == "kind" else np.array(col)
+                    for f, col in zip(self.FIELDS, self.cols, strict=True)}
         else:
-            df = pd.DataFrame.from_records([], columns=list(self.FIELDS))
-        serve = (df["kind"] == "serve").to_numpy()
-        n = df["decode_seqs"].to_numpy(dtype=float)
-        alpha = df["alpha_mean"].to_numpy(dtype=float)
+            cols = {f: np.array([], dtype=object) for f in self.FIELDS}
+        serve = cols["kind"] == "serve"
+        n = cols["decode_seqs"].astype(float)
+        alpha = cols["alpha_mean"].astype(float)
+        dur = cols["duration_s"]
         has_alpha = np.isfinite(alpha) & serve
-        df["batch_x_s"] = n * df["duration_s"].to_numpy() * serve
-        df["alpha_x_n"] = np.where(has_alpha, alpha * n, 0.0)
-        df["alpha_n"] = np.where(has_alpha, n, 0.0)
-        df["k_x_n"] = df["k"].to_numpy(dtype=float) * np.where(has_alpha, n, 0.0)
-        df["serve_s"] = df["duration_s"].to_numpy() * serve
-        return df
+        cols["batch_x_s"] = n * dur * serve
+        cols["alpha_x_n"] = np.where(has_alpha, alpha * n, 0.0)
+        cols["alpha_n"] = np.where(has_alpha, n, 0.0)
+        cols["k_x_n"] = cols["k"].astype(float) * np.where(has_alpha, n, 0.0)
+        cols["serve_s"] = dur * serve
+        return pd.DataFrame(cols)
 
 
 class BinnedIterationLog:
@@ -225,7 +229,16 @@ def _prefill_row(active: list[int], left: list[int], ctxs: list[int], budget: fl
     tok = c_sum = 0
     pairs = 0.0
     got = []
-    if active and budget > 0:
+    if len(active) == 1 and budget > 0:  # one prompt prefilling (most rows): the loop's one pass
+        p = active[0]
+        lp = left[p]
+        al = lp if budget >= lp else int(budget)
+        if al:
+            c = ctxs[p]
+            left[p] = lp - al
+            ctxs[p] = c + al
+            return al, c, 0.0 + al * (c + al / 2.0), [(p, al)]
+    elif active and budget > 0:
         before = 0
         terms = []
         for p in active:
@@ -996,7 +1009,7 @@ class Replica:
                 ends.append(t)
                 if watch.next <= t and (cut := watch.passed(j, t)) is not None:
                     break
-            duration, flops, nbytes, compute_s = map(list, zip(*priced, strict=True))
+            duration, flops, nbytes, compute_s = zip(*priced, strict=True)
         else:  # row by row: _price's single rows (decode rows by their shape's pricer)
             drows, frows, chunk = self._decode_rows, self._full_chunk_rows, cfg.chunk_tokens
             priced = []
@@ -1021,7 +1034,7 @@ class Replica:
                 ends.append(t)
                 if watch.next <= t and (cut := watch.passed(j, t)) is not None:
                     break
-            duration, flops, nbytes, compute_s = map(list, zip(*priced, strict=True))
+            duration, flops, nbytes, compute_s = zip(*priced, strict=True)
         if cut is not None:
             m, stop = cut
         else:
@@ -1048,29 +1061,36 @@ class Replica:
                 steps = m
                 self._consume(m * b)
             cm = cum[m - 1, :b_end]  # type: ignore[index]
-            self.s_accepted[:b_end] += cm - steps  # cum sums a + 1
-            self.s_proposed[:b_end] += kk * steps
             rej = a[:m, :b_end] < kk  # type: ignore[index]
             if new:
                 rej &= mask_all[:m, :b_end]
-            self.s_rejections[:b_end] += np.add.reduce(rej, axis=0)
             sums = emitted[:m]
             tot = cm
             if finishes:  # the finishing row emits no more than each sequence has left
                 tot = np.minimum(cm, out_eff[:b_end])
                 sums[m - 1] = int(np.add.reduce(tot))
-            per_row = [x - y for x, y in zip(sums, [0, *sums[:-1]], strict=True)]
+            per_row = [sums[0], *map(sub, sums[1:], sums)]
+            # The outcome counters (slot rows s_steps .. s_emitted) in one add.
+            inc = np.empty((5, b_end), dtype=np.int64)
+            inc[0] = steps
+            np.subtract(cm, steps, out=inc[1])  # accepted: cum sums a + 1
+            np.multiply(kk, steps, out=inc[2])  # proposed
+            np.add.reduce(rej, axis=0, out=inc[3])
+            inc[4] = tot
+            self._slots[6:, :b_end] += inc
+            self.out_left[:b_end] -= tot
+            self.ctx[:b_end] += tot
         else:
             steps = tot = m
             if new:
                 tot = np.array([m] * b + [m - 1 - j for _, j in new])
                 steps = tot
             per_row = b_rows[:m]
-        if b_end:
-            self.out_left[:b_end] -= tot
-            self.ctx[:b_end] += tot
-            self.s_emitted[:b_end] += tot
-            self.s_steps[:b_end] += steps
+            if b_end:
+                self.out_left[:b_end] -= tot
+                self.ctx[:b_end] += tot
+                self.s_emitted[:b_end] += tot
+                self.s_steps[:b_end] += steps
         pf_left, ctx = self.pf_left, self.ctx
         for got in chunks[:m]:
             for p, al in got:
@@ -1106,9 +1126,9 @@ class Replica:
                 alpha_mean.append(val)
         else:
             alpha_mean = [np.nan] * m
+        zeros = [0.0] * m  # no spare or training work (the log copies it)
         self.log.extend([t0, *ends[: m - 1]], dur, b_list, pf_tok[:m], per_row, k_list[:m],
-                        alpha_mean, flops[:m], nbytes[:m], compute_s[:m], [0.0] * m, [0.0] * m,
-                        ["serve"] * m)
+                        alpha_mean, flops[:m], nbytes[:m], compute_s[:m], zeros, zeros, ["serve"] * m)
         end = ends[m - 1]
         b_after = b_end
         if finishes:
