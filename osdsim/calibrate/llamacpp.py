@@ -335,7 +335,8 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
     flops = pass_terms(passes, {DTYPE: 1.0}, bandwidth).flops
     best_rate = float(max(f / r.median_s for f, r in zip(flops, passes, strict=True)))
     peaks = {**gemm_peak, DTYPE: max(gemm_peak["fp32"], 1.25 * best_rate)}
-    decode_target = [r.median_s for r in passes if r.pass_type == "decode" and r.n_layers == max(lplan.models.values())]
+    decode_target = [r.median_s for r in passes
+                     if r.pass_type == "decode" and r.batch == 1 and r.n_layers == max(lplan.models.values())]
     fit = fit_passes(rows, peaks, bandwidth, overhead_guess_s=20e-6)
     tick("fit")
     drift = host_drift_note(rows, fit)
@@ -353,7 +354,7 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
         f"embeddings/head (ModelSpec head_dtype), activations fp32. {anchor}; peak_flops_per_s.{DTYPE} = "
         f"max(fp32 peak, 1.25 x the best llama.cpp pass rate {best_rate / 1e9:.1f} GFLOP/s), an anchor for the "
         f"fitted efficiencies; memory bandwidth {bandwidth / 1e9:.1f} GB/s. `efficiency` is {DTYPE} (llama.cpp). "
-        f"Target decode step median "
+        f"Target decode step (batch 1) median "
         f"{statistics.median(decode_target) * 1e3 if decode_target else float('nan'):.2f} ms. Efficiencies fitted "
         f"by least squares on log time of the 'fit' passes; fit_errors are on held-out shapes. {drift} Wall time "
         f"{wall_s:.0f} s; 1-minute load average {load_start} at start, {_load_average()} at end."
