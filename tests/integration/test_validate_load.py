@@ -13,12 +13,12 @@ runner = CliRunner()
 
 
 def test_load_suites_check_and_list():
-    for name in ("cpu-load.yaml", "cpu-load-quick.yaml"):
+    for name in ("cpu-load.yaml", "cpu-load-quick.yaml", "cpu-llamacpp-load.yaml"):
         r = runner.invoke(app, ["validate", str(REPO / "validate" / name), "--check"])
         assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["validate", "--list", "--json"])
     kinds = {s["name"]: s["kind"] for s in json.loads(r.output)}
-    assert kinds["cpu-load"] == "load" and kinds["cpu-smollm2"] == "batch1"
+    assert kinds["cpu-load"] == kinds["cpu-llamacpp-load"] == "load" and kinds["cpu-smollm2"] == "batch1"
 
 
 @pytest.mark.real
