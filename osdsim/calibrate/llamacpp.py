@@ -32,6 +32,7 @@ from osdsim.models import ModelSpec
 
 DTYPE = "q4_1"
 TARGET = "smollm2-135m-q4_1"
+CANARY_TOKENS = 8  # the canary pass: a fresh 8-token prefill of the draft (the server's HostCanary shape)
 
 
 @dataclass(frozen=True)
@@ -162,9 +163,6 @@ def build_canary(models: dict[str, Any], lplan: LPlan, threads: int) -> Any:
     from osdsim.real.llamacpp import LlamaCppLM
 
     return LlamaCppLM(models[canary_model(lplan)].path, n_ctx=4 * CANARY_TOKENS, threads=threads)
-
-
-CANARY_TOKENS = 8  # the canary pass: a fresh 8-token prefill of the draft (the server's HostCanary shape)
 
 
 def _canary_pass(lm: Any) -> float:
