@@ -27,22 +27,7 @@ from osdsim.cost.model import CostModel
 from osdsim.cost.profile import load_profile
 from osdsim.models import ModelSpec
 from osdsim.validate.costfit import passes_batched, price
-from osdsim.validate.pipeline import GGUF_DTYPES, _spec
-
-
-def run_models(summary: dict) -> dict[str, ModelSpec]:
-    """The run's target and draft as the twin prices them (GGUF types when llama.cpp served)."""
-    cfg = summary["config"]
-    dtype = summary.get("serve_dtype") or cfg["models"].get("serve_dtype") or cfg["models"]["dtype"]
-    backend = summary.get("backend") or {}
-    gguf: dict = {}
-    if backend.get("engine") == "llama.cpp":
-        gguf = {role: {"layers": backend[f"{role}_layer_type"], "head": backend.get("head_type")}
-                for role in ("target", "draft")}
-    assert all(g["layers"] in GGUF_DTYPES for g in gguf.values()), gguf
-    return {role: ModelSpec(**_spec(summary[role], f"real-{role}", dtype, summary.get("draft_vocab") or None
-                                    if role == "draft" else None, gguf=gguf.get(role)))
-            for role in ("target", "draft")}
+from osdsim.validate.pipeline import run_model_specs
 
 
 def main() -> None:
@@ -53,7 +38,7 @@ def main() -> None:
     summary = json.loads((args.run_dir / "summary.json").read_text())
     with (args.run_dir / "iterations.csv").open() as fh:
         iterations = list(csv.DictReader(fh))
-    specs = run_models(summary)
+    specs = {role: ModelSpec(**spec) for role, spec in run_model_specs(summary).items()}
     rows = [(int(it["batch_size"] or 0), p) for it in iterations for p in passes_batched([it])]
     print(f"{args.run_dir}: {len(iterations)} iterations, {len(rows)} passes priced")
     for path in args.profiles:

@@ -207,6 +207,21 @@ def _spec(d: dict, name: str, dtype: str, vocab: int | None = None, gguf: dict |
     return spec
 
 
+def run_model_specs(summary: dict) -> dict[str, dict]:
+    """The twin's ModelSpecs (as dicts) of a recorded run's target and draft, in its serving dtype;
+    where llama.cpp served them, in their GGUF layer and head types."""
+    cfg = summary["config"]
+    dtype = summary.get("serve_dtype") or cfg["models"].get("serve_dtype") or cfg["models"]["dtype"]
+    backend = summary.get("backend") or {}
+    gguf: dict = {}
+    if backend.get("engine") == "llama.cpp":  # served on llama.cpp: the GGUF types price the passes
+        gguf = {"target": {"layers": backend["target_layer_type"], "head": backend.get("head_type")},
+                "draft": {"layers": backend["draft_layer_type"], "head": backend.get("head_type")}}
+    return {"target": _spec(summary["target"], "real-target", dtype, gguf=gguf.get("target")),
+            "draft": _spec(summary["draft"], "real-draft", dtype, summary.get("draft_vocab") or None,
+                           gguf=gguf.get("draft"))}
+
+
 def twin_trace_rows(requests: list[dict], priced_sync: bool = False) -> list[str]:
     """The held-out run as a closed-loop trace: think_s = the pause before a request that is not
     training (target-only baseline decodes, labelling, held-out evaluation, bookkeeping): start_i −
@@ -236,13 +251,6 @@ def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: P
                   publish_pause_s: float = 0.0) -> dict:
     cfg = summary["config"]
     train_dtype = cfg["models"]["dtype"]
-    dtype = summary.get("serve_dtype") or cfg["models"].get("serve_dtype") or train_dtype
-    draft_vocab = summary.get("draft_vocab") or None
-    backend = summary.get("backend") or {}
-    gguf: dict = {}
-    if backend.get("engine") == "llama.cpp":  # served on llama.cpp: the GGUF types price the passes
-        gguf = {"target": {"layers": backend["target_layer_type"], "head": backend.get("head_type")},
-                "draft": {"layers": backend["draft_layer_type"], "head": backend.get("head_type")}}
     doms = sorted({r["domain"] for r in requests})
     atomic_write_text(trace_file, "\n".join(trace_rows or twin_trace_rows(requests, publish_pause_s > 0)) + "\n")
     # Phases by request index, as the real stream was built.
@@ -260,8 +268,7 @@ def twin_scenario(summary: dict, requests: list[dict], profile: str, acc_file: P
     return {
         "name": f"twin-{summary['name']}",
         "seed": int(cfg.get("seed", 0)),
-        "models": {"target": _spec(summary["target"], "real-target", dtype, gguf=gguf.get("target")),
-                   "draft": _spec(summary["draft"], "real-draft", dtype, draft_vocab, gguf=gguf.get("draft"))},
+        "models": run_model_specs(summary),
         "hardware": {"profile": profile},
         "batching": {"max_batch_size": 1, "chunked_prefill_tokens": None},
         "strategy": "osd",
