@@ -152,6 +152,12 @@ PRESETS: dict[str, ModelSpec] = {
         name="smollm2-135m-q4_1-l2", n_layers=2, hidden=576, n_heads=9, n_kv_heads=3, ffn=1536,
         vocab=49152, tied_embeddings=True, dtype="q4_1", head_dtype="q8_0", kv_dtype="fp16",
     ),
+    # The trained draft as osdsim real publishes it on llama.cpp (gguf_draft_type auto: layers re-quantised
+    # to Q8_0, since Q4_1 rounds distillation updates away; osdsim.real.llamacpp.served_draft_type).
+    "smollm2-135m-q8_0-l2": _spec(
+        name="smollm2-135m-q8_0-l2", n_layers=2, hidden=576, n_heads=9, n_kv_heads=3, ffn=1536,
+        vocab=49152, tied_embeddings=True, dtype="q8_0", kv_dtype="fp16",
+    ),
 }
 
 

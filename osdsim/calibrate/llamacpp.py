@@ -32,6 +32,10 @@ from osdsim.models import ModelSpec
 
 DTYPE = "q4_1"
 TARGET = "smollm2-135m-q4_1"
+# The trained draft as osdsim real publishes it (served_draft_type: Q4_1 rounds distillation updates
+# away, so its layers are re-quantised to Q8_0): a third model of the grid, fitted as its own dtype.
+DRAFT_DTYPE = "q8_0"
+DRAFT = "smollm2-135m-q8_0-l2"
 CANARY_TOKENS = 8  # the canary pass: a fresh 8-token prefill of the draft (the server's HostCanary shape)
 
 
@@ -53,7 +57,7 @@ def plan(quick: bool) -> LPlan:
     is given is the width the attention reads. Full: the 30-layer target and its 2-layer draft
     (≈ 3 min on one core); quick (tests): 4- and 2-layer slices, a handful of shapes."""
     if quick:
-        models = {f"{TARGET}-l4": 4, f"{TARGET}-l2": 2}
+        models = {f"{TARGET}-l4": 4, f"{TARGET}-l2": 2, DRAFT: 2}
         shapes: list[PassShape] = []
         for m in models:
             shapes += _grid(m, "decode", "fit", (16, 128), (1,))
@@ -64,7 +68,7 @@ def plan(quick: bool) -> LPlan:
             shapes += _grid(m, "verify", "heldout", (64,), (4,))
             shapes += _grid(m, "verify", "heldout", (60,), (3,), batches=(3,))
         return LPlan(models, tuple(shapes), 3)
-    models = {TARGET: 30, f"{TARGET}-l2": 2}
+    models = {TARGET: 30, f"{TARGET}-l2": 2, DRAFT: 2}
     shapes = []
     for m in models:
         shapes += _grid(m, "decode", "fit", (32, 256, 1024), (1,))
@@ -86,10 +90,15 @@ def plan(quick: bool) -> LPlan:
     return LPlan(models, tuple(shapes), 9)
 
 
+def dtype_of(name: str) -> str:
+    """The dtype a grid model is priced in: the Q8_0 draft's, else the packaged model's Q4_1."""
+    return DRAFT_DTYPE if name == DRAFT else DTYPE
+
+
 def spec_of(name: str) -> ModelSpec:
     from osdsim.calibrate.fit import spec_for
 
-    return spec_for(name, DTYPE)
+    return spec_for(name, dtype_of(name))
 
 
 def build_models(gguf_path: Path, lplan: LPlan, workdir: Path, threads: int, n_ctx: int) -> dict[str, Any]:
@@ -101,8 +110,9 @@ def build_models(gguf_path: Path, lplan: LPlan, workdir: Path, threads: int, n_c
         raise InputError(f"{gguf_path.name}: layers are {base.layer_type}, the llamacpp calibration prices {DTYPE}")
     out: dict[str, Any] = {}
     for name, layers in lplan.models.items():
-        path = (gguf_path if layers == base.n_layers
-                else slice_gguf(gguf_path, layers, workdir / f"{name}.gguf", reader))
+        retype = DRAFT_DTYPE if dtype_of(name) != DTYPE else None
+        path = (gguf_path if layers == base.n_layers and retype is None
+                else slice_gguf(gguf_path, layers, workdir / f"{name}.gguf", reader, layer_type=retype))
         out[name] = LlamaCppLM(path, n_ctx=n_ctx, threads=threads)
     return out
 
@@ -315,7 +325,7 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
             for lm in (*models.values(), canary, *(bank.lm for bank in batched.values())):
                 lm.close()
     if torch_prof is not None:
-        gemm_peak = {d: v for d, v in torch_prof.peak_flops_per_s.items() if d != DTYPE}
+        gemm_peak = {d: v for d, v in torch_prof.peak_flops_per_s.items() if d not in (DTYPE, DRAFT_DTYPE)}
         bandwidth = torch_prof.memory_bandwidth_bytes_per_s
         carried = {d: torch_prof.efficiency_for(d) for d in gemm_peak}
         anchor = (f"peak_flops_per_s.{'/'.join(gemm_peak)}, the memory bandwidth and the "
@@ -330,9 +340,10 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
     from osdsim.calibrate.fit import pass_terms
 
     passes = [r for r in rows if r.kind == "pass"]
-    flops = pass_terms(passes, {DTYPE: 1.0}, bandwidth).flops
+    flops = pass_terms(passes, {DTYPE: 1.0, DRAFT_DTYPE: 1.0}, bandwidth).flops
     best_rate = float(max(f / r.median_s for f, r in zip(flops, passes, strict=True)))
-    peaks = {**gemm_peak, DTYPE: max(gemm_peak["fp32"], 1.25 * best_rate)}
+    anchor_peak = max(gemm_peak["fp32"], 1.25 * best_rate)
+    peaks = {**gemm_peak, DTYPE: anchor_peak, DRAFT_DTYPE: anchor_peak}
     decode_target = [r.median_s for r in passes
                      if r.pass_type == "decode" and r.batch == 1 and r.n_layers == max(lplan.models.values())]
     fit = fit_passes(rows, peaks, bandwidth, overhead_guess_s=20e-6)
@@ -349,7 +360,9 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
         f"slices of its first layers copied byte for byte; llama-cpp-python {lc_version} ({sgemm} "
         f"llamafile sgemm), {threads} thread(s), "
         f"f16 KV cache; each pass = llama_decode + copying its logits out). Dtype {DTYPE}: Q4_1 layers, Q8_0 "
-        f"embeddings/head (ModelSpec head_dtype), activations fp32. {anchor}; peak_flops_per_s.{DTYPE} = "
+        f"embeddings/head (ModelSpec head_dtype), activations fp32; dtype {DRAFT_DTYPE} (efficiency_by_dtype): "
+        f"{DRAFT}, the 2-layer draft re-quantised to Q8_0 as osdsim real publishes a trained draft. {anchor}; "
+        f"peak_flops_per_s.{DTYPE} and .{DRAFT_DTYPE} = "
         f"max(fp32 peak, 1.25 x the best llama.cpp pass rate {best_rate / 1e9:.1f} GFLOP/s), an anchor for the "
         f"fitted efficiencies; memory bandwidth {bandwidth / 1e9:.1f} GB/s. `efficiency` is {DTYPE} (llama.cpp). "
         f"Target decode step (batch 1) median "
@@ -364,7 +377,8 @@ def calibrate_llamacpp(name: str, quick: bool, threads: int, command: str, tick=
         schema_version=SCHEMA_VERSION, name=name,
         device=info.describe().replace("torch threads", "threads") + ", llama.cpp",
         peak_flops_per_s=peaks, memory_bandwidth_bytes_per_s=bandwidth, memory_bytes=info.memory_bytes,
-        interconnect_bandwidth_bytes_per_s=bandwidth, efficiency=eff, efficiency_by_dtype=carried,
+        interconnect_bandwidth_bytes_per_s=bandwidth, efficiency=eff,
+        efficiency_by_dtype={**carried, DRAFT_DTYPE: fit.efficiency[DRAFT_DTYPE]},
         provenance=Provenance(
             source="measured", measured_on=info.describe(),
             date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), command=command,

@@ -37,7 +37,8 @@ class ModelsCfg(_Strict):
     )
     gguf_draft_type: Literal["auto", "f32", "f16", "q8_0", "q4_1", "q4_0"] = Field(
         "auto", description="backend llamacpp: GGUF type of the exported draft's layers (auto: the type of the "
-        "target GGUF's layers, f32 for a target exported from PyTorch).",
+        "target GGUF's layers but at least q8_0, which keeps the distillation updates a 4-bit type rounds away; "
+        "f32 for a target exported from PyTorch).",
     )
 
 

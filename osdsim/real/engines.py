@@ -82,6 +82,10 @@ class TorchEngine:
         """New draft weights reach the serving copy in `serve_real` (nothing to reload here)."""
         return None
 
+    def served_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The trainable weights as this engine serves them (PyTorch: the master's, as they are)."""
+        return state
+
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name}
 
@@ -107,7 +111,7 @@ class LlamaCppEngine:
             raise InputError(f"{path.name}: GGUF vocabulary ({self.base.vocab}) differs from the PyTorch "
                              f"target's ({int(target_model.config.vocab_size)})")
         self.target = LC.LlamaCppBatchLM(path, n_seq, n_ctx_seq, threads)
-        self.publisher = LC.BatchDraftPublisher(workdir, self.base, None if draft_type == "auto" else draft_type,
+        self.publisher = LC.BatchDraftPublisher(workdir, self.base, LC.served_draft_type(draft_type, self.base.layer_type),
                                                 n_seq, n_ctx_seq, threads)
         self.initial_sync = self.publisher.publish(draft_model)
         self.publisher.records.clear()  # the initial export is not a distillation update
@@ -213,6 +217,15 @@ class LlamaCppEngine:
     def publish(self, draft: Any) -> dict[str, float]:
         rec = self.publisher.publish(draft)
         return {"export_s": rec.export_s, "reload_s": rec.reload_s, "sync_s": rec.total_s}
+
+    def served_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The trainable weights as llama.cpp serves them: matrices through the export's GGUF type
+        (quantised and back), norms as exported (f32). The held-out α is then the served draft's."""
+        import torch
+
+        lt = self.publisher.layer_type or self.base.layer_type
+        return {n: torch.from_numpy(self._LC.round_trip(t.numpy(), lt)) if t.dim() == 2 else t
+                for n, t in state.items()}
 
     def describe(self) -> dict[str, Any]:
         LC = self._LC

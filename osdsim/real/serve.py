@@ -1013,13 +1013,13 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
     stream_s = clock()
     extra = placement.close()
 
-    # --- held-out α on the published drafts (off the clock) -----------------------------------------
+    # --- held-out α on the published drafts (off the clock), as the engine served them ---------------
     scratch = copy.deepcopy(prep.draft)
 
     def load_state(state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             params_ = dict(scratch.named_parameters())
-            for n, w in state.items():
+            for n, w in engine.served_state(state).items():
                 params_[n].copy_(w)
 
     phase_end_s = []

@@ -821,14 +821,16 @@ def _reuse_or_run(cfg, run_dir, reuse, label, progress, notice, runner):
             # Batch-1 reader does not know serve runs: check here, then fall through to the shared rule.
             from osdsim.real.config import RealConfig
             from osdsim.validate.fingerprint import device_fingerprint, differences
-            from osdsim.validate.pipeline import _same_config
+            from osdsim.validate.pipeline import _same_config, served_otherwise
 
             same = _same_config(RealConfig, rec.summary.get("config"), cfg)
             diff = differences(rec.summary.get("device_fingerprint"), device_fingerprint(cfg.device, int(cfg.threads)))
-            if same and not diff:
+            stale = served_otherwise(rec.summary, cfg) if same else None
+            if same and not diff and not stale:
                 return rec, True
             if notice:
-                why = "another config" if not same else f"another or unknown device ({'; '.join(diff)})"
+                why = ("another config" if not same else f"a stale serving ({stale})" if stale
+                       else f"another or unknown device ({'; '.join(diff)})")
                 notice(f"--reuse-runs: {label}: the recorded run has {why}; running it for real")
         reuse = False
     return _recorded_or_run(cfg, run_dir, reuse, label, progress, notice, runner)

@@ -649,6 +649,20 @@ def load_recorded(run_dir: Path) -> RecordedRun | None:
     return RecordedRun(summary, rows("requests.csv"), rows("steps.csv"), rows("updates.csv"), alpha)
 
 
+def served_otherwise(summary: dict, cfg: Any) -> str | None:
+    """Why a recorded run with `cfg`'s config no longer stands for it, or None: a llama.cpp run whose
+    draft was published in another GGUF type than this version of osdsim publishes for the config
+    (auto became 'at least q8_0': Q4_1 rounded the distillation updates away)."""
+    backend = summary.get("backend") or {}
+    if backend.get("engine") != "llama.cpp":
+        return None
+    from osdsim.real.llamacpp import served_draft_type
+
+    want = served_draft_type(cfg.models.gguf_draft_type, backend.get("target_layer_type"))
+    got = backend.get("draft_layer_type")
+    return None if got == want else f"its draft was served in {got}, this config serves it in {want}"
+
+
 def _recorded_or_run(cfg: Any, run_dir: Path, reuse: bool, label: str, progress, notice,
                      runner: Any = None) -> tuple[Any, bool]:
     """A recorded run whose config equals `cfg` and that was recorded on this device (with
@@ -663,6 +677,8 @@ def _recorded_or_run(cfg: Any, run_dir: Path, reuse: bool, label: str, progress,
             why = "none recorded"
         elif not _same_config(RealConfig, rec.summary.get("config"), cfg):
             why = "the recorded run has another config"
+        elif served_otherwise(rec.summary, cfg):
+            why = f"the recorded run is stale ({served_otherwise(rec.summary, cfg)})"
         else:
             diff = fingerprint_differences(rec.summary.get("device_fingerprint"), here)
             if not diff:

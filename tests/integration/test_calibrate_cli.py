@@ -132,10 +132,11 @@ def test_quick_llamacpp_calibration_writes_a_profile_the_simulator_prices(tmp_pa
     path = out / (doc["profile"].rsplit("/", 1)[-1])
     assert path.name.startswith("cpu-llamacpp-") and path.is_file() and path.with_suffix(".csv").is_file()
     prof = yaml.safe_load(path.read_text())
-    assert {"q4_1", "fp32", "bf16"} <= set(prof["peak_flops_per_s"])
+    assert {"q4_1", "q8_0", "fp32", "bf16"} <= set(prof["peak_flops_per_s"])
+    assert "q8_0" in prof["efficiency_by_dtype"]  # the trained draft as osdsim real publishes it
     assert "llama_cpp_python" in prof["provenance"]["versions"]
     held = doc["heldout_errors"]
-    assert {"decode/q4_1", "verify/q4_1", "all"} <= set(held)
+    assert {"decode/q4_1", "verify/q4_1", "decode/q8_0", "verify/q8_0", "all"} <= set(held)
     assert all(math.isfinite(v["median_ape_pct"]) for v in held.values())
     # the simulator prices the llama.cpp models with it: a verify pass costs more than a decode step
     from osdsim.cost.model import CostModel
@@ -146,3 +147,5 @@ def test_quick_llamacpp_calibration_writes_a_profile_the_simulator_prices(tmp_pa
     decode = cm.pass_time(1, 1, 200.0, 200.5)[0]
     verify = cm.pass_time(4, 4, 200.0, 4 * 202.0)[0]
     assert 0 < decode < verify
+    q8 = CostModel(PRESETS["smollm2-135m-q8_0-l2"], load_profile(path))
+    assert 0 < q8.pass_time(1, 1, 200.0, 200.5)[0] < q8.pass_time(4, 4, 200.0, 4 * 202.0)[0]

@@ -436,3 +436,64 @@ def test_serve_real_on_llamacpp_records_the_stream_and_its_publications(tmp_path
     assert done > 0 and s["backend"]["sync"]["n"] == done
     assert s["backend"]["sync"]["sync_s_median"] > 0
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_auto_draft_type_never_publishes_a_trained_draft_coarser_than_q8_0():
+    assert L.served_draft_type("auto", "q4_1") == L.served_draft_type("auto", "q4_0") == "q8_0"
+    assert L.served_draft_type("auto", "q8_0") == "q8_0"
+    assert L.served_draft_type("auto", "f16") == "f16"
+    assert L.served_draft_type("auto", "f32") == L.served_draft_type("auto", None) == "f32"
+    assert L.served_draft_type("q4_1", "q4_1") == "q4_1"  # asked for: served as asked
+    with pytest.raises(InputError, match="GGUF layer type"):
+        L.served_draft_type("q2_k", "q4_1")
+
+
+def test_a_4_bit_round_trip_rounds_small_updates_away_and_q8_0_keeps_them():
+    """Why `auto` is at least q8_0: a weight already on the Q4_1 grid plus a distillation-sized
+    update (±1e-3) comes back from Q4_1 with ~5% of the update (the block's grid moves instead), and
+    from Q8_0 with all of it."""
+    rng = np.random.default_rng(0)
+    w = L.round_trip(rng.normal(0, 0.05, (16, 64)).astype(np.float32), "q4_1")  # a packaged weight
+    update = rng.choice([-1e-3, 1e-3], w.shape).astype(np.float32)
+    assert np.array_equal(L.round_trip(w, "q4_1"), w)
+
+    def served_fraction(layer_type: str) -> float:  # projection of the served change on the update
+        return float(((L.round_trip(w + update, layer_type) - w) * update).sum() / (update * update).sum())
+
+    assert served_fraction("q4_1") < 0.2
+    assert served_fraction("q8_0") == pytest.approx(1.0, abs=0.1)
+    assert served_fraction("f16") == pytest.approx(1.0, abs=0.01) and served_fraction("f32") == pytest.approx(1.0)
+
+
+def test_a_slice_retyped_to_q8_0_has_q8_0_layers_and_the_base_s_other_tensors(tiny, tmp_path):
+    src = tmp_path / "t.gguf"
+    L.export_gguf(tiny, src, "q4_1")
+    out = L.slice_gguf(src, 2, tmp_path / "s.gguf", layer_type="q8_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(out)).tensors}
+    base = {t.name: t.tensor_type for t in gguf.GGUFReader(str(src)).tensors}
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.1.attn_q.weight"] == types["blk.0.ffn_down.weight"] == q8
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert types["token_embd.weight"] == base["token_embd.weight"]
+    assert L.read_base(out).layer_type == "q8_0" and L.read_base(out).n_layers == 2
+
+
+def test_the_llamacpp_engine_evaluates_the_weights_it_serves():
+    """served_state: the matrices as the export's GGUF type holds them, the norms as they are."""
+    import types as _types
+
+    from osdsim.real.engines import LlamaCppEngine, TorchEngine
+
+    eng = object.__new__(LlamaCppEngine)
+    eng._LC = L
+    eng.publisher = _types.SimpleNamespace(layer_type="q4_1")
+    eng.base = _types.SimpleNamespace(layer_type="q4_1")
+    w = torch.from_numpy(L.round_trip(np.random.default_rng(1).normal(0, 0.05, (8, 64)).astype(np.float32), "q4_1"))
+    norm = torch.ones(64) + 1e-3
+    trained = w + torch.from_numpy(np.random.default_rng(2).choice([-1e-3, 1e-3], (8, 64)).astype(np.float32))
+    state = {"layers.0.mlp.up_proj.weight": trained, "layers.0.input_layernorm.weight": norm}
+    got = eng.served_state(state)
+    assert torch.equal(got["layers.0.input_layernorm.weight"], norm)
+    served = got["layers.0.mlp.up_proj.weight"]
+    assert np.array_equal(served.numpy(), L.round_trip(trained.numpy(), "q4_1")) and not torch.equal(served, trained)
+    assert object.__new__(TorchEngine).served_state(state) is state

@@ -179,3 +179,24 @@ def test_reuse_runs_reuses_a_run_from_this_device(tmp_path):
     run, reused = pipeline._recorded_or_run(cfg, tmp_path / "S1", True, "fit run S1", None, None,
                                             lambda c, d: pytest.fail("must not run"))
     assert reused and run.summary["config"]["name"] == "r"
+
+
+@pytest.mark.parametrize("served,reused", [("q4_1", False), ("q8_0", True)])
+def test_reuse_runs_never_reuses_a_llamacpp_run_whose_draft_was_served_otherwise(tmp_path, served, reused):
+    """A run recorded when `auto` published the draft in the target's Q4_1 is stale: this version
+    publishes it in Q8_0 (osdsim.real.llamacpp.served_draft_type)."""
+    cfg = _record(tmp_path / "S1", fpm.device_fingerprint("cpu", 1))
+    doc = json.loads((tmp_path / "S1" / "summary.json").read_text())
+    doc["backend"] = {"engine": "llama.cpp", "target_layer_type": "q4_1", "draft_layer_type": served}
+    (tmp_path / "S1" / "summary.json").write_text(json.dumps(doc))
+    notes = []
+    ran = []
+
+    class Fake:
+        summary = {"fresh": True}
+
+    run, was_reused = pipeline._recorded_or_run(cfg, tmp_path / "S1", True, "fit run S1", None, notes.append,
+                                                lambda c, d: ran.append(d) or Fake())
+    assert was_reused is reused and (ran == []) is reused
+    if not reused:
+        assert "served in q4_1" in notes[0] and "q8_0" in notes[0]
