@@ -86,6 +86,9 @@ class TorchEngine:
         """The trainable weights as this engine serves them (PyTorch: the master's, as they are)."""
         return state
 
+    def served_model(self, model: Any) -> Any:
+        return model
+
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name}
 
@@ -226,6 +229,10 @@ class LlamaCppEngine:
         lt = self.publisher.layer_type or self.base.layer_type
         return {n: torch.from_numpy(self._LC.round_trip(t.numpy(), lt)) if t.dim() == 2 else t
                 for n, t in state.items()}
+
+    def served_model(self, model: Any) -> Any:
+        """A copy of the draft with its trainable matrices as served (llamacpp.served_model)."""
+        return self._LC.served_model(model, self.publisher.layer_type or self.base.layer_type)
 
     def describe(self) -> dict[str, Any]:
         LC = self._LC

@@ -147,6 +147,21 @@ def round_trip(arr: np.ndarray, layer_type: str) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(a, qt), qt).reshape(a.shape).astype(np.float32)
 
 
+def served_model(model: Any, layer_type: str) -> Any:
+    """A copy of the PyTorch draft with its trainable matrices as a `layer_type` export serves them
+    (round_trip): what the held-out evaluation of a llama.cpp run scores."""
+    import copy
+
+    import torch
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.requires_grad and p.dim() == 2:
+                p.copy_(torch.from_numpy(round_trip(p.detach().cpu().numpy(), layer_type)))
+    return out
+
+
 def _qtype(name: str) -> Any:
     gguf = _gguf()
     table = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,

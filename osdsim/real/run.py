@@ -302,8 +302,6 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
                                                         prep.load_s, prep.heldout_s)
     sync_serving, eval_heldout, alpha_rows = prep.sync_serving, prep.eval_heldout, prep.alpha_rows
 
-    initial = eval_heldout("initial", 0, 0, draft)
-
     # --- the serving engine: transformers (the models above) or llama.cpp (GGUF files) -----------
     server = None
     workdir = None
@@ -321,6 +319,12 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
+
+    def served(model: Any) -> Any:
+        """The draft as it is served (llama.cpp: its matrices through the exported GGUF type)."""
+        return model if server is None else LC.served_model(model, server.publisher.layer_type)
+
+    initial = eval_heldout("initial", 0, 0, served(draft))
 
     def serve_spec(prompt: list[int], params: Any) -> Any:
         if server is None:
@@ -448,11 +452,11 @@ def run_real(cfg: RealConfig, out_dir: Path | None = None, progress: Progress | 
                     upd_rows.append({**upd.__dict__, "phase": r.phase, **sync,
                                      "time_s": round(time.perf_counter() - clock0, 6)})
                     if upd.update % cfg.eval.every_updates == 0:
-                        eval_heldout("online", r.index + 1, upd.update, draft)
+                        eval_heldout("online", r.index + 1, upd.update, served(draft))
             req_rows.append(row)
             # phase boundary: evaluate held-out α at the end of each phase; checkpoint the tables
             if r.index + 1 == phases[r.phase].end:
-                eval_heldout(f"end_phase_{r.phase}", r.index + 1, n_updates, draft)
+                eval_heldout(f"end_phase_{r.phase}", r.index + 1, n_updates, served(draft))
                 if out_dir is not None:
                     partial = {"name": cfg.name, "partial": True, "requests": len(req_rows)}
                     write_outputs(RealRunResult(partial, req_rows, step_rows, upd_rows, alpha_rows), out_dir)

@@ -905,7 +905,7 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
     server = BatchServer(models, params, prep.generator, engine)
     canary = HostCanary(prep.s_draft_call, sv.host_canary_every_s, prep.device)
     canary.warm_up()
-    initial = prep.eval_heldout("initial", 0, 0, prep.draft, 0.0)
+    initial = prep.eval_heldout("initial", 0, 0, engine.served_model(prep.draft), 0.0)
 
     # published draft weights, kept for the held-out evaluation after the stream
     snapshots: list[tuple[float, int, dict[str, torch.Tensor]]] = []

@@ -4,7 +4,7 @@
 between Python bookkeeping, sampling, cache copies and other work that the microbenchmarks never
 see. Here every recorded draft step (k draft passes) and verify pass of the fit run is priced with
 the profile's cost model (osdsim.cost.model.CostModel, public pricing only) and one correction is
-fitted on top of the profile, for the serving dtype's efficiency block:
+fitted on top of the profile, for the efficiency block of each dtype the two models are priced in:
 
     measured ≈ max(s_f · compute(pass; t½), s_b · memory(pass)) + passes · (L · t_layer + t_pass)
 
@@ -161,18 +161,23 @@ BYTES_SCALE_PRIOR = 0.05
 
 
 def fit_pass_costs(passes: list[Pass], draft_spec, target_spec, profile) -> tuple[CostFit, Any]:
-    """(fit, corrected profile) from measured passes of both models (both in the serving dtype)."""
+    """(fit, corrected profile) from measured passes of both models. One correction (the serving
+    loop's, over what the microbenchmarks timed) is fitted for every dtype the two models are priced
+    in: a llama.cpp server runs its Q4_1 target and its Q8_0 draft (osdsim.real.llamacpp.
+    served_draft_type) in one loop, and fitting only the draft's block left the target's verify and
+    prefill passes uncorrected."""
     from scipy.optimize import least_squares, lsq_linear
 
     from osdsim.cost.model import CostModel
 
     if len(passes) < 6:
         raise InputError(f"serving-fitted costs: the fit run recorded only {len(passes)} timed passes (need 6)")
-    dtype = draft_spec.dtype
-    eff = profile.efficiency_for(dtype)
+    dtypes = list(dict.fromkeys([target_spec.dtype, draft_spec.dtype]))  # the target's first
+    eff = profile.efficiency_for(dtypes[0])
     models = {"draft": CostModel(draft_spec, profile), "target": CostModel(target_spec, profile)}
     layers = {"draft": draft_spec.n_layers, "target": target_spec.n_layers}
-    fixed = {m: layers[m] * eff.kernel_overhead_s_per_layer + eff.pass_overhead_s for m in layers}
+    own = {"draft": profile.efficiency_for(draft_spec.dtype), "target": eff}
+    fixed = {m: layers[m] * own[m].kernel_overhead_s_per_layer + own[m].pass_overhead_s for m in layers}
     measured = np.array([p.measured_s for p in passes])
     n_layers = np.array([sum(layers[m] for m, _ in p.shapes) for p in passes], dtype=float)
     n_passes = np.array([len(p.shapes) for p in passes], dtype=float)
@@ -190,8 +195,11 @@ def fit_pass_costs(passes: list[Pass], draft_spec, target_spec, profile) -> tupl
     # cost model itself (so the corrected profile prices exactly what was fitted).
     def theta_profile(theta: np.ndarray) -> Any:
         s_f, s_b, half, att, kv = (float(x) for x in np.exp(theta[[0, 1, 2, 5, 6]]))
-        return scale_profile(profile, dtype, s_f, float(theta[3]), float(theta[4]), bytes_scale=s_b,
-                             flops_half_tokens=half, attention_flops=att, kv_bandwidth=kv)
+        prof = profile
+        for dtype in dtypes:
+            prof = scale_profile(prof, dtype, s_f, float(theta[3]), float(theta[4]), bytes_scale=s_b,
+                                 flops_half_tokens=half, attention_flops=att, kv_bandwidth=kv)
+        return prof
 
     def residuals(theta: np.ndarray) -> np.ndarray:
         prof = theta_profile(theta)
@@ -215,7 +223,7 @@ def fit_pass_costs(passes: list[Pass], draft_spec, target_spec, profile) -> tupl
                        x_scale=np.array([1.0, 1.0, 1.0, max(t_layer0, 1e-5), max(t_pass0, 1e-4), 1.0, 1.0]),
                        diff_step=1e-3, max_nfev=300)
     corrected = theta_profile(nl.x)
-    c_eff = corrected.efficiency_for(dtype)
+    c_eff = corrected.efficiency_for(dtypes[0])
     fitted_models = {"draft": CostModel(draft_spec, corrected), "target": CostModel(target_spec, corrected)}
     fit = CostFit(float(np.exp(nl.x[0])), float(nl.x[3]), float(nl.x[4]), bytes_scale=float(np.exp(nl.x[1])),
                   flops_half_tokens=float(np.exp(nl.x[2])), attention_flops=c_eff.attention_flops,

@@ -101,6 +101,17 @@ def effective_tokens(step_tokens: np.ndarray, transfer: float, forgetting_tokens
     return n
 
 
+@dataclass(frozen=True)
+class RunObservations:
+    """One real run's training schedule and α observations (the arrays fit_joint takes)."""
+
+    step_tokens: np.ndarray  # [S, D] tokens each training step moved α by (the simulator's progress)
+    obs_domain: np.ndarray  # [N] domain index of each observation
+    obs_steps: np.ndarray  # [N] training steps applied before it
+    obs_alpha: np.ndarray  # [N] measured α̂
+    obs_weight: np.ndarray  # [N] examined positions behind it (binomial weight)
+
+
 def fit_joint(
     domains: list[str],
     step_tokens: np.ndarray,  # [S, D] tokens each training step moved α by (the simulator's progress)
@@ -111,22 +122,40 @@ def fit_joint(
     fit_transfer: bool = True,
     fit_forgetting: bool = False,
 ) -> JointFit:
-    """Weighted least squares of every α̂ on α_d(n_eff) jointly: 3 parameters per domain + transfer.
+    """fit_joint_runs on one run."""
+    return fit_joint_runs(domains, [RunObservations(step_tokens, obs_domain, obs_steps, obs_alpha, obs_weight)],
+                          fit_transfer, fit_forgetting)
+
+
+def fit_joint_runs(domains: list[str], runs: list[RunObservations], fit_transfer: bool = True,
+                   fit_forgetting: bool = False) -> JointFit:
+    """Weighted least squares of every α̂ on α_d(n_eff) jointly: 3 parameters per domain + transfer,
+    over one or more runs (each with its own training schedule; the parameters are shared).
 
     Observations are the stream's requests (α̂ = accepted/(accepted + rejections) at the draft the
     request was served with) and held-out evaluations at checkpoints (same quantity, other prompts);
-    the latter see every domain at every stage, which is what identifies the transfer.
+    the latter see every domain at every stage, which is what identifies the transfer. A run sees the
+    transfer only into the domains not yet trained: with the domains in one order, the transfer from
+    the domain trained second to the one trained first is never observed from scratch, so a second
+    run in the other order (a load suite's `fit_reverse`) identifies both directions.
 
     α_0 of a domain is not fitted where it was observed untrained: it is the pooled α̂ of that
     domain's observations made before any training step (the stream's first requests and the initial
-    held-out evaluation), weighted as in the fit. Left free, α_0 trades off against the transfer: on
-    two fit runs of the same suite the free fit found two minima of nearly equal cost, transfer
-    +0.13 and −1.0 (the bound), with α_0 of the second seven times the measured untrained α."""
+    held-out evaluation, of every run), weighted as in the fit. Left free, α_0 trades off against the
+    transfer: on two fit runs of the same suite the free fit found two minima of nearly equal cost,
+    transfer +0.13 and −1.0 (the bound), with α_0 of the second seven times the measured untrained α."""
     dn = len(domains)
-    w = np.sqrt(np.maximum(obs_weight, 0.0))
-    keep = w > 0
-    od, os_, y, w = obs_domain[keep], obs_steps[keep].astype(int), obs_alpha[keep], w[keep]
-    span = max(float(step_tokens.sum(axis=0).max()), 1.0)
+    parts = []
+    for r in runs:
+        w = np.sqrt(np.maximum(r.obs_weight, 0.0))
+        keep = w > 0
+        parts.append((np.asarray(r.step_tokens, dtype=float), r.obs_domain[keep], r.obs_steps[keep].astype(int),
+                      r.obs_alpha[keep], w[keep]))
+    od = np.concatenate([q[1] for q in parts])
+    os_ = np.concatenate([q[2] for q in parts])
+    y = np.concatenate([q[3] for q in parts])
+    w = np.concatenate([q[4] for q in parts])
+    span = max(max(float(q[0].sum(axis=0).max()) if q[0].size else 0.0 for q in parts), 1.0)
     untrained = [(od == d) & (os_ == 0) for d in range(dn)]
     alpha_0_measured = np.array([np.average(y[m], weights=w[m] ** 2) if m.any() else np.nan for m in untrained])
     pinned = np.isfinite(alpha_0_measured)
@@ -142,7 +171,10 @@ def fit_joint(
 
     def predict(p: np.ndarray) -> np.ndarray:
         a0, ainf, tau, t, f = unpack(p)
-        return alpha_curve(effective_tokens(step_tokens, t, f)[os_, od], a0[od], ainf[od], tau[od])
+        out = []
+        for st, d_, s_, _, _ in parts:
+            out.append(alpha_curve(effective_tokens(st, t, f)[s_, d_], a0[d_], ainf[d_], tau[d_]))
+        return np.concatenate(out)
 
     def resid(p: np.ndarray) -> np.ndarray:
         return w * (predict(p) - y)

@@ -83,6 +83,11 @@ class LoadSuite(BaseModel):
     fit_forgetting: bool = Field(
         False, description=FIT_FORGETTING_DESCRIPTION)
     fit: dict = Field(..., description="Real-run config of the fit run S1 (batch-1, or with a serve section).")
+    fit_reverse: dict | None = Field(
+        None, description="Overrides of `fit` for a second served fit run S1r (e.g. another seed with the domains in "
+        "the other order) whose α observations join S1's in the acceptance fit; the pass costs and the capacity "
+        "stay S1's. One order identifies the transfer into the domain trained second only: the transfer from it "
+        "into the domain trained first is never seen from scratch (validate.fit.fit_joint_runs).")
     heldout: dict = Field(..., description="Overrides of `fit` shared by every held-out served run (needs serve:).")
     runs: list[RunSpec] = Field(..., min_length=1)
     tolerances: LoadTolerances = Field(default_factory=LoadTolerances)
@@ -114,6 +119,15 @@ def probe_config(suite: LoadSuite, suite_path: Path, fit: Any) -> Any:
                         _merge(data, {"name": f"{fit.name}-probe", "serve": {"placement": "dedicated"}}))
 
 
+def reverse_fit_config(suite: LoadSuite, suite_path: Path, fit: Any) -> Any:
+    """The second fit run S1r's config: the fit run's with the suite's `fit_reverse:` on top."""
+    from osdsim.validate.pipeline import _merge
+
+    assert suite.fit_reverse is not None
+    return _real_config(suite_path, "fit_reverse",
+                        _merge(_merge(suite.fit, {"name": f"{fit.name}-reverse"}), suite.fit_reverse))
+
+
 def _real_config(suite_path: Path, label: str, data: dict) -> Any:
     """A suite run's RealConfig; bad input names the run and field in one line."""
     from osdsim.real.config import RealConfig
@@ -137,6 +151,8 @@ def run_configs(suite: LoadSuite, suite_path: Path,
         return _real_config(suite_path, label, data)
 
     fit = build("fit", suite.fit)
+    if suite.fit_reverse is not None and build("fit_reverse", _merge(suite.fit, suite.fit_reverse)).serve is None:
+        raise InputError(f"{suite_path}: fit_reverse: the second fit run needs a served fit run (fit: serve:)")
     base = _merge(suite.fit, suite.heldout)
     runs, seen = [], set()
     for r in suite.runs:
@@ -633,8 +649,20 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
     if isinstance(s1, ServeRun):  # a batched fit run: updates = done training rows with their train_s
         fit_view = P.RecordedRun(s1.summary, s1.requests, s1.steps, _updates_of(s1), s1.alpha)
         fit_view.iterations = s1.iterations  # type: ignore[attr-defined]
+    fit_runs = [s1]
+    if suite.fit_reverse is not None:
+        if not isinstance(s1, ServeRun):
+            raise InputError(f"{suite_path}: fit_reverse needs a served fit run S1 (fit: serve:)")
+        r_cfg = reverse_fit_config(suite, suite_path, fit_cfg)
+        s1r, s1r_reused = _reuse_or_run(r_cfg, work / "S1r", reuse, "fit run S1r", progress, notice, run_and_read)
+        if s1r_reused:
+            reused.append("S1r")
+        fit_runs.append(s1r)
     try:
-        acc, law = P.fit_acceptance(fit_view, k, suite.fit_forgetting)
+        if isinstance(s1, ServeRun):
+            acc, law = fit_served_acceptance(fit_runs, k, suite.fit_forgetting)
+        else:
+            acc, law = P.fit_acceptance(fit_view, k, suite.fit_forgetting)
     except ValueError as exc:
         raise InputError(f"{suite_path}: fit run S1 cannot be fitted: {exc}") from None
     acc_file, law_file = work / "acceptance.yaml", work / "accepted_lengths.yaml"
@@ -725,7 +753,11 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
         "suite": str(suite_path),
         "date": datetime.now().isoformat(timespec="seconds"),
         "device": entries[0][1].summary.get("device", "local") if entries else "local",
-        "method": (f"fit on S1 (seed {fit_cfg.seed}, {'batched' if fit_cfg.serve else 'batch 1'}); predict "
+        "method": (f"fit on S1 (seed {fit_cfg.seed}, {'batched' if fit_cfg.serve else 'batch 1'})"
+                   + (f" and, for the acceptance, S1r (seed {fit_runs[1].summary['config']['seed']}, domains "
+                      f"{' -> '.join(fit_runs[1].summary['config']['stream'].get('domains') or ['as configured'])})"
+                      if len(fit_runs) > 1 else "")
+                   + "; predict "
                    f"{len(runs)} held-out served runs ({', '.join(lbl for lbl, _ in runs)}) as open-loop trace "
                    "replays of their exact arrivals and lengths with their batching and placement"
                    + (f" and their host speed measured by the canary vs S1 ({', '.join(speeds)})" if speeds else "")
@@ -782,6 +814,100 @@ def load_notes() -> list[str]:
         "Traces (in <suite>-traces/): open a <run>-side-by-side.trace.json (the measured run and its "
         "prediction as two processes) in ui.perfetto.dev or chrome://tracing; -measured / -predicted hold each alone.",
     ]
+
+
+def served_observations(run: ServeRun, domains: list[str]) -> Any:
+    """A served run's training schedule and α observations, exactly as the server ran them
+    (fit.RunObservations for fit.fit_joint_runs).
+
+    - Step j (training.csv `step`) was due when the (j·update_interval)-th request finished, and
+      trains on the last `window_requests` requests by finish order (the distiller's buffer takes
+      each sample as its request finishes); its tokens per domain are theirs (× epochs).
+    - Only done steps move α, in step order; the draft of version v (iterations.csv `draft_version`:
+      the last published step) has the done steps with id ≤ v applied.
+    - Stream observations: per request and draft version, the accepted drafts and the steps that
+      ended in a rejection (accepted < proposed) of its speculative steps run with that version, so
+      a request served across a publication counts on both sides of it.
+    - Held-out evaluations (alpha.csv): at their `update` (the step id evaluated), weighted as
+      held-out prompts × the domain's mean output length (validate.pipeline.fit_acceptance)."""
+    from osdsim.validate.fit import RunObservations
+    from osdsim.validate.pipeline import _loss_tokens
+
+    cfg = run.summary["config"]
+    dist = cfg["distill"]
+    interval = int(dist["update_interval"])
+    window = int(dist.get("window_requests") or 0) or interval
+    epochs = int(dist.get("epochs_per_update", 1))
+    positions = dist.get("positions", "all")
+    finished = sorted((r for r in run.requests if math.isfinite(_num(r["finish_s"]))),
+                      key=lambda r: (_num(r["finish_s"]), int(r["request_index"])))
+    done = sorted(int(t["step"]) for t in run.training if t.get("status") == "done")
+    step_tokens = np.zeros((len(done), len(domains)))
+    for u, j in enumerate(done):
+        for r in finished[max(j * interval - window, 0): j * interval]:
+            step_tokens[u, domains.index(r["domain"])] += epochs * _loss_tokens(r, positions)
+    done_ids = np.array(done, dtype=int)
+
+    def applied(version: int) -> int:
+        return int(np.searchsorted(done_ids, version, side="right"))
+
+    domain_of = {int(r["request_index"]): r["domain"] for r in run.requests}
+    version_of = {int(it["iteration"]): int(_num(it.get("draft_version") or 0)) for it in run.iterations}
+    counts: dict[tuple[int, int], list[int]] = {}
+    for st in run.steps:
+        key = (int(st["request_index"]), version_of.get(int(st["iteration"]), 0))
+        a, proposed = int(_num(st["accepted"])), int(_num(st["proposed"]))
+        c = counts.setdefault(key, [0, 0])
+        c[0] += a
+        c[1] += int(a < proposed)
+    od, osteps, y, wts = [], [], [], []
+    for (i, v), (a, rej) in sorted(counts.items()):
+        if a + rej == 0 or domain_of.get(i) not in domains:
+            continue
+        od.append(domains.index(domain_of[i]))
+        osteps.append(applied(v))
+        y.append(a / (a + rej))
+        wts.append(a + rej)
+    per_prompt = {d: float(np.mean([_num(r["output_tokens"]) for r in run.requests if r["domain"] == d] or [0.0]))
+                  for d in domains}
+    n_heldout = int(cfg["stream"].get("heldout_per_domain", 0))
+    for a in run.alpha:
+        if a["domain"] in domains and math.isfinite(_num(a["alpha_heldout"])):
+            od.append(domains.index(a["domain"]))
+            osteps.append(applied(int(_num(a["update"]))))
+            y.append(_num(a["alpha_heldout"]))
+            wts.append(n_heldout * per_prompt[a["domain"]])
+    return RunObservations(step_tokens, np.array(od, dtype=int), np.array(osteps, dtype=int), np.array(y, dtype=float),
+                           np.array(wts, dtype=float))
+
+
+def fit_served_acceptance(runs: list[ServeRun], k: int, forgetting: bool = False) -> tuple[dict, dict]:
+    """(acceptance file dict, empirical law dict) from served fit runs (S1, and S1r where the suite has
+    `fit_reverse`): α_0, α_∞, τ per domain and the transfer fitted jointly on every run's
+    served_observations (fit.fit_joint_runs); the accepted-length law from the first run's requests."""
+    from osdsim.specdec import alpha_from_counts
+    from osdsim.validate.fit import empirical_law, fit_joint_runs
+
+    first = sorted(runs[0].requests, key=lambda r: int(r["request_index"]))
+    domains = list(dict.fromkeys(r["domain"] for run in runs
+                                 for r in sorted(run.requests, key=lambda r: int(r["request_index"]))))
+    obs = [served_observations(run, domains) for run in runs]
+    if sum(int(o.obs_alpha.size) for o in obs) < 3:
+        raise ValueError("need at least 3 α observations (speculative steps or held-out checkpoints) to fit α(n)")
+    fit = fit_joint_runs(domains, obs, fit_forgetting=forgetting and len(domains) > 1)
+    names = " + ".join(str(run.summary.get("config", {}).get("name", "?")) for run in runs)
+    out_domains = {}
+    for d, f in fit.curves.items():
+        out_domains[d] = {**f.as_acceptance(f"fitted by osdsim validate on {f.requests} observations of {names} "
+                                            f"(served steps per draft version + held-out; rmse {f.rmse:.3f})"),
+                          "alpha_offline": round(f.alpha_inf, 5)}
+    lengths = [[int(x) for x in str(r.get("accepted_lengths", "")).split()] for r in first]
+    alpha = np.array([alpha_from_counts(_num(r["accepted"]), _num(r["rejections"])) for r in first])
+    law = empirical_law(alpha, lengths, k=k, groups=4)
+    out = {"transfer": round(fit.transfer, 5), "distillation_helps": False, "domains": out_domains}
+    if fit.forgetting_tokens is not None:
+        out["forgetting_tokens"] = round(fit.forgetting_tokens, 3)
+    return out, law
 
 
 def _updates_of(run: ServeRun) -> list[dict]:

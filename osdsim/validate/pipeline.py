@@ -603,7 +603,8 @@ def serving_fitted_profile(s1: Any, k: int, profile: str, acc_file: Path, law_fi
     half = "" if fit.flops_half_tokens is None else f", GEMM ramp t_half {fit.flops_half_tokens:.1f} tokens"
     note = (f"Pass costs corrected on {fit.passes} recorded serving passes of the fit run: compute x{fit.scale:.3f}, "
             f"memory x{fit.bytes_scale:.3f}{half}{att}, kernel overhead {fit.kernel_overhead_s_per_layer * 1e6:.1f} "
-            f"us/layer, pass overhead {fit.pass_overhead_s * 1e3:.3f} ms ({sc.draft.dtype}).")
+            f"us/layer, pass overhead {fit.pass_overhead_s * 1e3:.3f} ms "
+            f"({'/'.join(dict.fromkeys([sc.target.dtype, sc.draft.dtype]))}).")
     costfit.write_profile(corrected, out, note)
     real_train = [x for x in (_num(u.get("train_s")) for u in s1.updates) if math.isfinite(x) and x > 0]
     if real_train and sc.strategy != "no-spec":

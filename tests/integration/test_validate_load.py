@@ -49,6 +49,11 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     bad = [n for n, m in rows.items() if not m["passed"] and m.get("gate", True) and n != fb["name"]]
     assert bad == []
     assert doc["serving_fitted_costs"]["passes"] > 50
+    # fit_reverse: the second fit run S1r ran (domains in the other order) and its α joined the fit.
+    assert (tmp_path / "cpu-load-quick-work" / "S1r" / "summary.json").is_file()
+    assert "S1r (seed 3, domains gsm8k -> finance)" in doc["method"]
+    assert all("cpu-load-quick-fit + cpu-load-quick-fit-reverse" in d["source"]
+               for d in doc["fitted_acceptance"]["domains"].values())
     # harvest-low is given as a load: its rates are those fractions of the capacity S1's twin predicts.
     cap = doc["capacity_per_s"]
     served = json.loads((tmp_path / "cpu-load-quick-work" / "run-harvest-low" / "summary.json").read_text())
@@ -89,7 +94,7 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     assert r.exit_code in (0, 1), r.output
     assert s1.stat().st_mtime_ns == before
     doc = json.loads(next(tmp_path.glob("cpu-load-quick-2*.json")).read_text())
-    assert "reused" in doc["method"] and "S1" in doc["method"]
+    assert "reused" in doc["method"] and "S1" in doc["method"] and "S1r" in doc["method"].split("reused")[1]
     # The held-out runs too: their rates come from the capacity recorded beside S1.
     assert "harvest-low" in doc["method"] and "harvest-high" in doc["method"]
     assert json.loads((tmp_path / "cpu-load-quick-work" / "S1" / "capacity.json").read_text())["capacity_per_s"] == pytest.approx(cap, abs=1e-4)

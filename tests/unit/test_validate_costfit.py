@@ -128,3 +128,29 @@ def test_batched_fit_recovers_the_efficiency_ramp_and_an_attention_kernel():
     fitted = CostModel(TARGET, corrected)
     for b, ctx in ((1, 100), (8, 1200)):  # priced like the truth at both ends of the batch range
         assert fitted.decode_time(b, ctx, 4) == pytest.approx(CostModel(TARGET, truth).decode_time(b, ctx, 4), rel=0.03)
+
+
+def test_a_target_and_draft_in_two_dtypes_are_both_corrected():
+    """A llama.cpp server prices its Q4_1 target and its Q8_0 draft from two efficiency blocks: one
+    serving-loop correction fitted on both models' passes moves both (fitting only the draft's
+    block left every verify pass at the microbenchmark error)."""
+    from osdsim.models import PRESETS
+
+    prof = load_profile(REPO / "calibration" / "cpu-llamacpp-amd-epyc.yaml")
+    target, draft = PRESETS["smollm2-135m-q4_1"], PRESETS["smollm2-135m-q8_0-l2"]
+    assert target.dtype != draft.dtype and draft.dtype in prof.efficiency_by_dtype
+    truth = costfit.scale_profile(costfit.scale_profile(prof, "q4_1", 1.25, 2e-4, 1e-3), "q8_0", 1.25, 2e-4, 1e-3)
+    rng = np.random.default_rng(0)
+    models = {"draft": CostModel(draft, truth), "target": CostModel(target, truth)}
+    passes = []
+    for _ in range(40):
+        ctx = float(rng.integers(50, 400))
+        for p in (costfit.Pass([("draft", (1, 1, ctx + j, ctx + j + 0.5)) for j in range(3)], 1.0, "draft step"),
+                  costfit.Pass([("target", (4, 4, ctx, 4 * (ctx + 2.0)))], 1.0, "verify")):
+            p.measured_s = costfit.price(p, models) * float(rng.normal(1, 0.01))
+            passes.append(p)
+    fit, corrected = costfit.fit_pass_costs(passes, draft, target, prof)
+    assert fit.before["verify"] > 0.1 and fit.before["draft step"] > 0.1
+    assert fit.after["verify"] < 0.03 and fit.after["draft step"] < 0.03
+    assert corrected.efficiency_for("q4_1") != prof.efficiency_for("q4_1")
+    assert corrected.efficiency_for("q8_0") != prof.efficiency_for("q8_0")

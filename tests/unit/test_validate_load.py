@@ -277,3 +277,65 @@ def test_a_host_speed_replayed_profile_prices_every_pass_and_step_ratio_times(ra
             pytest.approx(ratio * step, rel=1e-9)
     with pytest.raises(ValueError):
         scale_host_speed(prof, 0.0)
+
+
+def test_served_observations_follow_the_server_step_by_step():
+    """Steps train on finish-order windows; each speculative step counts at the draft version it
+    ran with (a request served across a publication counts on both sides); skipped steps move
+    nothing; held-out checkpoints count at the steps done by the step id evaluated."""
+    cfg = {"distill": {"update_interval": 2, "window_requests": 3, "epochs_per_update": 1, "positions": "all"},
+           "stream": {"heldout_per_domain": 2}}
+    # finish order: 1 (a, 10 tokens), 0 (a, 20), 2 (b, 30), 3 (b, 40)
+    reqs = [{"request_index": i, "domain": d, "finish_s": f, "output_tokens": t}
+            for i, d, f, t in ((0, "a", 2.0, 20), (1, "a", 1.0, 10), (2, "b", 3.0, 30), (3, "b", 4.0, 40))]
+    training = [{"step": 1, "status": "done"}, {"step": 2, "status": "skipped"}]
+    iterations = [{"iteration": 0, "draft_version": 0}, {"iteration": 1, "draft_version": 1}]
+    steps = [  # request 2 runs with version 0 (1 accepted, then a rejection) and version 1 (3 of 3)
+        {"request_index": 2, "iteration": 0, "proposed": 3, "accepted": 1},
+        {"request_index": 2, "iteration": 1, "proposed": 3, "accepted": 3},
+        {"request_index": 3, "iteration": 1, "proposed": 3, "accepted": 0},
+    ]
+    alpha = [{"label": "initial", "update": 0, "domain": "a", "alpha_heldout": 0.1},
+             {"label": "end_phase_1", "update": 2, "domain": "b", "alpha_heldout": 0.4}]
+    run = load.ServeRun({"config": cfg}, reqs, iterations, steps, training, [], alpha)
+    o = load.served_observations(run, ["a", "b"])
+    # step 1 (the only one done) was due at the 2nd finish: requests 1 and 0 (window 3 > 2 finished)
+    assert o.step_tokens.tolist() == [[30.0, 0.0]]
+    got = sorted(zip(o.obs_domain.tolist(), o.obs_steps.tolist(), o.obs_alpha.tolist(), o.obs_weight.tolist(), strict=True))
+    assert got == sorted([
+        (1, 0, 0.5, 2.0),   # request 2, version 0: a = 1, one rejection
+        (1, 1, 1.0, 3.0),   # request 2, version 1: 3 accepted, no rejection
+        (1, 1, 0.0, 1.0),   # request 3, version 1: a rejection at once
+        (0, 0, 0.1, 2 * 15.0),  # held-out initial: 2 prompts × a's mean output length
+        (1, 1, 0.4, 2 * 35.0),  # step id 2 was skipped: one step done by then
+    ])
+
+
+def test_a_joint_fit_over_runs_in_both_domain_orders_recovers_the_shared_parameters():
+    """fit_joint_runs: two runs, each with its own training schedule (a → b and b → a), share one
+    set of curves and one transfer; the joint fit recovers them."""
+    from osdsim.sim.distill import alpha_curve
+    from osdsim.validate.fit import RunObservations, effective_tokens, fit_joint_runs
+
+    truth = {"a": (0.02, 0.30, 300.0), "b": (0.01, 0.25, 500.0)}
+    transfer = 0.2
+
+    def run(order):
+        steps = np.zeros((12, 2))
+        for s in range(12):
+            steps[s, order[s // 6]] = 200.0
+        n = effective_tokens(steps, transfer)
+        od, os_, y = [], [], []
+        for s in range(13):
+            for d, name in enumerate(truth):
+                a0, ainf, tau = truth[name]
+                od.append(d)
+                os_.append(s)
+                y.append(float(alpha_curve(n[s, d], a0, ainf, tau)))
+        return RunObservations(steps, np.array(od), np.array(os_), np.array(y), np.full(len(y), 100.0))
+
+    both = fit_joint_runs(list(truth), [run((0, 1)), run((1, 0))])
+    assert both.transfer == pytest.approx(transfer, abs=1e-3)
+    for name, (_a0, ainf, tau) in truth.items():
+        c = both.curves[name]
+        assert (c.alpha_inf, c.tau_tokens) == (pytest.approx(ainf, abs=1e-3), pytest.approx(tau, rel=1e-2))
