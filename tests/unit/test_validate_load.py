@@ -164,6 +164,14 @@ def test_load_suite_bad_input_names_the_run_and_field(tmp_path):
     d = {**doc, "heldout": {**doc["heldout"], "serve": None}, "runs": [{"label": "x"}]}
     with pytest.raises(InputError, match="needs a serve"):
         load.run_configs(load.LoadSuite(**d), tmp_path / "s.yaml")
+    # the second fit run: its fields are checked like the fit's, and it must be served
+    with pytest.raises(InputError, match=r"fit_reverse: .*rate_per_s"):
+        load.run_configs(load.LoadSuite(**{**doc, "fit_reverse": {"serve": {"rate_per_s": 0}}}), tmp_path / "s.yaml")
+    with pytest.raises(InputError, match="fit_reverse: the second fit run needs a served fit run"):
+        load.run_configs(load.LoadSuite(**{**doc, "fit_reverse": {"serve": None}}), tmp_path / "s.yaml")
+    rev = load.reverse_fit_config(suite, tmp_path / "s.yaml", fit)
+    assert rev.seed != fit.seed and rev.stream.domains == list(reversed(fit.stream.domains))
+    assert rev.name == f"{fit.name}-reverse" and rev.serve.placement == fit.serve.placement == "inline"
 
 
 def test_runs_given_as_a_load_take_their_rate_from_the_capacity(tmp_path):
