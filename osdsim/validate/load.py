@@ -58,6 +58,11 @@ class RunSpec(BaseModel):
     load_end: float | None = Field(
         None, gt=0, description="With load: the rate ramps from load to load_end (fractions of capacity) over "
         "the stream (serve.rate_end_per_s), so one run finds the rate at which training falls behind.")
+    load_of: Literal["capacity", "harvest_limit"] = Field(
+        "capacity", description="What load (and load_end) are fractions of: the capacity, or the harvest limit "
+        "(the arrival rate at which S1's twin predicts harvest training falls behind for good, "
+        "predicted_harvest_limit). Where training is slow next to serving (bf16 serving, fp32 training on an "
+        "AVX-512 BF16 CPU: 0.2 × capacity) a fixed fraction of capacity is not 'training keeps up' on every machine.")
 
     @model_validator(mode="after")
     def _check(self) -> RunSpec:
@@ -140,11 +145,11 @@ def _real_config(suite_path: Path, label: str, data: dict) -> Any:
         raise InputError(f"{suite_path}: {label}: {str(exc).splitlines()[0]}") from None
 
 
-def run_configs(suite: LoadSuite, suite_path: Path,
-                capacity_per_s: float | None = None) -> tuple[Any, list[tuple[str, Any]]]:
+def run_configs(suite: LoadSuite, suite_path: Path, capacity_per_s: float | None = None,
+                harvest_limit_per_s: float | None = None) -> tuple[Any, list[tuple[str, Any]]]:
     """(fit config, [(label, held-out config)]) as RealConfigs; bad input names the run and field.
-    A run given as a `load` (fraction of capacity) gets its rate from `capacity_per_s`; before S1 has
-    measured it (None) a placeholder rate checks the rest of the config."""
+    A run given as a `load` gets its rate from `capacity_per_s` (or `harvest_limit_per_s`, its
+    `load_of`); before S1 has measured them (None) a placeholder rate checks the rest of the config."""
     from osdsim.validate.pipeline import _merge
 
     def build(label: str, data: dict) -> Any:
@@ -163,7 +168,8 @@ def run_configs(suite: LoadSuite, suite_path: Path,
         if r.load is not None:
             if (data.get("serve") or {}).get("arrival", "poisson") != "poisson":
                 raise InputError(f"{suite_path}: run {r.label!r}: load: needs serve.arrival poisson")
-            cap = 1.0 if capacity_per_s is None else capacity_per_s
+            basis = capacity_per_s if r.load_of == "capacity" else harvest_limit_per_s
+            cap = 1.0 if basis is None else basis
             data = _merge(data, {"serve": {"rate_per_s": r.load * cap,
                                            "rate_end_per_s": None if r.load_end is None else r.load_end * cap}})
         cfg = build(f"run {r.label!r}", data)
@@ -195,6 +201,47 @@ def predicted_capacity(s1: ServeRun, profile: str, acc_file: Path, law_file: Pat
     if len(fin) < CAPACITY_MIN_REQUESTS or fin[hi - 1] <= fin[lo]:
         raise InputError("capacity: S1 has too few requests to measure the server's saturated throughput")
     return float((hi - 1 - lo) / (fin[hi - 1] - fin[lo]))
+
+
+# The harvest-limit twin: S1's requests, HARVEST_LIMIT_COPIES times over, arriving on a ramp from
+# HARVEST_LIMIT_RAMP[0] to [1] × capacity (deterministic: the i-th gap is 1 / the ramp's i-th rate).
+HARVEST_LIMIT_RAMP = (0.05, 1.5)
+HARVEST_LIMIT_COPIES = 3
+
+
+def predicted_harvest_limit(s1: ServeRun, heldout: Any, capacity: float, profile: str, acc_file: Path,
+                            law_file: Path, work: Path, base_dir: Path,
+                            attention_padding: float | None = None) -> float:
+    """The arrival rate (requests/s) at which harvest training falls behind for good, as S1's twin
+    predicts it: S1's requests (prompt and output lengths, domains, in order, HARVEST_LIMIT_COPIES times)
+    arriving on a rising rate, served with S1's batching and the held-out run's distillation settings
+    and harvest placement; fall_behind_rate on the twin's step fates (the rule the report applies to
+    both sides). The ramp's top rate where training never falls behind on it."""
+    import copy as _copy
+
+    from osdsim.real.serve import ramp_rates
+
+    lo, hi = (f * capacity for f in HARVEST_LIMIT_RAMP)
+    rows = sorted(s1.requests, key=lambda r: int(r["request_index"])) * HARVEST_LIMIT_COPIES
+    rates = ramp_rates(lo, hi, len(rows))
+    arrivals = np.concatenate([[0.0], np.cumsum(1.0 / np.asarray(rates[:-1], dtype=float))])
+    reqs = [dict(r, request_index=i, arrival_s=f"{a:.6f}") for i, (r, a) in enumerate(zip(rows, arrivals, strict=True))]
+    summary = _copy.deepcopy(s1.summary)
+    cfg = summary["config"]
+    serve = {**cfg["serve"], "arrival": "poisson", "rate_per_s": lo, "rate_end_per_s": hi, "placement": "harvest",
+             "max_pending_steps": heldout.serve.max_pending_steps}
+    cfg["serve"] = serve
+    cfg["distill"] = heldout.distill.model_dump(mode="json")
+    summary.update(placement="harvest", name="harvest-limit")
+    doc = serve_twin_scenario(ServeRun(summary, reqs, [], [], [], []), profile, acc_file, law_file,
+                              work / "harvest-limit-trace.csv", attention_padding=attention_padding)
+    twin = simulate_twin(doc, base_dir)
+    ev = twin.result.training
+    fates = ev[ev["kind"].isin(["done", "skipped"])].sort_values("time_s", kind="stable")["kind"].tolist()
+    req = twin.result.requests
+    rate = fall_behind_rate(fates, req["finish_s"].to_numpy(dtype=float), req["arrival_s"].to_numpy(dtype=float),
+                            serve, int(heldout.distill.update_interval))
+    return float(hi if rate is None else rate)
 
 
 # --- a recorded serve run ------------------------------------------------------------------------------
@@ -681,7 +728,7 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
     serving_path, cost_fit = P.serving_fitted_profile(fit_view, k, profile, acc_file, law_file, work, suite_path,
                                                       twin_fn=twin_fn)
     twin_profile = str(serving_path) if suite.costs == "serving" else profile
-    capacity = None
+    capacity = harvest_limit = None
     if any(r.load is not None for r in suite.runs):
         if not isinstance(s1, ServeRun):
             raise InputError(f"{suite_path}: runs given as a load (fraction of capacity) need a served fit run "
@@ -690,7 +737,14 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
                              padding)
         if progress:
             progress(f"capacity of this server (predicted from S1): {capacity:.3f} req/s")
-        fit_cfg, runs = run_configs(suite, suite_path, capacity)
+        limited = [cfg for (_, cfg), r in zip(runs, suite.runs, strict=True) if r.load is not None
+                   and r.load_of == "harvest_limit"]
+        if limited:
+            harvest_limit = _harvest_limit(s1, s1_reused, limited[0], capacity, twin_profile, acc_file, law_file,
+                                           work, suite_path.resolve().parent, padding)
+            if progress:
+                progress(f"harvest limit (predicted from S1): {harvest_limit:.3f} req/s")
+        fit_cfg, runs = run_configs(suite, suite_path, capacity, harvest_limit)
     colocation = None
     if any((cfg.serve.placement == "dedicated") for _, cfg in runs) and isinstance(s1, ServeRun):
         p_cfg = probe_config(suite, suite_path, fit_cfg)
@@ -766,6 +820,7 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
         "costs": suite.costs, "serving_fitted_costs": cost_fit.as_dict(), "fitted_acceptance": acc,
         "colocation_probe": None if colocation is None else colocation.as_dict(),
         "capacity_per_s": None if capacity is None else round(capacity, 4),
+        "harvest_limit_per_s": None if harvest_limit is None else round(harvest_limit, 4),
         "attention_padding": None if padding is None else round(padding, 4),
         "traces": [p.relative_to(out_dir).as_posix() for p in traces],
         "notes": load_notes() + ([] if not speeds else [
@@ -782,7 +837,12 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
             f"attention over ρ = {padding:.3f} (S1's median cache width / longest row) × the longest row of each "
             "batch (batching.attention_padding)."]) + ([] if capacity is None else [
             f"Capacity (the saturated throughput S1's twin predicts with the serving-fitted costs, untrained draft, "
-            f"no training): {capacity:.3f} req/s. Runs given as a load are served at that fraction of it: "
+            f"no training): {capacity:.3f} req/s"
+            + ("" if harvest_limit is None else
+               f"; harvest limit (the arrival rate at which S1's twin predicts harvest training falls behind for good, "
+               f"S1's requests x{HARVEST_LIMIT_COPIES} on a ramp of {HARVEST_LIMIT_RAMP[0]}-{HARVEST_LIMIT_RAMP[1]} x "
+               f"capacity): {harvest_limit:.3f} req/s = {harvest_limit / capacity:.2f} x capacity")
+            + ". Runs given as a load are served at that fraction of it (of the harvest limit where load_of says so): "
             + ", ".join(f"{lbl} {_rate_text(cfg.serve)}" for lbl, cfg in runs) + "."
             + "".join(f" Harvest training fell behind for good at {_frac(fb.predicted, capacity)} capacity predicted, "
                       f"{_frac(fb.measured, capacity)} measured." for fb in fall_behind)]) + ([] if colocation is None else [
@@ -936,6 +996,23 @@ def _capacity(s1: ServeRun, s1_reused: bool, profile: str, acc_file: Path, law_f
     cap = predicted_capacity(s1, profile, acc_file, law_file, work, base_dir, attention_padding)
     atomic_write_text(path, json.dumps({"capacity_per_s": cap, "profile": profile}) + "\n")
     return cap
+
+
+def _harvest_limit(s1: ServeRun, s1_reused: bool, heldout: Any, capacity: float, profile: str, acc_file: Path,
+                   law_file: Path, work: Path, base_dir: Path, attention_padding: float | None) -> float:
+    """predicted_harvest_limit, recorded beside S1 (S1/capacity.json) as the capacity is: a reused S1
+    keeps the limit its held-out runs were served at."""
+    path = work / "S1" / "capacity.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    if s1_reused and "harvest_limit_per_s" in doc:
+        return float(doc["harvest_limit_per_s"])
+    limit = predicted_harvest_limit(s1, heldout, capacity, profile, acc_file, law_file, work, base_dir,
+                                    attention_padding)
+    atomic_write_text(path, json.dumps({**doc, "harvest_limit_per_s": limit}) + "\n")
+    return limit
 
 
 def _reuse_or_run(cfg, run_dir, reuse, label, progress, notice, runner):

@@ -54,12 +54,13 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     assert "S1r (seed 3, domains gsm8k -> finance)" in doc["method"]
     assert all("cpu-load-quick-fit + cpu-load-quick-fit-reverse" in d["source"]
                for d in doc["fitted_acceptance"]["domains"].values())
-    # harvest-low is given as a load: its rates are those fractions of the capacity S1's twin predicts.
-    cap = doc["capacity_per_s"]
+    # harvest-low is given as a load of the harvest limit: its rates are those fractions of the rate at
+    # which S1's twin predicts harvest training falls behind.
+    cap, limit = doc["capacity_per_s"], doc["harvest_limit_per_s"]
     served = json.loads((tmp_path / "cpu-load-quick-work" / "run-harvest-low" / "summary.json").read_text())
     sv = served["config"]["serve"]
-    assert cap > 0 and (sv["rate_per_s"], sv["rate_end_per_s"]) == (pytest.approx(0.05 * cap, rel=1e-3),
-                                                                     pytest.approx(0.2 * cap, rel=1e-3))
+    assert cap > 0 and limit > 0 and (sv["rate_per_s"], sv["rate_end_per_s"]) == (
+        pytest.approx(0.1 * limit, rel=1e-3), pytest.approx(0.4 * limit, rel=1e-3))
     assert any("Capacity" in n for n in doc["notes"])
     # The co-location probe ran (a held-out run is dedicated) and its figures reached that twin only.
     probe = doc["colocation_probe"]
@@ -97,7 +98,9 @@ def test_cpu_load_quick_suite_machinery(tmp_path, monkeypatch):
     assert "reused" in doc["method"] and "S1" in doc["method"] and "S1r" in doc["method"].split("reused")[1]
     # The held-out runs too: their rates come from the capacity recorded beside S1.
     assert "harvest-low" in doc["method"] and "harvest-high" in doc["method"]
-    assert json.loads((tmp_path / "cpu-load-quick-work" / "S1" / "capacity.json").read_text())["capacity_per_s"] == pytest.approx(cap, abs=1e-4)
+    recorded = json.loads((tmp_path / "cpu-load-quick-work" / "S1" / "capacity.json").read_text())
+    assert recorded["capacity_per_s"] == pytest.approx(cap, abs=1e-4)
+    assert recorded["harvest_limit_per_s"] == pytest.approx(limit, abs=1e-4)
 
 
 def test_bad_load_suite_exits_2_in_one_line(tmp_path):

@@ -184,6 +184,9 @@ def test_runs_given_as_a_load_take_their_rate_from_the_capacity(tmp_path):
     assert sv["low"].rate_per_s == pytest.approx(0.1) and sv["low"].rate_end_per_s is None
     assert (sv["ramp"].rate_per_s, sv["ramp"].rate_end_per_s) == (pytest.approx(0.2), pytest.approx(0.8))
     assert sv["abs"].rate_per_s == 0.7  # an absolute rate stays as given
+    limited = {**doc, "runs": [{"label": "low", "load": 0.5, "load_of": "harvest_limit"}]}
+    _, (only,) = load.run_configs(load.LoadSuite(**limited), tmp_path / "s.yaml", 0.4, harvest_limit_per_s=0.1)
+    assert only[1].serve.rate_per_s == pytest.approx(0.05)  # half the harvest limit, not of the capacity
     _, placeholder = load.run_configs(suite, tmp_path / "s.yaml")  # before S1: the rest is still checked
     assert len(placeholder) == 3
     with pytest.raises(ValueError, match="load_end: needs load"):
@@ -208,6 +211,32 @@ def test_capacity_is_the_twins_saturated_throughput(tmp_path):
     assert one < cap
     with pytest.raises(InputError, match="too few requests"):
         load.predicted_capacity(fake_serve_run(tmp_path / "tiny", n=4), str(prof), acc, law, tmp_path, tmp_path)
+
+
+def test_harvest_limit_is_where_the_twins_harvest_training_falls_behind(tmp_path):
+    """predicted_harvest_limit: S1's requests on a rising rate with harvest training; the rate at
+    which training falls behind for good is within the ramp, deterministic, and falls when a
+    training step costs more (every step's work ×8: the idle windows suffice at fewer arrivals)."""
+    from osdsim.real.config import DistillCfg, ServeCfg
+
+    run = fake_serve_run(tmp_path / "run", n=40)
+    prof = analytic_profile(tmp_path, kernel_s=2e-4, pass_s=1e-3)
+    acc, law = _acceptance(tmp_path)
+    cap = load.predicted_capacity(run, str(prof), acc, law, tmp_path, tmp_path)
+
+    class Heldout:
+        distill = DistillCfg(update_interval=2)
+        serve = ServeCfg(rate_per_s=1.0, placement="harvest", max_pending_steps=1)
+
+    limit = load.predicted_harvest_limit(run, Heldout, cap, str(prof), acc, law, tmp_path, tmp_path)
+    lo, hi = (f * cap for f in load.HARVEST_LIMIT_RAMP)
+    assert lo <= limit <= hi
+    assert limit == load.predicted_harvest_limit(run, Heldout, cap, str(prof), acc, law, tmp_path, tmp_path)
+
+    class Heavier(Heldout):
+        distill = DistillCfg(update_interval=2, epochs_per_update=8)
+
+    assert load.predicted_harvest_limit(run, Heavier, cap, str(prof), acc, law, tmp_path, tmp_path) < limit
 
 
 def test_training_falls_behind_for_good_not_at_a_chance_skip():
