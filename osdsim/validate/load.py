@@ -945,8 +945,8 @@ def fit_served_acceptance(runs: list[ServeRun], k: int, forgetting: bool = False
     """(acceptance file dict, empirical law dict) from served fit runs (S1, and S1r where the suite has
     `fit_reverse`): α_0, α_∞, τ per domain and the transfer fitted jointly on every run's
     served_observations (fit.fit_joint_runs); the accepted-length law from the first run's requests."""
-    from osdsim.specdec import alpha_from_counts
-    from osdsim.validate.fit import empirical_law, fit_joint_runs
+    from osdsim.validate.fit import fit_joint_runs
+    from osdsim.validate.pipeline import acceptance_files
 
     first = sorted(runs[0].requests, key=lambda r: int(r["request_index"]))
     domains = list(dict.fromkeys(r["domain"] for run in runs
@@ -956,18 +956,7 @@ def fit_served_acceptance(runs: list[ServeRun], k: int, forgetting: bool = False
         raise ValueError("need at least 3 α observations (speculative steps or held-out checkpoints) to fit α(n)")
     fit = fit_joint_runs(domains, obs, fit_forgetting=forgetting and len(domains) > 1)
     names = " + ".join(str(run.summary.get("config", {}).get("name", "?")) for run in runs)
-    out_domains = {}
-    for d, f in fit.curves.items():
-        out_domains[d] = {**f.as_acceptance(f"fitted by osdsim validate on {f.requests} observations of {names} "
-                                            f"(served steps per draft version + held-out; rmse {f.rmse:.3f})"),
-                          "alpha_offline": round(f.alpha_inf, 5)}
-    lengths = [[int(x) for x in str(r.get("accepted_lengths", "")).split()] for r in first]
-    alpha = np.array([alpha_from_counts(_num(r["accepted"]), _num(r["rejections"])) for r in first])
-    law = empirical_law(alpha, lengths, k=k, groups=4)
-    out = {"transfer": round(fit.transfer, 5), "distillation_helps": False, "domains": out_domains}
-    if fit.forgetting_tokens is not None:
-        out["forgetting_tokens"] = round(fit.forgetting_tokens, 3)
-    return out, law
+    return acceptance_files(fit, first, k, f" of {names}", "served steps per draft version + held-out")
 
 
 def _updates_of(run: ServeRun) -> list[dict]:

@@ -171,13 +171,20 @@ def fit_acceptance(run: RecordedRun, k: int, forgetting: bool = False) -> tuple[
             wts.append(n_heldout * per_prompt[a["domain"]])
     fit = fit_joint(domains, step_tokens, np.array(od), np.array(osteps), np.array(y), np.array(wts),
                     fit_forgetting=forgetting and len(domains) > 1)
+    return acceptance_files(fit, rows, k, "", "stream + held-out")
+
+
+def acceptance_files(fit: Any, rows: list[dict], k: int, of: str, how: str) -> tuple[dict, dict]:
+    """(acceptance file dict, empirical law dict) of a joint fit (fit.JointFit): the curves and the
+    transfer, each domain's source naming its observations (`of`, `how`); the accepted-length law from
+    `rows` (the fit run's requests, grouped by their α̂)."""
     out_domains = {}
     for d, f in fit.curves.items():
-        out_domains[d] = {**f.as_acceptance(f"fitted by osdsim validate on {f.requests} observations "
-                                            f"(stream + held-out; rmse {f.rmse:.3f})"),
+        out_domains[d] = {**f.as_acceptance(f"fitted by osdsim validate on {f.requests} observations{of} "
+                                            f"({how}; rmse {f.rmse:.3f})"),
                           "alpha_offline": round(f.alpha_inf, 5)}
     lengths = [[int(x) for x in str(r.get("accepted_lengths", "")).split()] for r in rows]
-    alpha = np.array([alpha_from_counts(a, r) for a, r in zip(acc, rej, strict=True)])
+    alpha = np.array([alpha_from_counts(_num(r["accepted"]), _num(r["rejections"])) for r in rows])
     law = empirical_law(alpha, lengths, k=k, groups=4)
     out = {"transfer": round(fit.transfer, 5), "distillation_helps": False, "domains": out_domains}
     if fit.forgetting_tokens is not None:
