@@ -236,11 +236,9 @@ def predicted_harvest_limit(s1: ServeRun, heldout: Any, capacity: float, profile
     doc = serve_twin_scenario(ServeRun(summary, reqs, [], [], [], []), profile, acc_file, law_file,
                               work / "harvest-limit-trace.csv", attention_padding=attention_padding)
     twin = simulate_twin(doc, base_dir)
-    ev = twin.result.training
-    fates = ev[ev["kind"].isin(["done", "skipped"])].sort_values("time_s", kind="stable")["kind"].tolist()
     req = twin.result.requests
-    rate = fall_behind_rate(fates, req["finish_s"].to_numpy(dtype=float), req["arrival_s"].to_numpy(dtype=float),
-                            serve, int(heldout.distill.update_interval))
+    rate = fall_behind_rate(twin_step_fates(twin), req["finish_s"].to_numpy(dtype=float),
+                            req["arrival_s"].to_numpy(dtype=float), serve, int(heldout.distill.update_interval))
     return float(hi if rate is None else rate)
 
 
@@ -621,6 +619,13 @@ def fall_behind_rate(fates: list[str], finishes: np.ndarray, arrivals: np.ndarra
     return rate if rate is not None else stall_rate(arrivals, due)
 
 
+def twin_step_fates(twin: Twin) -> list[str]:
+    """'done' / 'skipped' per due step of a twin, in due order: the twin consumes due steps oldest first,
+    so its done/skipped events in time order are the steps' fates in due order."""
+    ev = twin.result.training
+    return ev[ev["kind"].isin(["done", "skipped"])].sort_values("time_s", kind="stable")["kind"].tolist()
+
+
 def fall_behind_rows(entries: list[tuple[str, ServeRun, Twin]], tol: LoadTolerances) -> list[MetricRow]:
     """Across the harvest runs (by starting arrival rate): the rate at which training first falls behind
     for good (fall_behind_rate), from the first run that does, on each side."""
@@ -638,12 +643,8 @@ def fall_behind_rows(entries: list[tuple[str, ServeRun, Twin]], tol: LoadToleran
             fates = [x["status"] for x in rows if x.get("status") in ("done", "skipped")]
             meas = fall_behind_rate(fates, np.array([_num(x["finish_s"]) for x in r.requests]), arr, sv, interval)
         if pred is None:
-            ev = t.result.training
-            # The twin consumes due steps oldest first (done or skipped): its events in time order are
-            # the steps' fates in due order.
-            fates = ev[ev["kind"].isin(["done", "skipped"])].sort_values("time_s", kind="stable")["kind"].tolist()
             req = t.result.requests
-            pred = fall_behind_rate(fates, req["finish_s"].to_numpy(dtype=float),
+            pred = fall_behind_rate(twin_step_fates(t), req["finish_s"].to_numpy(dtype=float),
                                     req["arrival_s"].to_numpy(dtype=float), sv, interval)
     return [MetricRow("arrival rate at which harvest training falls behind for good (req/s; — : never)",
                       pred, meas, tol.fall_behind_rate_rel)]
