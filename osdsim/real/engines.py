@@ -224,11 +224,7 @@ class LlamaCppEngine:
     def served_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """The trainable weights as llama.cpp serves them: matrices through the export's GGUF type
         (quantised and back), norms as exported (f32). The held-out α is then the served draft's."""
-        import torch
-
-        lt = self.publisher.layer_type or self.base.layer_type
-        return {n: torch.from_numpy(self._LC.round_trip(t.numpy(), lt)) if t.dim() == 2 else t
-                for n, t in state.items()}
+        return self._LC.served_weights(state, self.publisher.layer_type or self.base.layer_type)
 
     def served_model(self, model: Any) -> Any:
         """A copy of the draft with its trainable matrices as served (llamacpp.served_model)."""

@@ -147,18 +147,26 @@ def round_trip(arr: np.ndarray, layer_type: str) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(a, qt), qt).reshape(a.shape).astype(np.float32)
 
 
+def served_weights(state: dict[str, Any], layer_type: str) -> dict[str, Any]:
+    """Trainable weights (name -> tensor) as a `layer_type` export serves them: the matrices through
+    round_trip, the norms as exported (f32). What the held-out evaluation of a llama.cpp run scores."""
+    import torch
+
+    return {n: torch.from_numpy(round_trip(t.detach().cpu().numpy(), layer_type)) if t.dim() == 2 else t
+            for n, t in state.items()}
+
+
 def served_model(model: Any, layer_type: str) -> Any:
-    """A copy of the PyTorch draft with its trainable matrices as a `layer_type` export serves them
-    (round_trip): what the held-out evaluation of a llama.cpp run scores."""
+    """A copy of the PyTorch draft with its trainable weights as served (served_weights)."""
     import copy
 
     import torch
 
     out = copy.deepcopy(model)
+    params = {n: p for n, p in out.named_parameters() if p.requires_grad}
     with torch.no_grad():
-        for p in out.parameters():
-            if p.requires_grad and p.dim() == 2:
-                p.copy_(torch.from_numpy(round_trip(p.detach().cpu().numpy(), layer_type)))
+        for n, w in served_weights(params, layer_type).items():
+            params[n].copy_(w)
     return out
 
 
