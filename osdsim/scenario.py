@@ -255,6 +255,11 @@ class Batching(_Strict):
         512, ge=1, description="Token budget per iteration (decode/verify tokens first, then prefill chunks); null = unlimited."
     )
     kv_cache_tokens: int | None = Field(None, ge=1, description="KV capacity per replica in tokens; null = from GPU memory.")
+    prefill_pass: Literal["fused", "separate"] = Field(
+        "fused", description="fused: an iteration's prefill chunks ride in the target's verify pass (one pass of "
+        "B·(k+1) + P tokens; the budget goes to decode/verify tokens first: vLLM, Sarathi). separate: the chunks get "
+        "their own target and draft passes and the whole chunked_prefill_tokens budget, and the verify pass covers "
+        "B·(k+1) tokens only (osdsim.real's server: prefill into each sequence's own cache, then draft, then verify).")
     attention_padding: float | None = Field(
         None, ge=1, description="null: paged attention (each sequence reads its own context: Σ context, as vLLM). "
         "A number ρ ≥ 1: a padded batch cache (one KV tensor per batch, as osdsim.real's server): every decoding "

@@ -121,9 +121,14 @@ class ServeCfg(_Strict):
     max_pending_steps: int = Field(4, ge=1, description="Due steps queued; beyond this the oldest is skipped.")
     trainer_threads: int = Field(1, ge=1, description="dedicated: torch threads of the trainer process.")
     host_canary_every_s: float = Field(
-        10.0, ge=0, description="Seconds between host-speed canaries: one fixed-shape draft pass (8 tokens, "
-        "no cache) timed between iterations, so a run's host speed can be compared with the fit run's "
-        "(0: none).")
+        10.0, ge=0, description="Seconds between host-speed canaries: one fixed-shape pass (8 tokens, no "
+        "cache) timed right after a served iteration, so a run's host speed can be compared with the fit "
+        "run's (0: none).")
+    host_canary: Literal["target", "draft"] = Field(
+        "target", description="The canary's model: target (the serving target: reads all its weights, "
+        "memory-bound like the verify passes that take most of a serving iteration, so it sees memory "
+        "bandwidth other tenants take) or draft (the serving draft: ~10x cheaper, cache-resident, blind to "
+        "bandwidth contention).")
 
     @model_validator(mode="after")
     def _check(self) -> ServeCfg:

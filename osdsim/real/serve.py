@@ -481,19 +481,24 @@ class BatchServer:
         return finished
 
 
-# Tokens of the host-speed canary's pass (a fresh 8-token prefill of the serving draft with its head at
-# the last position: the layer GEMMs, attention and head GEMV that serving runs, in ~10 ms on a CPU).
+# Tokens of the host-speed canary's pass (a fresh 8-token prefill with the head at the last position:
+# the layer GEMMs, attention and head GEMV that serving runs; the target's reads all its weights, as a
+# verify pass of B·(k+1) = 8 tokens does: ~60 ms for SmolLM2-135M in bf16 on one Zen 4 core).
 CANARY_TOKENS = 8
 
 
 @dataclass
 class HostCanary:
-    """A fixed-shape pass timed now and then between iterations: the host's own speed over a run,
-    whatever is being served, so a held-out run can be told slower or faster than the fit run."""
+    """A fixed-shape pass timed now and then right after a served iteration: the host's own speed
+    over a run, whatever is being served, so a held-out run can be told slower or faster than the fit
+    run. After an iteration, not at any loop turn: a pass after an idle wait runs on a cold core
+    (clocks and caches) and reads the host slower than serving finds it (seen: +7% on a mostly idle
+    run whose passes ran at the fit run's speed)."""
 
     model: Any
     every_s: float
     device: torch.device
+    kind: str = "target"  # which model (serve.host_canary): recorded, as only like canaries compare
     samples: list[tuple[float, float]] = field(default_factory=list)  # (start_s, seconds)
     next_s: float = 0.0
 
@@ -516,7 +521,7 @@ class HostCanary:
 
     def summary(self) -> dict[str, Any]:
         secs = [x for _, x in self.samples]
-        return {"every_s": self.every_s, "tokens": CANARY_TOKENS, "n": len(secs),
+        return {"every_s": self.every_s, "tokens": CANARY_TOKENS, "model": self.kind, "n": len(secs),
                 "median_s": float(np.median(secs)) if secs else None, "samples": [list(x) for x in self.samples]}
 
 
@@ -903,7 +908,8 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
                          sv.max_batch_size, sv.kv_token_budget, sv.chunked_prefill_tokens)
     engine, workdir = _engine_for(cfg, prep)
     server = BatchServer(models, params, prep.generator, engine)
-    canary = HostCanary(prep.s_draft_call, sv.host_canary_every_s, prep.device)
+    canary = HostCanary(prep.s_target if sv.host_canary == "target" else prep.s_draft_call,
+                        sv.host_canary_every_s, prep.device, sv.host_canary)
     canary.warm_up()
     initial = prep.eval_heldout("initial", 0, 0, engine.served_model(prep.draft), 0.0)
 
@@ -964,7 +970,6 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
 
     try:
         while done < total:
-            canary.maybe_run(clock)
             now = clock()
             while pending and pending[0].arrival_s <= now:
                 a = pending.popleft()
@@ -993,6 +998,7 @@ def serve_real(cfg: Any, out_dir: Path | None = None, progress: Progress | None 
                         progress(done, total, {"domain": s.rec.domain, "alpha": s.rec.alpha,
                                                "batch": it.batch_size, "waiting": len(waiting)})
                 placement.after_iteration(clock, next_arrival)
+                canary.maybe_run(clock)
                 continue
             if placement.idle_unit(clock, next_arrival):
                 continue

@@ -295,6 +295,7 @@ def build_and_run(scenario: Scenario, requests: Requests | None = None, progress
         chunk_tokens=float(scenario.batching.chunked_prefill_tokens or np.inf),
         kv_capacity=kv_cap,
         attention_padding=scenario.batching.attention_padding,
+        separate_prefill=scenario.batching.prefill_pass == "separate",
         k=None if scenario.speculation.k == "auto" else int(scenario.speculation.k),
         k_max=scenario.speculation.k_max,
         placement=placement,

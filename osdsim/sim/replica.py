@@ -70,6 +70,7 @@ class ReplicaConfig:
     placement: Placement  # where due training steps run (osdsim.sim.placement)
     macro_steps: int = 64  # decode iterations one event may cover between arrivals/finishes (0: off)
     attention_padding: float | None = None  # ρ: a padded batch cache (None: paged, Σ context)
+    separate_prefill: bool = False  # prefill chunks in their own passes with the whole budget (batching.prefill_pass)
 
 
 class RequestTable:
@@ -558,7 +559,7 @@ class Replica:
             if m and auto_k and b != b0:
                 break
             q = (k0 if spec and b else 0) + 1
-            tok, c_sum, pairs, got = _prefill_row(active, left, ctxs, chunk - b * q)
+            tok, c_sum, pairs, got = _prefill_row(active, left, ctxs, self._prefill_budget(chunk, b * q))
             comp = 0
             ends_request = False
             for p, al in got:
@@ -908,7 +909,8 @@ class Replica:
             chunk = cfg.chunk_tokens
             q = kk + 1
             while active and len(pf_tok) < cap:
-                tok, c_sum, pairs, got = _prefill_row(active, left, ctxs, chunk - b_r * (q if b_r else 1))
+                tok, c_sum, pairs, got = _prefill_row(active, left, ctxs,
+                                                      self._prefill_budget(chunk, b_r * (q if b_r else 1)))
                 if not tok:  # the decoders take the whole budget: no chunk fits until one finishes
                     break
                 j = len(pf_tok)
@@ -1019,7 +1021,7 @@ class Replica:
                 pj = pf_tok[j]
                 if pj or not bj:
                     kj = k_list[j]
-                    if pj + bj * (kj + 1) == chunk:  # a full chunk: its shape's pricer
+                    if self._fills_chunk(bj * (kj + 1), pj):  # a full chunk: its shape's pricer
                         g = frows.get((bj, kj, n_comp[j])) or self._full_chunk_row(bj, kj, n_comp[j])
                         row = g(float(c_list[j]), pf_ctx[j], pf_pairs[j])
                     else:
@@ -1298,15 +1300,27 @@ class Replica:
                         col[j] = v
         return duration, flops, nbytes, compute_s
 
+    def _prefill_budget(self, chunk: float, decode_tokens: int) -> float:
+        """The prefill tokens an iteration may chunk: what the decode/verify tokens leave of the budget
+        (fused: they share the target's pass), or all of it (separate: prefill has passes of its own)."""
+        return chunk if self.cfg.separate_prefill else chunk - decode_tokens
+
+    def _fills_chunk(self, decode_tokens: int, pf: int) -> bool:
+        """Whether an iteration's prefill fills its budget (the shape recurs: priced through a cached pricer)."""
+        return pf == self._prefill_budget(self.cfg.chunk_tokens, decode_tokens)
+
     def _price_row(self, b: int, k: int, ws: int, c: float, pf: int, pf_c: float, pf_p: float,
                    comp: int) -> tuple[float, float, float, float]:
         """(duration, flops, bytes, compute_s) of one iteration with b decoding sequences at context sum c
         (k drafts each, ws weight sets) and pf prefill tokens (context pf_c, attention pairs pf_p,
-        completing comp prompts): the draft's k passes (+ its prefill of the chunks), then the target's
-        verify + prefill pass."""
-        dshapes, tshapes, chunk = self._draft_shapes, self._target_shapes, self.cfg.chunk_tokens
+        completing comp prompts): the draft's k passes (+ its prefill of the chunks: a speculating
+        replica's draft builds its own KV cache of every prompt, whether or not anyone decodes yet),
+        then the target's verify + prefill pass (fused), or its verify pass and its prefill pass
+        (separate)."""
+        dshapes, tshapes = self._draft_shapes, self._target_shapes
         dc, tc = self.cfg.draft_cost, self.cfg.target_cost
         q = k + 1
+        full = self._fills_chunk(b * q, pf)  # a full chunk: the prefill shape recurs
         dur = fl = by = cs = 0.0
         if k:  # the draft decodes (spec and b > 0)
             mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
@@ -1316,18 +1330,32 @@ class Replica:
             fl += k * fd
             by += k * bd
             cs += k * cd
-            if pf:  # the draft prefills the same chunks to build its own KV cache
-                if b * q + pf == chunk:  # a full chunk: the shape recurs
-                    f = dshapes.get((pf, 0, 1)) or self._shape_pass(dshapes, dc, pf, 0, 1)
-                    td, fd, bd, cd = f(pf_c, pf_p)
-                else:  # a prompt's last chunk: a shape met once
-                    td, fd, bd, cd = self._draft_pass(pf, 0, pf_c, pf_p)
-                dur += td
-                fl += fd
-                by += bd
-                cs += cd
+        if pf and self.spec:  # the draft prefills the same chunks to build its own KV cache
+            if full:
+                f = dshapes.get((pf, 0, 1)) or self._shape_pass(dshapes, dc, pf, 0, 1)
+                td, fd, bd, cd = f(pf_c, pf_p)
+            else:  # a prompt's last chunk: a shape met once
+                td, fd, bd, cd = self._draft_pass(pf, 0, pf_c, pf_p)
+            dur += td
+            fl += fd
+            by += bd
+            cs += cd
+        if self.cfg.separate_prefill:
+            tt = ft = bt = ct = 0.0
+            if b:  # the verify pass over the decoding rows alone
+                f = tshapes.get((b * q, b * q, 1)) or self._shape_pass(tshapes, tc, b * q, b * q, 1)
+                t1, f1, b1, c1 = f(c, q * c + b * q * q / 2.0)
+                tt, ft, bt, ct = tt + t1, ft + f1, bt + b1, ct + c1
+            if pf:  # the prefill pass over the chunks (logits at each completed prompt's last position)
+                if full:
+                    f = tshapes.get((pf, comp, 1)) or self._shape_pass(tshapes, tc, pf, comp, 1)
+                    t1, f1, b1, c1 = f(pf_c, pf_p)
+                else:
+                    t1, f1, b1, c1 = self._target_pass(pf, comp, pf_c, pf_p)
+                tt, ft, bt, ct = tt + t1, ft + f1, bt + b1, ct + c1
+            return dur + tt, fl + ft, by + bt, cs + ct
         key = (b * q + pf, b * q + comp, 1)
-        if not pf or key[0] == chunk:  # decode only, or a full chunk: the shape recurs
+        if not pf or full:  # decode only, or a full chunk: the shape recurs
             f = tshapes.get(key) or self._shape_pass(tshapes, tc, *key)
             tt, ft, bt, ct = f(c + pf_c, q * c + b * q * q / 2.0 + pf_p)
         else:
@@ -1335,36 +1363,58 @@ class Replica:
         return dur + tt, fl + ft, by + bt, cs + ct
 
     def _full_chunk_row(self, b: int, k: int, comp: int) -> Callable:
-        """(duration, flops, bytes, compute_s) of an iteration whose prefill fills the chunk (b·(k+1) + pf
-        = chunk tokens: the shape recurs) with b decoding sequences, k drafts each, completing comp
-        prompts, at decoders' context sum c and the chunks' context pf_c and pairs pf_p: _price_row's
-        expressions in its order (the same bits), with the shapes' passes found once."""
+        """(duration, flops, bytes, compute_s) of an iteration whose prefill fills its budget (the shape
+        recurs) with b decoding sequences, k drafts each, completing comp prompts, at decoders' context
+        sum c and the chunks' context pf_c and pairs pf_p: _price_row's expressions in its order (the
+        same bits), with the shapes' passes found once."""
         cache = self._full_chunk_rows
         if len(cache) >= SHAPE_CACHE_MAX:
             cache.clear()
         q = k + 1
-        pf = int(self.cfg.chunk_tokens) - b * q  # (finite: the row fills it)
-        key = (b * q + pf, b * q + comp, 1)
-        target = self._target_shapes.get(key) or self._shape_pass(self._target_shapes, self.cfg.target_cost, *key)
+        pf = int(self._prefill_budget(self.cfg.chunk_tokens, b * q))  # (finite: the row fills it)
+        tshapes, tc = self._target_shapes, self.cfg.target_cost
         half_bqq = b * q * q / 2.0
-        if not k:
+        if self.cfg.separate_prefill:
+            verify = (tshapes.get((b * q, b * q, 1)) or self._shape_pass(tshapes, tc, b * q, b * q, 1)) if b else None
+            prefill = tshapes.get((pf, comp, 1)) or self._shape_pass(tshapes, tc, pf, comp, 1)
+
+            def target(c, pf_c, pf_p):
+                tt = ft = bt = ct = 0.0
+                if verify is not None:
+                    t1, f1, b1, c1 = verify(c, q * c + half_bqq)
+                    tt, ft, bt, ct = tt + t1, ft + f1, bt + b1, ct + c1
+                t1, f1, b1, c1 = prefill(pf_c, pf_p)
+                return tt + t1, ft + f1, bt + b1, ct + c1
+        else:
+            key = (b * q + pf, b * q + comp, 1)
+            fused = tshapes.get(key) or self._shape_pass(tshapes, tc, *key)
+
+            def target(c, pf_c, pf_p):
+                return fused(c + pf_c, q * c + half_bqq + pf_p)
+        if not self.spec:
             def row(c, pf_c, pf_p):
-                tt, ft, bt, ct = target(c + pf_c, q * c + half_bqq + pf_p)
+                tt, ft, bt, ct = target(c, pf_c, pf_p)
                 return 0.0 + tt, 0.0 + ft, 0.0 + bt, 0.0 + ct
         else:
             dshapes, dc = self._draft_shapes, self.cfg.draft_cost
-            draft = dshapes.get((b, b, 1)) or self._shape_pass(dshapes, dc, b, b, 1)
             draft_pf = dshapes.get((pf, 0, 1)) or self._shape_pass(dshapes, dc, pf, 0, 1)
-            mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
-            half_b = b / 2.0
+            if not k:  # nobody decodes yet: the draft only prefills
+                def row(c, pf_c, pf_p):
+                    tp, fp, bp, cp = draft_pf(pf_c, pf_p)
+                    tt, ft, bt, ct = target(c, pf_c, pf_p)
+                    return (0.0 + tp) + tt, (0.0 + fp) + ft, (0.0 + bp) + bt, (0.0 + cp) + ct
+            else:
+                draft = dshapes.get((b, b, 1)) or self._shape_pass(dshapes, dc, b, b, 1)
+                mean_extra = b * (k - 1) / 2.0  # average draft context growth over the k passes
+                half_b = b / 2.0
 
-            def row(c, pf_c, pf_p):
-                x = c + mean_extra
-                td, fd, bd, cd = draft(x, x + half_b)
-                tp, fp, bp, cp = draft_pf(pf_c, pf_p)
-                tt, ft, bt, ct = target(c + pf_c, q * c + half_bqq + pf_p)
-                return ((0.0 + k * td + tp) + tt, (0.0 + k * fd + fp) + ft, (0.0 + k * bd + bp) + bt,
-                        (0.0 + k * cd + cp) + ct)
+                def row(c, pf_c, pf_p):
+                    x = c + mean_extra
+                    td, fd, bd, cd = draft(x, x + half_b)
+                    tp, fp, bp, cp = draft_pf(pf_c, pf_p)
+                    tt, ft, bt, ct = target(c, pf_c, pf_p)
+                    return ((0.0 + k * td + tp) + tt, (0.0 + k * fd + fp) + ft, (0.0 + k * bd + bp) + bt,
+                            (0.0 + k * cd + cp) + ct)
 
         cache[(b, k, comp)] = row
         return row

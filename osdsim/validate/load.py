@@ -368,7 +368,10 @@ def serve_twin_scenario(run: ServeRun, profile: str, acc_file: Path, law_file: P
     sv = run.summary["config"]["serve"]
     base["batching"] = {"max_batch_size": int(sv["max_batch_size"]),
                         "chunked_prefill_tokens": int(sv["chunked_prefill_tokens"]),
-                        "kv_cache_tokens": int(sv["kv_token_budget"]), "attention_padding": attention_padding}
+                        "kv_cache_tokens": int(sv["kv_token_budget"]), "attention_padding": attention_padding,
+                        # osdsim.real's server prefills into each sequence's own cache with the whole
+                        # chunked_prefill_tokens budget, then drafts and verifies: passes of their own.
+                        "prefill_pass": "separate"}
     placement = run.summary.get("placement") or sv["placement"]
     if placement == "none":
         base["strategy"] = "static"
@@ -511,11 +514,19 @@ def canary_median_s(run: Any) -> float | None:
     return float(m) if m and c.get("n", 0) >= 3 else None
 
 
+def canary_model(run: Any) -> str:
+    """Which model a served run's canary timed (runs recorded before serve.host_canary: the draft)."""
+    return str(((getattr(run, "summary", None) or {}).get("host_canary") or {}).get("model", "draft"))
+
+
 def host_speed_ratio(real: Any, fit: Any) -> float | None:
     """This run's host speed relative to the fit run's: the ratio of their canary medians (> 1: this
-    run's host was slower); None where either side has fewer than 3 canaries."""
+    run's host was slower); None where either side has fewer than 3 canaries or they timed different
+    models."""
     mine, ref = canary_median_s(real), canary_median_s(fit)
-    return None if mine is None or ref is None else mine / ref
+    if mine is None or ref is None or canary_model(real) != canary_model(fit):
+        return None
+    return mine / ref
 
 
 def host_speed_rows(label: str, real: ServeRun, ratio: float | None, other: Twin, replayed: bool) -> list[MetricRow]:
@@ -826,8 +837,8 @@ def run_load_validation(suite: LoadSuite, suite_path: Path, out_dir: Path, progr
         "traces": [p.relative_to(out_dir).as_posix() for p in traces],
         "notes": load_notes() + ([] if not speeds else [
             "Host speed (host_speed: replay): this shared host's speed drifts between runs (other tenants, clocks). "
-            "A fixed 8-token draft pass (the host-speed canary) is timed between iterations of every run "
-            "(serve.host_canary_every_s); each held-out twin prices every pass and training step x (its run's canary median / S1's): "
+            f"A fixed 8-token pass of the serving {canary_model(s1)} (the host-speed canary, serve.host_canary) is "
+            "timed right after an iteration every serve.host_canary_every_s of every run; each held-out twin prices every pass and training step x (its run's canary median / S1's): "
             + ", ".join(speeds) + ". The rows 'at the fit run's host speed' show the twin without it."]) + [
             f"Pass costs fitted on S1's {cost_fit.passes} recorded passes: median |error| per pass kind with the "
             f"microbenchmark profile {P._fmt_errs(cost_fit.before)}; serving-fitted (in sample) "

@@ -153,6 +153,8 @@ def test_binned_iteration_log_gives_the_same_summary(make_scenario):
     {"strategy": "osd", "distill": {"placement": "harvest", "update_interval_requests": 2}},
     {"hardware": {"replicas": 3}, "router": "least-outstanding", "workload": {"rate_per_s": 6.0}},
     {"batching": {"max_batch_size": 2, "chunked_prefill_tokens": 64}},
+    {"batching": {"max_batch_size": 4, "chunked_prefill_tokens": 64, "prefill_pass": "separate"}},
+    {"batching": {"chunked_prefill_tokens": 96, "prefill_pass": "separate", "attention_padding": 1.2}},
 ])
 def test_macro_steps_give_exactly_the_one_iteration_at_a_time_results(make_scenario, update):
     """Replica._stretch covers several iterations (prefill chunks included) in one event: every
@@ -229,6 +231,7 @@ def test_padded_attention_prices_every_row_at_the_longest_context(tmp_path, make
     {"hardware": {"replicas": 2}, "workload": {"rate_per_s": 12.0}},  # round-robin: routing known ahead
     {"batching": {"max_batch_size": 4, "chunked_prefill_tokens": 48, "kv_cache_tokens": 900}},  # queues, tiny chunks
     {"strategy": "no-spec", "batching": {"kv_cache_tokens": 700}, "workload": {"rate_per_s": 30.0}},  # KV-bound, rejects
+    {"batching": {"max_batch_size": 4, "chunked_prefill_tokens": 48, "prefill_pass": "separate"}},  # own prefill passes
 ])
 def test_chains_give_exactly_the_one_iteration_at_a_time_results(make_scenario, update, monkeypatch):
     """Replica._chain runs iterations across finishes and admissions in one event when only the known
@@ -250,3 +253,64 @@ def test_chains_give_exactly_the_one_iteration_at_a_time_results(make_scenario, 
     assert slow.iterations.equals(fast.iterations)
     assert slow.busy_s == fast.busy_s
     assert slow.sim_time_s == fast.sim_time_s
+
+
+def _prefill_iterations(tmp_path, make_scenario, prefill_pass, strategy="static"):
+    """Request 0 (40 prompt tokens) decodes alone when request 1 (300 prompt tokens) arrives; the
+    budget is 64 tokens per iteration, k = 4, α = 0 (one token per step: the rows stay put)."""
+    trace = tmp_path / f"pf-{prefill_pass}-{strategy}.csv"
+    trace.write_text("arrival_s,domain,prompt_tokens,output_tokens\n0,a,40,400\n0.05,a,300,20\n")
+    sc = make_scenario({"workload": {"arrival": "trace", "trace_file": str(trace)}, "strategy": strategy,
+                        "acceptance": {"domains": {"a": {"alpha_0": 0.0}, "b": {"alpha_0": 0.0}}},
+                        "speculation": {"k": 4},
+                        "batching": {"chunked_prefill_tokens": 64, "prefill_pass": prefill_pass},
+                        "report": {"iteration_log": "full"}})
+    res = simulate(sc)
+    return sc, res.iterations
+
+
+def test_separate_prefill_prices_its_own_passes_with_the_whole_budget(tmp_path, make_scenario):
+    """prefill_pass: separate (osdsim.real's server): an iteration with B decoders and P prefill tokens
+    costs k draft passes over B + the draft's prefill pass over P + the target's verify pass over
+    B·(k+1) + its prefill pass over P, and P may take the whole chunked_prefill_tokens budget; fused
+    (vLLM) puts P in the verify pass and gives it what B·(k+1) leaves."""
+    from osdsim.cost.model import CostModel
+    from osdsim.sim.engine import load_scenario_profile
+
+    sc, sep = _prefill_iterations(tmp_path, make_scenario, "separate")
+    _, fus = _prefill_iterations(tmp_path, make_scenario, "fused")
+    mixed_sep = sep[(sep["decode_seqs"] == 1) & (sep["prefill_tokens"] > 0)]
+    mixed_fus = fus[(fus["decode_seqs"] == 1) & (fus["prefill_tokens"] > 0)]
+    assert mixed_sep["prefill_tokens"].iloc[0] == 64  # the whole budget
+    assert mixed_fus["prefill_tokens"].iloc[0] == 64 - 5  # what the verify tokens B·(k+1) = 5 leave
+    assert len(mixed_sep) == 5 and len(mixed_fus) == 6  # ⌈300 / 64⌉ vs ⌈300 / 59⌉ chunks
+    # The first mixed iteration, priced by hand: request 0's context c, the chunk's 64 tokens from 0.
+    row = mixed_sep.iloc[0]
+    prof = load_scenario_profile(sc)
+    target, draft = CostModel(sc.target, prof), CostModel(sc.draft, prof)
+    prev = sep[sep["t_s"] < row["t_s"]]
+    c = 40 + int(prev["emitted_tokens"].sum())  # request 0's prompt + tokens emitted so far
+    k, b, q, p = 4, 1, 5, 64
+    mean_extra = b * (k - 1) / 2.0
+    expected = (k * draft.pass_time(b, b, c + mean_extra, c + mean_extra + b / 2.0)[0]
+                + draft.pass_time(p, 0, 0.0, p * p / 2.0)[0]
+                + target.pass_time(b * q, b * q, c, q * c + b * q * q / 2.0)[0]
+                + target.pass_time(p, 0, 0.0, p * p / 2.0)[0])
+    assert row["duration_s"] == pytest.approx(expected, rel=1e-12)
+    fused_row = mixed_fus.iloc[0]
+    pf = 64 - 5
+    expected_fused = (k * draft.pass_time(b, b, c + mean_extra, c + mean_extra + b / 2.0)[0]
+                      + draft.pass_time(pf, 0, 0.0, pf * pf / 2.0)[0]
+                      + target.pass_time(b * q + pf, b * q, c, q * c + b * q * q / 2.0 + pf * pf / 2.0)[0])
+    assert fused_row["duration_s"] == pytest.approx(expected_fused, rel=1e-12)
+
+
+@pytest.mark.parametrize("prefill_pass", ["fused", "separate"])
+def test_a_speculating_replica_prices_the_drafts_prefill_when_nobody_decodes(tmp_path, make_scenario, prefill_pass):
+    """The draft builds its own KV cache of every prompt: a prefill-only iteration (nobody decodes
+    yet) of a speculating replica costs the target's and the draft's prefill passes; no-spec has no draft."""
+    _, spec = _prefill_iterations(tmp_path, make_scenario, prefill_pass, "static")
+    _, nospec = _prefill_iterations(tmp_path, make_scenario, prefill_pass, "no-spec")
+    first_spec, first_nospec = spec.iloc[0], nospec.iloc[0]
+    assert first_spec["decode_seqs"] == 0 and first_spec["prefill_tokens"] == 40
+    assert first_spec["duration_s"] > first_nospec["duration_s"]

@@ -222,6 +222,17 @@ def test_harvest_units_never_run_while_a_request_waits(harvest_run):
         float(u["end_s"]) - float(u["start_s"]) for u in units if u["preempted"] == "1")
 
 
+def test_host_canary_runs_right_after_a_served_iteration(harvest_run):
+    """The canary times the serving target right after an iteration, never after an idle wait (a
+    cold core reads the host slower than serving finds it)."""
+    res, out = harvest_run
+    canary = res.summary["host_canary"]
+    assert canary["model"] == "target" and canary["n"] >= 1
+    ends = [_f(r["end_s"]) for r in _rows(out / "iterations.csv")]
+    for start, _ in canary["samples"]:
+        assert any(0.0 <= start - e < 0.02 for e in ends), start
+
+
 def test_request_arriving_mid_iteration_joins_at_the_next_iteration(harvest_run):
     _, out = harvest_run
     its = _rows(out / "iterations.csv")

@@ -91,7 +91,7 @@ def test_twin_of_a_recorded_serve_run_reproduces_its_arrivals_exactly(tmp_path, 
     doc, twin = _twin(tmp_path, run)
     assert doc["workload"]["arrival"] == "trace" and doc["workload"]["trace_replay"] == "open"
     assert doc["batching"] == {"max_batch_size": 4, "chunked_prefill_tokens": 64, "kv_cache_tokens": 4096,
-                               "attention_padding": None}
+                               "attention_padding": None, "prefill_pass": "separate"}
     assert doc["distill"]["placement"] == placement and doc["distill"]["max_pending_steps"] == 2
     assert doc["distill"]["update_interval_requests"] == 4
     sim = twin.result.requests.sort_values("request_id")
@@ -287,6 +287,13 @@ def test_host_speed_rows_scale_the_twin_by_the_canary_ratio():
     assert replay[1].predicted == pytest.approx(0.25) and "fit run's host speed" in replay[1].name
     assert host_speed_ratio(run(0.011), run(None)) is None
     assert host_speed_ratio(run(0.011, n=2), run(0.010)) is None  # too few canaries to tell
+    # Only like canaries compare: a target canary vs a draft canary (runs recorded before
+    # serve.host_canary timed the draft) says nothing about the host.
+    target = run(0.060)
+    target.summary["host_canary"]["model"] = "target"
+    assert host_speed_ratio(target, run(0.010)) is None
+    assert host_speed_ratio(run(0.011), ServeRun({"host_canary": {"n": 5, "median_s": 0.010, "model": "draft"}},
+                                                 [], [], [], [], [])) == pytest.approx(1.1)
     assert host_speed_rows("low", run(0.011), None, twin, replayed=False) == []
 
 
