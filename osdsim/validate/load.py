@@ -507,16 +507,21 @@ def heldout_alpha_ci(alpha_rows: list[dict], label: str, domain: str) -> tuple[f
     return None
 
 
+def _canary(run: Any) -> dict:
+    """A served run's host-speed canary summary (osdsim.real.serve.HostCanary.summary; {} if none)."""
+    return (getattr(run, "summary", None) or {}).get("host_canary") or {}
+
+
 def canary_median_s(run: Any) -> float | None:
     """Median seconds of a served run's host-speed canary (osdsim.real.serve.HostCanary), if it ran."""
-    c = (getattr(run, "summary", None) or {}).get("host_canary") or {}
+    c = _canary(run)
     m = c.get("median_s")
     return float(m) if m and c.get("n", 0) >= 3 else None
 
 
 def canary_model(run: Any) -> str:
     """Which model a served run's canary timed (runs recorded before serve.host_canary: the draft)."""
-    return str(((getattr(run, "summary", None) or {}).get("host_canary") or {}).get("model", "draft"))
+    return str(_canary(run).get("model", "draft"))
 
 
 def host_speed_ratio(real: Any, fit: Any) -> float | None:
